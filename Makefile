@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the tests).
+# Both set everything up on a fresh machine first.
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+VENV := .venv/bin
+
+.PHONY: setup demo test test-all lint bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/mergeforge demo
+
+test: setup
+	$(VENV)/python -m pytest -m "not slow"
+
+test-all: setup
+	$(VENV)/python -m pytest
+
+lint: setup
+	$(VENV)/ruff check src tests benchmarks
+
+bench: setup
+	$(VENV)/python benchmarks/speed.py

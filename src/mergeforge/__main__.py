@@ -1,0 +1,3 @@
+from mergeforge.cli import main
+
+main()

@@ -1,0 +1,82 @@
+"""Masks shared by the task-vector family: magnitude top-k (TIES), Bernoulli drop (DARE),
+outlier-trimmed magnitude (Model Breadcrumbs), rank-dependent drop (DELLA), and the rescale that
+restores a masked vector's L1 norm (mergekit's ``rescale``).
+
+Every function here takes and returns float tensors; none does I/O or registers anything.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly ``k`` entries of largest ``values`` (ties broken by position order
+    of ``torch.topk``). Selects the smaller side, so the work is O(numel) for any ``k``."""
+    n = values.numel()
+    flat = values.reshape(-1)
+    if k >= n:
+        return torch.ones_like(values, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if k <= n // 2:
+        mask = torch.zeros(n, dtype=torch.bool, device=values.device)
+        mask[torch.topk(flat, k, sorted=False).indices] = True
+    else:
+        mask = torch.ones(n, dtype=torch.bool, device=values.device)
+        mask[torch.topk(flat, n - k, largest=False, sorted=False).indices] = False
+    return mask.view_as(values)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``int(density * numel)`` entries of largest magnitude (TIES' trim step)."""
+    return topk_mask(delta.abs(), int(density * delta.numel()))
+
+
+def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Keep each entry independently with probability ``density`` (DARE's drop step)."""
+    draws = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
+    return draws < density
+
+
+def outlier_trimmed_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Drop the ``gamma`` fraction of largest magnitudes, then the smallest, so that ``density``
+    remains (Model Breadcrumbs). When ``gamma + density > 1`` fewer large ones are dropped."""
+    n = delta.numel()
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = n - keep - n_top
+    if n_bottom < 0:
+        n_top += n_bottom
+        n_bottom = 0
+    magnitude = delta.abs()
+    below_top = ~topk_mask(magnitude, n_top)
+    above_bottom = topk_mask(magnitude, n - n_bottom)
+    return below_top & above_bottom
+
+
+def rank_probability_mask(
+    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """DELLA's MagPrune: within each row, keep probability rises linearly with magnitude rank from
+    ``density - epsilon`` (smallest) to ``density + epsilon`` (largest)."""
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    rows = rows.reshape(rows.shape[0], -1)
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    width = max(rows.shape[1] - 1, 1)
+    probability = (density - epsilon) + (ranks / width) * (2 * epsilon)
+    draws = torch.rand(probability.shape, generator=generator, device=delta.device, dtype=torch.float32)
+    return (draws < probability).reshape(delta.shape)
+
+
+def apply_mask(delta: torch.Tensor, keep_mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+    """Zero the dropped entries; with ``rescale``, scale the rest so the L1 norm is unchanged
+    (mergekit's rescale; equal to DARE's 1/density in expectation)."""
+    kept = delta * keep_mask
+    if not rescale:
+        return kept
+    before = delta.abs().sum()
+    after = kept.abs().sum()
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
