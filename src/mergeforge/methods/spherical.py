@@ -1,0 +1,216 @@
+"""Spherical averaging of several models: ``nuslerp``, ``multislerp`` and ``karcher``.
+
+All three treat a tensor (or each row of it) as a point on a hypersphere times a length, average
+the directions along the sphere instead of through it, and restore a mean length. They follow
+mergekit's methods of the same names (arcee-ai/mergekit, ``merge_methods/nuslerp.py``,
+``multislerp.py``, ``karcher.py``):
+
+- ``nuslerp``: SLERP (Shoemake 1985, "Animating rotation with quaternion curves") between two
+  models with t = w₂/(w₁+w₂), over the whole tensor or per row/column; with a base model it
+  interpolates the two task vectors.
+- ``multislerp``: C. Goddard, "Multi-SLERP" (goddard.blog, 2025): barycentric interpolation on the
+  hypersphere through the tangent space at the normalised weighted mean.
+- ``karcher``: the Riemannian (Karcher) mean on the unit sphere (H. Karcher 1977, "Riemannian
+  center of mass and mollifier smoothing"; Buss & Fillmore 2001 for the fixed-point iteration).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergeforge.errors import MethodError
+from mergeforge.methods.averaging import WEIGHT
+from mergeforge.methods.registry import BaseUse, Param, register_method
+
+
+def slerp_last_dim(t: float, start: torch.Tensor, end: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """SLERP between matching vectors along the last dimension (one angle per vector).
+
+    Vectors are compared by direction only (each is normalised for the angle) but interpolated
+    with their lengths, as mergekit's ``nuslerp`` does. Where the angle's sine is below ``eps``
+    (parallel or antiparallel vectors) the result is the linear interpolation.
+    """
+    start_unit = start / start.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    end_unit = end / end.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos_theta = (start_unit * end_unit).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
+    del start_unit, end_unit
+    theta = torch.acos(cos_theta)
+    sin_theta = torch.sin(theta)
+    colinear = sin_theta.abs() < eps
+    # Divide by 1 where colinear so the discarded branch holds no inf/NaN.
+    safe_sin = torch.where(colinear, torch.ones_like(sin_theta), sin_theta)
+    spherical = (torch.sin((1 - t) * theta) * start + torch.sin(t * theta) * end) / safe_sin
+    linear = (1 - t) * start + t * end
+    return torch.where(colinear, linear, spherical)
+
+
+def nuslerp_tensors(t: float, start: torch.Tensor, end: torch.Tensor, *, flatten: bool, row_wise: bool) -> torch.Tensor:
+    """mergekit's ``nuslerp`` kernel: whole-tensor SLERP when ``flatten``; otherwise one SLERP per
+    vector along the last dimension, or along dimension 0 when ``row_wise`` (mergekit's flag
+    selects ``dim=0``, i.e. the columns of an ``[out, in]`` weight)."""
+    shape = start.shape
+    if flatten or start.dim() < 2:
+        return slerp_last_dim(t, start.reshape(1, -1), end.reshape(1, -1)).reshape(shape)
+    if row_wise:
+        moved = slerp_last_dim(t, start.transpose(0, -1), end.transpose(0, -1))
+        return moved.transpose(0, -1).contiguous()
+    return slerp_last_dim(t, start, end)
+
+
+@register_method(
+    "nuslerp",
+    params=[
+        WEIGHT,
+        Param("nuslerp_flatten", True, kind="bool", help="SLERP the whole tensor as one vector (false: per row/column)"),
+        Param("nuslerp_row_wise", False, kind="bool", help="without flatten: SLERP vectors along dim 0 instead of the last dim"),
+    ],
+    base=BaseUse.OPTIONAL,
+    min_models=2,
+    max_models=2,
+    math="SLERP(θ₁, θ₂; t = w₂/(w₁+w₂)); with a base: θ_base + SLERP(δ₁, δ₂; t)",
+    reference="Shoemake 1985 (SLERP); mergekit 'nuslerp'",
+    notes=(
+        "Exactly two models. Weights summing to ~0 give t = 0.5. Norms, biases and other 1-D "
+        "tensors are always interpolated as one vector. To reproduce 'slerp', give weights 1−t and t."
+    ),
+)
+def nuslerp(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    nuslerp_flatten: bool,
+    nuslerp_row_wise: bool,
+) -> torch.Tensor:
+    weight_sum = weight[0] + weight[1]
+    t = 0.5 if abs(weight_sum) < 1e-6 else weight[1] / weight_sum
+    if base is None:
+        return nuslerp_tensors(t, tensors[0], tensors[1], flatten=nuslerp_flatten, row_wise=nuslerp_row_wise)
+    merged_delta = nuslerp_tensors(
+        t, tensors[0] - base, tensors[1] - base, flatten=nuslerp_flatten, row_wise=nuslerp_row_wise
+    )
+    return merged_delta.add_(base)
+
+
+@register_method(
+    "multislerp",
+    params=[
+        WEIGHT,
+        Param("normalize_weights", True, kind="bool", help="divide the weights by their sum"),
+        Param("eps", 1e-8, low=0.0, low_open=True, help="numerical floor for norms"),
+    ],
+    base=BaseUse.OPTIONAL,
+    min_models=1,
+    math="û = Σ wᵢ θᵢ/‖θᵢ‖ normalised; exp map of Σ wᵢ·log_û(θᵢ/‖θᵢ‖) at û, times Σ wᵢ‖θᵢ‖ (θ → δ with a base)",
+    reference="Goddard 2025, Multi-SLERP (goddard.blog); mergekit 'multislerp'",
+    notes=(
+        "Any number of models; whole tensors are treated as one vector each. With a base it "
+        "averages task vectors. Where the weighted directions cancel (e.g. all task vectors zero) "
+        "it falls back to the weighted sum Σ wᵢθᵢ (mergekit does so for two models and errors for more)."
+    ),
+)
+def multislerp(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    normalize_weights: bool,
+    eps: float,
+) -> torch.Tensor:
+    if len(tensors) == 1:
+        return tensors[0]
+    weights = list(weight)
+    if normalize_weights:
+        weight_sum = sum(weights)
+        if abs(weight_sum) < 1e-12:
+            raise MethodError("multislerp: the model weights sum to zero, so they cannot be normalized; set normalize_weights: false")
+        weights = [w / weight_sum for w in weights]
+
+    points = [tensor - base for tensor in tensors] if base is not None else tensors
+    norms = [float(point.norm()) for point in points]
+    # Σ wᵢ·uᵢ with uᵢ = pᵢ/(‖pᵢ‖+eps), accumulated without stacking the inputs.
+    direction_sum = torch.zeros_like(points[0])
+    for point, point_norm, model_weight in zip(points, norms, weights, strict=True):
+        direction_sum.add_(point, alpha=model_weight / (point_norm + eps))
+    direction_norm = float(direction_sum.norm())
+
+    if direction_norm < eps:
+        merged = torch.zeros_like(points[0])
+        for point, model_weight in zip(points, weights, strict=True):
+            merged.add_(point, alpha=model_weight)
+    else:
+        # The tangent-space step of Multi-SLERP: each unit point uᵢ is mapped to the tangent plane
+        # at the mean direction m (uᵢ − (uᵢ·m)m), the weighted tangents are summed and mapped back
+        # with the exponential map. Because m is the normalised Σ wᵢuᵢ, the weighted tangents sum
+        # to Σwᵢuᵢ − (m·Σwᵢuᵢ)m = 0, so the exponential map returns m itself (mergekit adds eps to
+        # the tangent norm, which changes nothing but rounding). The result is m times the mean norm.
+        mean_norm = sum(model_weight * point_norm for model_weight, point_norm in zip(weights, norms, strict=True))
+        merged = direction_sum.mul_(mean_norm / direction_norm)
+    if base is not None:
+        merged.add_(base)
+    return merged
+
+
+def karcher_mean(tensors: list[torch.Tensor], weights: list[float], *, max_iter: int, tol: float) -> torch.Tensor:
+    """Weighted Karcher mean of the tensors' directions, scaled by the weighted mean norm.
+
+    Inputs with norm ≤ ``tol`` take no part in the direction (their weight is dropped and the
+    rest renormalised) but still count, as zero, in the norm, as in mergekit.
+    """
+    norms = [float(tensor.norm()) for tensor in tensors]
+    valid = [index for index, tensor_norm in enumerate(norms) if tensor_norm > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    valid_weight_sum = sum(weights[index] for index in valid)
+    alphas = [weights[index] / valid_weight_sum for index in valid]
+    units = [tensors[index] / norms[index] for index in valid]
+
+    # Start from the normalised weighted arithmetic mean of the unit directions.
+    mean = torch.zeros_like(units[0])
+    for alpha, unit in zip(alphas, units, strict=True):
+        mean.add_(unit, alpha=alpha)
+    mean_norm = float(mean.norm())
+    mean = units[0].clone() if mean_norm < tol else mean.div_(mean_norm)
+
+    for _ in range(max_iter):
+        # Riemannian gradient step: the weighted mean of the log maps log_mean(uᵢ).
+        tangent = torch.zeros_like(mean)
+        for alpha, unit in zip(alphas, units, strict=True):
+            cos_theta = min(max(float(torch.dot(mean.reshape(-1), unit.reshape(-1))), -1.0), 1.0)
+            theta = math.acos(cos_theta)
+            if theta < tol:
+                continue
+            scale = alpha * theta / math.sin(theta)
+            tangent.add_(unit, alpha=scale).add_(mean, alpha=-scale * cos_theta)
+        tangent_norm = float(tangent.norm())
+        if tangent_norm < tol:
+            break
+        mean = mean.mul_(math.cos(tangent_norm)).add_(tangent, alpha=math.sin(tangent_norm) / tangent_norm)
+        renorm = float(mean.norm())
+        if renorm > tol:
+            mean.div_(renorm)
+
+    scale = sum(model_weight * tensor_norm for model_weight, tensor_norm in zip(weights, norms, strict=True))
+    return mean.mul_(scale)
+
+
+@register_method(
+    "karcher",
+    params=[
+        Param("max_iter", 10, kind="int", low=0, help="maximum Riemannian fixed-point iterations"),
+        Param("tol", 1e-5, low=0.0, low_open=True, help="stop when the tangent step is shorter than this"),
+    ],
+    base=BaseUse.NONE,
+    math="argmin_u Σ (1/N)·arccos(u·θᵢ/‖θᵢ‖)² on the unit sphere, times (1/N)·Σ‖θᵢ‖",
+    reference="Karcher 1977, Riemannian center of mass; mergekit 'karcher'",
+    notes=(
+        "Equal weights for every input, as in mergekit; the base model is an input only when it "
+        "is listed among the models. Whole tensors (matrices, norms, biases) are one point each."
+    ),
+)
+def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, *, max_iter: int, tol: float) -> torch.Tensor:
+    if len(tensors) == 1:
+        return tensors[0]
+    return karcher_mean(tensors, [1.0 / len(tensors)] * len(tensors), max_iter=max_iter, tol=tol)
