@@ -53,3 +53,49 @@ def methods_command(name: str | None) -> None:
         click.echo(f"    ref: {method.reference}")
         if method.notes:
             click.echo(f"    note: {method.notes}")
+
+
+def _setup_logging(quiet: bool) -> None:
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger = logging.getLogger("mergeforge")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+    logger.propagate = False
+
+
+@main.command("merge")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=str), required=False)
+@click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu, cuda or cuda:N.")
+@click.option("--dtype", default=None, help="Round inputs to this dtype before merging (overrides the recipe's dtype).")
+@click.option("--out-dtype", default=None, help="Dtype of the written tensors (overrides the recipe's out_dtype).")
+@click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard, in bytes or with a unit (2GB, 500MB).")
+@click.option("--threads", type=int, default=None, help="Worker threads (default: one per core, at most 4).")
+@click.option("--memory-budget", default=None, help="Bytes of tensors held at once (default: automatic), e.g. 1GB.")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the tokenizer files.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes to read and write, peak memory); write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random methods (DARE, DELLA).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or warnings.")
+def merge_command(config: str, out_dir: str | None, device: str, dtype: str | None, out_dtype: str | None, out_shard_size: str,
+                  threads: int | None, memory_budget: str | None, copy_tokenizer: bool, dry_run: bool, overwrite: bool,
+                  seed: int, quiet: bool) -> None:
+    """Merge the models of a mergekit-style YAML recipe CONFIG into OUT_DIR."""
+    from mergeforge.api import merge
+    from mergeforge.errors import OutputError
+
+    _setup_logging(quiet)
+    if out_dir is None and not dry_run:
+        raise OutputError("OUT_DIR is required (or pass --dry-run)")
+    result = merge(config, out_dir, device=device, dtype=dtype, out_dtype=out_dtype, out_shard_size=out_shard_size,
+                   threads=threads, memory_budget=memory_budget, copy_tokenizer=copy_tokenizer, dry_run=dry_run,
+                   overwrite=overwrite, seed=seed, quiet=quiet)
+    if dry_run:
+        click.echo("\n".join(result.plan_lines))
+        return
+    if not quiet:
+        click.echo(f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into {result.out_dir} in {result.seconds:.1f} s",
+                   err=True)

@@ -13,6 +13,7 @@ it mean the same thing here.
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 
 from mergeforge.errors import MethodError

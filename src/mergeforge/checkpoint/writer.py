@@ -1,0 +1,224 @@
+"""Streaming safetensors output, laid out before the first byte is written.
+
+A merge knows every output tensor's name, shape and dtype before it computes any of them, so the
+writer fixes the whole layout up front: which shard each tensor goes to (greedy, in plan order, up
+to the shard size), the order inside each shard (safetensors' convention: larger element size first,
+then by name, so every tensor is aligned to its element size and the bytes do not depend on the
+order tensors were computed in), each header, and each tensor's byte offset. Tensors are then
+written with ``pwrite`` straight to their place, in whatever order they finish, by any thread: no
+output shard is ever buffered in memory. Space is reserved up front with ``posix_fallocate``, so a
+full disk is reported before the merge starts rather than in the middle.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergeforge.checkpoint.reader import DTYPE_NAMES, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from mergeforge.errors import OutputError
+
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Slot:
+    shard: int
+    offset: int  # absolute offset in the shard file
+    tensor: OutputTensor
+
+
+def shard_file_name(index: int, count: int, stem: str = "model") -> str:
+    if count == 1:
+        return f"{stem}.safetensors"
+    return f"{stem}-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def split_into_shards(tensors: Iterable[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
+    """Greedy in plan order, like ``huggingface_hub``: a new shard starts when the next tensor would
+    overflow the current one. A tensor larger than the limit gets a shard of its own."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards if shards[0] else []
+
+
+def _header_bytes(tensors: list[OutputTensor], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:
+    ordered = sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.name))
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offsets: dict[str, int] = {}
+    position = 0
+    for tensor in ordered:
+        header[tensor.name] = {
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [position, position + tensor.nbytes],
+        }
+        offsets[tensor.name] = position
+        position += tensor.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+class ShardedWriter:
+    """Writes a fixed set of tensors into ``folder`` as (sharded) safetensors.
+
+    Arguments:
+        folder: an existing, empty folder (the caller's temporary output folder).
+        tensors: every tensor that will be written, in plan order.
+        max_shard_bytes: shard size limit.
+        stem: file name stem (``model`` gives the Hugging Face names).
+        metadata: the safetensors ``__metadata__`` (``{"format": "pt"}`` by default).
+
+    Example:
+        >>> writer = ShardedWriter(tmp, [OutputTensor("w", (2, 2), torch.float32)])
+        >>> writer.write("w", torch.ones(2, 2)); writer.close()
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        tensors: list[OutputTensor],
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        stem: str = "model",
+        metadata: Mapping[str, str] | None = None,
+        index_name: str = SAFETENSORS_INDEX,
+    ):
+        self.folder = folder
+        self.shards = split_into_shards(tensors, max_shard_bytes)
+        count = len(self.shards)
+        self.file_names = [shard_file_name(i, count, stem) for i in range(count)]
+        self._slots: dict[str, _Slot] = {}
+        self._fds: list[int] = []
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+        metadata = {"format": "pt"} if metadata is None else metadata
+        total = 0
+        try:
+            for shard_index, (shard, file_name) in enumerate(zip(self.shards, self.file_names)):
+                header, offsets = _header_bytes(shard, metadata)
+                data_bytes = sum(t.nbytes for t in shard)
+                path = folder / file_name
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                size = len(header) + data_bytes
+                if size:
+                    _reserve(fd, size, path)
+                os.pwrite(fd, header, 0)
+                for tensor in shard:
+                    self._slots[tensor.name] = _Slot(shard_index, len(header) + offsets[tensor.name], tensor)
+                total += data_bytes
+        except BaseException:
+            self.close()
+            raise
+        self.total_bytes = total
+        if count > 1:
+            weight_map = {t.name: self.file_names[i] for i, shard in enumerate(self.shards) for t in shard}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (folder / index_name).write_text(json.dumps(index, indent=2) + "\n")
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Write a tensor (or, with ``row_start``, a block of its rows) to its place. Thread-safe."""
+        slot = self._slots[name]
+        expected = slot.tensor
+        if tensor.dtype != expected.dtype:
+            raise ValueError(f"{name}: expected dtype {expected.dtype}, got {tensor.dtype}")
+        full = tuple(tensor.shape) == expected.shape and row_start == 0
+        if not full and tuple(tensor.shape[1:]) != expected.shape[1:]:
+            raise ValueError(f"{name}: expected shape {expected.shape}, got {tuple(tensor.shape)}")
+        data = tensor.detach().contiguous().cpu()
+        row_bytes = expected.nbytes // expected.shape[0] if expected.shape and expected.shape[0] else 0
+        offset = slot.offset + row_start * row_bytes
+        if data.numel():
+            view = memoryview(data.view(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < len(view):
+                try:
+                    done += os.pwrite(self._fds[slot.shard], view[done:], offset + done)
+                except OSError as exc:
+                    raise _output_error(exc, self.folder / self.file_names[slot.shard]) from None
+        if full:
+            with self._lock:
+                self._written.add(name)
+
+    def mark_written(self, name: str) -> None:
+        with self._lock:
+            self._written.add(name)
+
+    def missing(self) -> list[str]:
+        return [name for name in self._slots if name not in self._written]
+
+    def close(self) -> None:
+        for fd in self._fds:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._fds = []
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            os.ftruncate(fd, size)  # the file system cannot reserve; write errors still surface later
+        else:
+            raise _output_error(exc, path) from None
+
+
+def _output_error(exc: OSError, path: Path) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(f"{path}: disk full; free space on {path.parent} or choose another OUT_DIR")
+    return OutputError(f"{path}: cannot write: {exc.strerror}")
+
+
+def save_state_dict(
+    state: Mapping[str, torch.Tensor],
+    folder: str | os.PathLike[str],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    metadata: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Write an in-memory state dict into an existing folder as (sharded) safetensors.
+
+    Returns the file names written. Tensors that share memory are written as separate copies.
+    """
+    folder = Path(folder)
+    tensors = [OutputTensor(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+    writer = ShardedWriter(folder, tensors, max_shard_bytes, metadata=metadata)
+    try:
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+    finally:
+        writer.close()
+    return writer.file_names
+
+
+__all__ = ["OutputTensor", "ShardedWriter", "save_state_dict", "split_into_shards", "SAFETENSORS_SINGLE"]

@@ -1,0 +1,434 @@
+"""Recipe + checkpoints -> a plan: one job per output tensor, with every parameter resolved.
+
+Everything a user can get wrong is found here, before a single output byte is written: unknown or
+misspelled parameters, values out of range, a method that needs ``base_model`` without one, missing
+tensors, mismatched shapes, layer ranges past a model's end.
+
+Layer indices are read from tensor names (``layers.N.``, ``layer.N.``, ``h.N.``, ``blocks.N.``,
+``block.N.``), so no per-architecture table is needed: any checkpoints that share names and shapes
+merge. With ``slices``, output layers are numbered in order and tensor names are rewritten to match;
+tensors outside the layer stack come from the first slice's sources when they are embeddings and
+from the last slice's otherwise (final norm, output head).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeforge.checkpoint.reader import Checkpoint, open_checkpoint
+from mergeforge.checkpoint.writer import OutputTensor
+from mergeforge.errors import CheckpointError, RecipeError
+from mergeforge.methods.registry import BaseUse, MergeMethod, get_method
+from mergeforge.recipe import OutputSlice, Parameters, Recipe, SliceSource, resolve_value
+
+LAYER_PATTERN = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.(\d+)\.")
+EMBEDDING_PATTERN = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared\.weight")
+
+DTYPE_ALIASES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+
+def parse_dtype(name: str | None, field_name: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = DTYPE_ALIASES.get(str(name).lower())
+    if dtype is None:
+        raise RecipeError(f"{field_name}: unknown dtype '{name}'; use one of float32, float16, bfloat16, float64")
+    return dtype
+
+
+def layer_index(name: str) -> int | None:
+    match = LAYER_PATTERN.search(name)
+    return int(match.group(3)) if match else None
+
+
+def with_layer_index(name: str, index: int) -> str:
+    match = LAYER_PATTERN.search(name)
+    assert match is not None
+    return f"{name[: match.start(3)]}{index}{name[match.end(3):]}"
+
+
+def count_layers(names: Sequence[str]) -> int:
+    indices = [i for i in (layer_index(n) for n in names) if i is not None]
+    return max(indices) + 1 if indices else 0
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One input tensor: tensor ``name`` of model ``model`` (a recipe model reference)."""
+
+    model: str
+    name: str
+
+
+@dataclass
+class TensorJob:
+    """Everything needed to produce one output tensor."""
+
+    output: OutputTensor
+    inputs: list[SourceTensor | None]  # None: the model lacks it; it counts as unchanged from the base
+    base: SourceTensor | None
+    method: MergeMethod | None  # None: copy (integer and boolean tensors)
+    params: dict[str, Any]
+    seed: int
+    input_dtypes: list[torch.dtype] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.output.shape:
+            count *= size
+        return count
+
+
+@dataclass
+class MergePlan:
+    """The output of planning, consumed by the engine and the writer."""
+
+    recipe: Recipe
+    method: MergeMethod
+    checkpoints: dict[str, Checkpoint]
+    reference: str  # the model whose config and files the output carries over
+    jobs: list[TensorJob]
+    compute_dtype: torch.dtype
+    cast_dtype: torch.dtype | None  # recipe 'dtype': inputs are rounded to it first (mergekit semantics)
+    output_layers: list[SourceTensor] | None  # for slices: (model, source layer) of each output layer
+    warnings: list[str]
+
+    @property
+    def bytes_to_read(self) -> int:
+        total = 0
+        for job in self.jobs:
+            sources = [s for s in job.inputs if s is not None] + ([job.base] if job.base else [])
+            total += sum(self.checkpoints[s.model].info(s.name).nbytes for s in sources)
+        return total
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(job.output.nbytes for job in self.jobs)
+
+    def close(self) -> None:
+        for checkpoint in self.checkpoints.values():
+            checkpoint.close()
+
+
+def _job_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
+    known = [p.name for p in method.params]
+
+    def check(parameters: Parameters | None, where: str, per_model_level: bool) -> None:
+        for name in parameters or {}:
+            param = method.param(name)
+            if param is None:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                listing = ", ".join(known) if known else "none"
+                raise RecipeError(f"{where}: unknown parameter '{name}' for merge_method '{method.name}'.{hint} Its parameters: {listing}")
+            if per_model_level and not param.per_model:
+                raise RecipeError(
+                    f"{where}: '{name}' is a global parameter of '{method.name}'; set it under the top-level or slice 'parameters'"
+                )
+
+    check(recipe.parameters, "parameters", False)
+    for i, model in enumerate(recipe.models or []):
+        check(model.parameters, f"models[{i}] ({model.model}).parameters", True)
+    for i, output_slice in enumerate(recipe.slices or []):
+        check(output_slice.parameters, f"slices[{i}].parameters", False)
+        for j, source in enumerate(output_slice.sources):
+            check(source.parameters, f"slices[{i}].sources[{j}] ({source.model}).parameters", True)
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, method: MergeMethod, checkpoints: dict[str, Checkpoint], options: dict[str, Any]):
+        self.recipe = recipe
+        self.method = method
+        self.checkpoints = checkpoints
+        self.seed = int(options.get("seed", 0) or 0)
+        self.cast_dtype = parse_dtype(options.get("dtype") or recipe.dtype, "dtype")
+        self.out_dtype = parse_dtype(options.get("out_dtype") or recipe.out_dtype, "out_dtype") or self.cast_dtype
+        self.compute_dtype = torch.float64 if self.cast_dtype == torch.float64 else torch.float32
+        self.warnings: list[str] = []
+        self.missing_by_model: dict[str, list[str]] = {}
+        self.jobs: list[TensorJob] = []
+        self.output_names: set[str] = set()
+
+    # -- which models feed a slice ------------------------------------------------------------
+
+    def _split_base(self, sources: list[SliceSource], base: str | None, where: str) -> tuple[list[SliceSource], SliceSource | None]:
+        """Separate the base from the merge inputs, as the method's BaseUse says."""
+        method = self.method
+        if method.base == BaseUse.NONE:
+            inputs, base_source = list(sources), None
+        else:
+            if base is None and method.base == BaseUse.REQUIRED:
+                raise RecipeError(f"merge_method '{method.name}' needs a base_model (it measures each model from the base)")
+            inputs = [s for s in sources if s.model != base]
+            base_source = next((s for s in sources if s.model == base), None)
+            if base is not None and base_source is None:
+                base_source = SliceSource(model=base, layer_range=sources[0].layer_range)
+        count = len(inputs)
+        if count < method.min_models or (method.max_models is not None and count > method.max_models):
+            wanted = (
+                f"exactly {method.min_models}"
+                if method.max_models == method.min_models
+                else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else "")
+            )
+            base_note = " besides the base model" if method.base != BaseUse.NONE else ""
+            raise RecipeError(f"{where}: merge_method '{method.name}' takes {wanted} model(s){base_note}, got {count}")
+        return inputs, base_source
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    def _resolve_params(
+        self, output_name: str, t: float, inputs: list[SliceSource], output_slice: OutputSlice | None
+    ) -> dict[str, Any]:
+        method = self.method
+        slice_params = output_slice.parameters if output_slice else None
+        resolved: dict[str, Any] = {}
+        for param in method.params:
+            levels: list[Parameters | None] = [slice_params, self.recipe.parameters]
+            if param.per_model:
+                values = []
+                for source in inputs:
+                    value = self._first_value(param.name, [source.parameters, *levels], output_name, t)
+                    where = f"model '{source.model}', tensor '{output_name}'"
+                    values.append(self._finish(param, value, where))
+                resolved[param.name] = values
+            else:
+                value = self._first_value(param.name, levels, output_name, t)
+                resolved[param.name] = self._finish(param, value, f"tensor '{output_name}'")
+        return resolved
+
+    @staticmethod
+    def _first_value(name: str, levels: list[Parameters | None], output_name: str, t: float) -> Any:
+        for parameters in levels:
+            if parameters and name in parameters:
+                value = resolve_value(parameters[name], output_name, t)
+                if value is not None:
+                    return value
+        return None
+
+    @staticmethod
+    def _finish(param, value: Any, where: str) -> Any:
+        if value is None:
+            if param.required:
+                raise RecipeError(f"{where}: parameter '{param.name}' is required and not set")
+            return param.default
+        return param.check(value, where)
+
+    # -- tensors ------------------------------------------------------------------------------
+
+    def _add_job(
+        self,
+        output_name: str,
+        source_name: str,
+        t: float,
+        inputs: list[SliceSource],
+        base_source: SliceSource | None,
+        output_slice: OutputSlice | None,
+        source_names: dict[str, str] | None = None,
+    ) -> None:
+        """Plan one output tensor; ``source_names`` maps model -> tensor name where it differs."""
+        if output_name in self.output_names:
+            raise RecipeError(f"slices: output tensor '{output_name}' would be produced twice; check the layer ranges")
+        self.output_names.add(output_name)
+
+        def name_in(model: str) -> str:
+            return (source_names or {}).get(model, source_name)
+
+        base_tensor = None
+        if base_source is not None:
+            base_ckpt = self.checkpoints[base_source.model]
+            if base_ckpt.has(name_in(base_source.model)):
+                base_tensor = SourceTensor(base_source.model, name_in(base_source.model))
+            elif self.method.base == BaseUse.REQUIRED:
+                raise CheckpointError(f"model '{base_source.model}' (base): tensor '{name_in(base_source.model)}' not found")
+        job_inputs: list[SourceTensor | None] = []
+        for source in inputs:
+            name = name_in(source.model)
+            if self.checkpoints[source.model].has(name):
+                job_inputs.append(SourceTensor(source.model, name))
+            elif base_tensor is not None and self.method.base == BaseUse.REQUIRED:
+                job_inputs.append(None)
+                self.missing_by_model.setdefault(source.model, []).append(name)
+            else:
+                raise CheckpointError(f"model '{source.model}': tensor '{name}' not found (needed for output '{output_name}')")
+
+        present = [s for s in job_inputs if s is not None] + ([base_tensor] if base_tensor else [])
+        infos = [(s, self.checkpoints[s.model].info(s.name)) for s in present]
+        reference_source, reference_info = infos[-1] if base_tensor else infos[0]
+        for source, info in infos:
+            if info.shape != reference_info.shape:
+                raise CheckpointError(
+                    f"tensor '{source.name}': shape {list(info.shape)} in model '{source.model}' but "
+                    f"{list(reference_info.shape)} in model '{reference_source.model}'"
+                )
+        is_float = reference_info.dtype.is_floating_point
+        out_dtype = (self.out_dtype or reference_info.dtype) if is_float else reference_info.dtype
+        output = OutputTensor(output_name, reference_info.shape, out_dtype)
+        if not is_float:
+            # Integer and boolean buffers (position ids, masks) are never averaged.
+            if base_tensor is not None:
+                copy_from, copy_inputs = base_tensor, []
+            else:
+                copy_from, copy_inputs = None, [s for s in job_inputs if s is not None]
+            job = TensorJob(output, copy_inputs, copy_from, None, {}, 0)
+        else:
+            params = self._resolve_params(output_name, t, inputs, output_slice)
+            job = TensorJob(output, job_inputs, base_tensor, self.method, params, _job_seed(self.seed, output_name))
+        self.jobs.append(job)
+
+    def plan_models(self) -> None:
+        recipe = self.recipe
+        models = recipe.models or []
+        references = [m.model for m in models]
+        reference = recipe.base_model or references[0]
+        names = self.checkpoints[reference].names()
+        layers = count_layers(names)
+        sources = [SliceSource(model=m.model, layer_range=(0, max(layers, 1)), parameters=m.parameters) for m in models]
+        inputs, base_source = self._split_base(sources, recipe.base_model, "models")
+        for name in names:
+            index = layer_index(name)
+            t = index / (layers - 1) if index is not None and layers > 1 else 0.0
+            self._add_job(name, name, t, inputs, base_source, None)
+        self._warn_extra_tensors([s.model for s in inputs], set(names))
+
+    def plan_slices(self) -> list[SourceTensor]:
+        recipe = self.recipe
+        slices = recipe.slices or []
+        output_layers: list[SourceTensor] = []
+        reference_model = recipe.base_model or slices[0].sources[0].model
+        reference_names = self.checkpoints[reference_model].names()
+        non_layer = [n for n in reference_names if layer_index(n) is None]
+        for i, output_slice in enumerate(slices):
+            for source in output_slice.sources:
+                available = count_layers(self.checkpoints[source.model].names())
+                if source.layer_range[1] > available:
+                    raise RecipeError(
+                        f"slices[{i}]: layer_range {list(source.layer_range)} of model '{source.model}' goes past its {available} layers"
+                    )
+        plans = []
+        for i, output_slice in enumerate(slices):
+            base = output_slice.base_model or recipe.base_model
+            inputs, base_source = self._split_base(output_slice.sources, base, f"slices[{i}]")
+            plans.append((output_slice, inputs, base_source))
+
+        first, last = plans[0], plans[-1]
+        for name in non_layer:
+            output_slice, inputs, base_source = first if EMBEDDING_PATTERN.search(name) else last
+            self._add_job(name, name, 0.0, inputs, base_source, output_slice)
+
+        for output_slice, inputs, base_source in plans:
+            lead = output_slice.sources[0]
+            start, stop = lead.layer_range
+            length = stop - start
+            lead_names = self.checkpoints[lead.model].names()
+            for offset in range(length):
+                out_index = len(output_layers)
+                output_layers.append(SourceTensor(lead.model, str(start + offset)))
+                t = offset / (length - 1) if length > 1 else 0.0
+                layer_names = [n for n in lead_names if layer_index(n) == start + offset]
+                for name in layer_names:
+                    source_names = {
+                        s.model: with_layer_index(name, s.layer_range[0] + offset)
+                        for s in [*output_slice.sources, *([base_source] if base_source else [])]
+                    }
+                    output_name = with_layer_index(name, out_index)
+                    self._add_job(output_name, name, t, inputs, base_source, output_slice, source_names)
+        return output_layers
+
+    def _warn_extra_tensors(self, models: list[str], reference_names: set[str]) -> None:
+        for model in models:
+            extra = [n for n in self.checkpoints[model].names() if n not in reference_names]
+            if extra:
+                self.warnings.append(
+                    f"model '{model}' has {len(extra)} tensor(s) the reference model lacks (e.g. '{extra[0]}'); they are not in the output"
+                )
+
+    def finish_warnings(self) -> None:
+        for model, names in self.missing_by_model.items():
+            self.warnings.append(
+                f"model '{model}' lacks {len(names)} tensor(s) the base has (e.g. '{names[0]}'); they count as unchanged from the base"
+            )
+        if any(s.residual_weight is not None for s in self.recipe.slices or []):
+            self.warnings.append("slices: 'residual_weight' has no effect (mergekit ignores it too)")
+
+
+def open_models(recipe: Recipe, relative_to: Path | None = None) -> dict[str, Checkpoint]:
+    checkpoints: dict[str, Checkpoint] = {}
+    try:
+        for ref in recipe.referenced_models():
+            checkpoints[ref] = open_checkpoint(ref, relative_to)
+    except BaseException:
+        for checkpoint in checkpoints.values():
+            checkpoint.close()
+        raise
+    return checkpoints
+
+
+def build_plan(
+    recipe: Recipe,
+    checkpoints: dict[str, Checkpoint] | None = None,
+    relative_to: Path | None = None,
+    **options: Any,
+) -> MergePlan:
+    """Plan a merge. ``options``: ``seed``, ``dtype``, ``out_dtype`` (override the recipe's).
+
+    Opens the recipe's models unless ``checkpoints`` (reference -> Checkpoint) is given.
+    """
+    method = get_method(recipe.merge_method)
+    _check_parameter_names(recipe, method)
+    if recipe.tokenizer_source == "union" or (recipe.tokenizer is not None and recipe.tokenizer.source == "union"):
+        raise RecipeError("tokenizer_source: 'union' (merging vocabularies) is not supported yet; use 'base' or a model")
+    if recipe.tokenizer is not None:
+        raise RecipeError("tokenizer: per-token tokenizer configuration is not supported yet; use tokenizer_source")
+    owned = checkpoints is None
+    if checkpoints is None:
+        checkpoints = open_models(recipe, relative_to)
+    try:
+        planner = _Planner(recipe, method, checkpoints, options)
+        output_layers = planner.plan_slices() if recipe.slices else None
+        if not recipe.slices:
+            planner.plan_models()
+        planner.finish_warnings()
+    except BaseException:
+        if owned:
+            for checkpoint in checkpoints.values():
+                checkpoint.close()
+        raise
+    reference = recipe.base_model or (recipe.models[0].model if recipe.models else recipe.slices[0].sources[0].model)
+    for job in planner.jobs:
+        job.input_dtypes = [checkpoints[s.model].info(s.name).dtype for s in job.inputs if s is not None]
+    return MergePlan(
+        recipe=recipe,
+        method=method,
+        checkpoints=checkpoints,
+        reference=reference,
+        jobs=planner.jobs,
+        compute_dtype=planner.compute_dtype,
+        cast_dtype=planner.cast_dtype,
+        output_layers=output_layers,
+        warnings=planner.warnings,
+    )

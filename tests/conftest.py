@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny random Hugging Face models built locally with transformers (never
+downloaded), and fine-tunes made as small perturbations of a base, saved as real folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+VOCAB = 96
+
+
+def tiny_config(kind: str):
+    import transformers as tf
+
+    if kind == "llama":
+        return tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    if kind == "mistral":
+        return tf.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "qwen2":
+        return tf.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    if kind == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+    if kind == "bert":
+        return tf.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=64)
+    raise ValueError(kind)
+
+
+def save_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(32, 32 + VOCAB - 4):
+        vocab[chr(i)] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(path)
+
+
+def build_model(kind: str, path: Path, seed: int = 0, base: Path | None = None, noise: float = 0.02,
+                shard_size: str | None = None, tokenizer: bool = True, dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny model: random (seed) or, with ``base``, the base plus Gaussian noise of scale ``noise``."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tiny_config(kind)
+    model_class = tf.BertModel if kind == "bert" else tf.AutoModelForCausalLM
+    if base is not None:
+        model = model_class.from_pretrained(base) if kind == "bert" else model_class.from_pretrained(base, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * noise)
+    else:
+        model = model_class.from_config(config) if kind != "bert" else model_class(config)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if tokenizer:
+        save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory) -> Callable[..., Path]:
+    """build(kind, name, seed=0, base=None, ...) -> folder, cached per session by arguments."""
+    cache: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("models")
+
+    def build(kind: str, name: str, seed: int = 0, base: Path | None = None, **kwargs) -> Path:
+        key = (kind, name, seed, base, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = build_model(kind, root / name, seed=seed, base=base, **kwargs)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def llama_family(model_factory) -> dict[str, Path]:
+    """A tiny Llama base and three fine-tunes of it."""
+    base = model_factory("llama", "llama-base", seed=0)
+    return {
+        "base": base,
+        **{f"ft{i}": model_factory("llama", f"llama-ft{i}", seed=i, base=base) for i in (1, 2, 3)},
+    }
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "mergeforge", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
