@@ -21,7 +21,7 @@ import torch
 
 from mergeforge.checkpoint import folder as folder_files
 from mergeforge.checkpoint.reader import TensorInfo
-from mergeforge.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardedWriter
+from mergeforge.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardedWriter, output_error
 from mergeforge.engine import (
     Engine,
     EngineOptions,
@@ -196,40 +196,47 @@ def _write(plan: MergePlan, out_path: Path, options: EngineOptions, shard_bytes:
     parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(parent).free
     if plan.bytes_to_write > free:
-        raise OutputError(f"{out_path}: disk full: the merge writes {_human(plan.bytes_to_write)} but {parent} has {_human(free)} free")
+        raise OutputError(f"{parent}: disk full: the merge writes {_human(plan.bytes_to_write)} but only {_human(free)} are free")
+    try:
+        with folder_files.atomic_output_folder(out_path) as temp:
+            _write_into(plan, temp, options, shard_bytes, copy_tokenizer)
+    except OSError as exc:
+        raise output_error(exc, Path(exc.filename) if exc.filename else out_path) from None
+
+
+def _write_into(plan: MergePlan, temp: Path, options: EngineOptions, shard_bytes: int, copy_tokenizer: bool) -> None:
     recipe = plan.recipe
     reference = plan.checkpoints[plan.reference]
-    with folder_files.atomic_output_folder(out_path) as temp:
-        writer = ShardedWriter(temp, [job.output for job in plan.jobs], shard_bytes)
-        side_writer = None
-        side = side_outputs(plan)
-        if side:
-            (temp / SIDE_FOLDER).mkdir()
-            side_writer = ShardedWriter(temp / SIDE_FOLDER, side, shard_bytes, stem="side", index_name="side.safetensors.index.json")
-        progress = ProgressReporter(plan.bytes_to_write, len(plan.jobs), options.progress)
-        try:
-            Engine(plan, writer, options, side_writer).run(on_done=progress)
-        finally:
-            progress.close()
-            writer.close()
-            if side_writer is not None:
-                side_writer.close()
-        tokenizer_from = None
-        if copy_tokenizer:
-            source = recipe.tokenizer_source
-            tokenizer_from = reference.folder if source in (None, "base") else plan.checkpoints[source].folder
-        folder_files.carry_over_files(reference.folder, temp, tokenizer_from)
-        floating = [job.output.dtype for job in plan.jobs if job.output.dtype.is_floating_point]
-        out_dtype = max(set(floating), key=floating.count) if floating else None
-        layer_sources = None
-        if plan.output_layers is not None:
-            layer_sources = [int(layer.name) for layer in plan.output_layers]
-        folder_files.write_config(reference.config, temp, out_dtype, layer_sources)
-        if recipe.chat_template:
-            folder_files.apply_chat_template(recipe.chat_template, temp, [c.folder for c in plan.checkpoints.values()])
-        recipe_yaml = recipe.to_yaml()
-        (temp / "mergeforge_config.yml").write_text(recipe_yaml, encoding="utf-8")
-        folder_files.write_model_card(temp, list(plan.checkpoints), plan.method.name, recipe_yaml)
+    writer = ShardedWriter(temp, [job.output for job in plan.jobs], shard_bytes)
+    side_writer = None
+    side = side_outputs(plan)
+    if side:
+        (temp / SIDE_FOLDER).mkdir()
+        side_writer = ShardedWriter(temp / SIDE_FOLDER, side, shard_bytes, stem="side", index_name="side.safetensors.index.json")
+    progress = ProgressReporter(plan.bytes_to_write, len(plan.jobs), options.progress)
+    try:
+        Engine(plan, writer, options, side_writer).run(on_done=progress)
+    finally:
+        progress.close()
+        writer.close()
+        if side_writer is not None:
+            side_writer.close()
+    tokenizer_from = None
+    if copy_tokenizer:
+        source = recipe.tokenizer_source
+        tokenizer_from = reference.folder if source in (None, "base") else plan.checkpoints[source].folder
+    folder_files.carry_over_files(reference.folder, temp, tokenizer_from)
+    floating = [job.output.dtype for job in plan.jobs if job.output.dtype.is_floating_point]
+    out_dtype = max(set(floating), key=floating.count) if floating else None
+    layer_sources = None
+    if plan.output_layers is not None:
+        layer_sources = [int(layer.name) for layer in plan.output_layers]
+    folder_files.write_config(reference.config, temp, out_dtype, layer_sources)
+    if recipe.chat_template:
+        folder_files.apply_chat_template(recipe.chat_template, temp, [c.folder for c in plan.checkpoints.values()])
+    recipe_yaml = recipe.to_yaml()
+    (temp / "mergeforge_config.yml").write_text(recipe_yaml, encoding="utf-8")
+    folder_files.write_model_card(temp, list(plan.checkpoints), plan.method.name, recipe_yaml)
 
 
 # ---------------------------------------------------------------------------------------------

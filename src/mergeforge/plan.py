@@ -307,6 +307,13 @@ class _Planner:
         reference = recipe.base_model or references[0]
         names = self.checkpoints[reference].names()
         layers = count_layers(names)
+        for model in references:
+            model_layers = count_layers(self.checkpoints[model].names())
+            if model_layers != layers:
+                raise RecipeError(
+                    f"models: model '{model}' has {model_layers} layers but '{reference}' has {layers}; "
+                    "use slices with layer_range to merge models of different depths"
+                )
         sources = [SliceSource(model=m.model, layer_range=(0, max(layers, 1)), parameters=m.parameters) for m in models]
         inputs, base_source = self._split_base(sources, recipe.base_model, "models")
         for name in names:

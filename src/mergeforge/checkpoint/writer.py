@@ -163,7 +163,7 @@ class ShardedWriter:
                 try:
                     done += os.pwrite(self._fds[slot.shard], view[done:], offset + done)
                 except OSError as exc:
-                    raise _output_error(exc, self.folder / self.file_names[slot.shard]) from None
+                    raise output_error(exc, self.folder / self.file_names[slot.shard]) from None
         if full:
             with self._lock:
                 self._written.add(name)
@@ -191,10 +191,10 @@ def _reserve(fd: int, size: int, path: Path) -> None:
         if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             os.ftruncate(fd, size)  # the file system cannot reserve; write errors still surface later
         else:
-            raise _output_error(exc, path) from None
+            raise output_error(exc, path) from None
 
 
-def _output_error(exc: OSError, path: Path) -> OutputError:
+def output_error(exc: OSError, path: Path) -> OutputError:
     if exc.errno == errno.ENOSPC:
         return OutputError(f"{path}: disk full; free space on {path.parent} or choose another OUT_DIR")
     return OutputError(f"{path}: cannot write: {exc.strerror}")

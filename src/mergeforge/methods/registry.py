@@ -28,7 +28,7 @@ import keyword
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -115,7 +115,7 @@ class Param:
         return value
 
 
-class BaseUse(str, Enum):
+class BaseUse(StrEnum):
     """How a method treats ``base_model``."""
 
     NONE = "none"  # the base is an input like any other, if it is listed among the models
