@@ -19,7 +19,7 @@ test-all: setup
 	$(VENV)/python -m pytest
 
 lint: setup
-	$(VENV)/ruff check src tests benchmarks
+	$(VENV)/ruff check src tests $(wildcard benchmarks examples)
 
 bench: setup
 	$(VENV)/python benchmarks/speed.py

@@ -99,3 +99,12 @@ def merge_command(config: str, out_dir: str | None, device: str, dtype: str | No
     if not quiet:
         click.echo(f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into {result.out_dir} in {result.seconds:.1f} s",
                    err=True)
+
+
+def _register_commands() -> None:
+    from mergeforge.demo import demo_command
+
+    main.add_command(demo_command)
+
+
+_register_commands()

@@ -2,8 +2,8 @@
 
 A merge knows every output tensor's name, shape and dtype before it computes any of them, so the
 writer fixes the whole layout up front: which shard each tensor goes to (greedy, in plan order, up
-to the shard size), the order inside each shard (safetensors' convention: larger element size first,
-then by name, so every tensor is aligned to its element size and the bytes do not depend on the
+to the shard size), the order inside each shard (the safetensors library's: by dtype, wider first, then by
+name, so every tensor is aligned to its element size and the bytes do not depend on the
 order tensors were computed in), each header, and each tensor's byte offset. Tensors are then
 written with ``pwrite`` straight to their place, in whatever order they finish, by any thread: no
 output shard is ever buffered in memory. Space is reserved up front with ``posix_fallocate``, so a
@@ -69,8 +69,15 @@ def split_into_shards(tensors: Iterable[OutputTensor], max_shard_bytes: int) -> 
     return shards if shards[0] else []
 
 
+# The safetensors library orders tensors by its dtype enum, descending, then by name; matching it
+# makes our files byte-identical to its own (and every tensor aligned to its element size).
+_DTYPE_RANK = {name: rank for rank, name in enumerate(
+    ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+)}
+
+
 def _header_bytes(tensors: list[OutputTensor], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:
-    ordered = sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.name))
+    ordered = sorted(tensors, key=lambda t: (-_DTYPE_RANK[DTYPE_NAMES[t.dtype]], t.name))
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offsets: dict[str, int] = {}
     position = 0

@@ -30,11 +30,11 @@ def stock_ratio(task_vectors: list[torch.Tensor]) -> torch.Tensor:
     vanishes (the directions cancel exactly) ``t`` is set to 0, which returns the base.
     """
     count = len(task_vectors)
-    norms = [vector.norm(dim=-1) for vector in task_vectors]
+    norms = [torch.linalg.vector_norm(vector, dim=-1) for vector in task_vectors]
     cosine_sum = torch.zeros_like(norms[0])
     for i in range(count):
         for j in range(i + 1, count):
-            dot = (task_vectors[i] * task_vectors[j]).sum(dim=-1)
+            dot = torch.linalg.vecdot(task_vectors[i], task_vectors[j], dim=-1)
             cosine_sum += (dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
     mean_cosine = cosine_sum / (count * (count - 1) / 2)
     denominator = 1 + (count - 1) * mean_cosine

@@ -20,32 +20,42 @@ from mergeforge.methods.registry import BaseUse, Param, register_method
 EPSILON = Param("epsilon", 1e-5, low=0.0, help="a task-vector entry counts as changed when |δ| > epsilon")
 
 
-def changed_masks(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Task vectors, their changed-entry masks and, per entry, how many models changed it."""
-    task_vectors = [tensor - base for tensor in tensors]
-    changed = [task_vector.abs() > epsilon for task_vector in task_vectors]
-    contributors = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
-    for mask in changed:
+def changed_task_vectors(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Task vectors zeroed where unchanged (|δ| ≤ epsilon), so an entry is changed exactly where
+    it is non-zero, and, per entry, how many models changed it."""
+    task_vectors = []
+    counter_dtype = torch.uint8 if len(tensors) < 256 else torch.int32
+    contributors = torch.zeros(base.shape, dtype=counter_dtype, device=base.device)
+    for tensor in tensors:
+        task_vector = tensor - base
+        mask = task_vector.abs() > epsilon
+        task_vectors.append(task_vector.mul_(mask))
         contributors += mask
-    return task_vectors, changed, contributors
+    return task_vectors, contributors
 
 
 def merge_unique_and_shared(
     base: torch.Tensor,
     task_vectors: list[torch.Tensor],
-    changed: list[torch.Tensor],
     contributors: torch.Tensor,
     unique_scales: list[float],
 ) -> torch.Tensor:
-    """θ_base + Σᵢ δᵢ·changedᵢ·(unique·λᵢ + shared/count)."""
-    unique = contributors == 1
-    # 1/count on shared entries, 0 elsewhere (count ≥ 2 there, so no division by zero).
-    shared_share = torch.where(contributors > 1, 1.0 / contributors.clamp(min=1).to(base.dtype), 0.0)
-    merged = base.clone()
-    for task_vector, mask, unique_scale in zip(task_vectors, changed, unique_scales, strict=True):
-        entry_scale = torch.where(unique, unique_scale, shared_share) * mask
-        merged.add_(task_vector * entry_scale)
-    return merged
+    """θ_base + Σᵢ δᵢ·(λᵢ on entries only model i changed, 1/count on shared ones).
+
+    The task vectors are already zero where unchanged, so the plain sum divided by the count is
+    the shared average where count ≥ 2 and the single task vector where count = 1; the unique
+    boost λᵢ − 1 is added on top for count = 1.
+    """
+    changed_sum = torch.zeros_like(base)
+    for task_vector in task_vectors:
+        changed_sum.add_(task_vector)
+    merged = changed_sum.div_(contributors.clamp(min=1))
+    if any(scale != 1.0 for scale in unique_scales):
+        boost = torch.zeros_like(base)
+        for task_vector, scale in zip(task_vectors, unique_scales, strict=True):
+            boost.add_(task_vector, alpha=scale - 1.0)
+        merged.add_(boost.mul_(contributors == 1))
+    return merged.add_(base)
 
 
 @register_method(
@@ -59,8 +69,8 @@ def merge_unique_and_shared(
     notes="Entries no model changes by more than epsilon keep the base value. Same rule for every tensor.",
 )
 def ram(tensors: list[torch.Tensor], base: torch.Tensor, *, epsilon: float) -> torch.Tensor:
-    task_vectors, changed, contributors = changed_masks(tensors, base, epsilon)
-    return merge_unique_and_shared(base, task_vectors, changed, contributors, [1.0] * len(tensors))
+    task_vectors, contributors = changed_task_vectors(tensors, base, epsilon)
+    return merge_unique_and_shared(base, task_vectors, contributors, [1.0] * len(tensors))
 
 
 @register_method(
@@ -77,13 +87,14 @@ def ram(tensors: list[torch.Tensor], base: torch.Tensor, *, epsilon: float) -> t
     notes="The ratio is counted per tensor ('tensor-local'), so the method is not elementwise.",
 )
 def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, *, r: float, alpha: float, epsilon: float) -> torch.Tensor:
-    task_vectors, changed, contributors = changed_masks(tensors, base, epsilon)
+    task_vectors, contributors = changed_task_vectors(tensors, base, epsilon)
     unique = contributors == 1
     unique_scales = []
-    for mask in changed:
-        unique_count = int((mask & unique).sum())
-        shared_count = int(mask.sum()) - unique_count
+    for task_vector in task_vectors:
+        changed = task_vector != 0
+        unique_count = int((changed & unique).sum())
+        shared_count = int(changed.sum()) - unique_count
         # mergekit divides by max(unique, epsilon); with no unique entries the scale is unused.
         ratio = shared_count / max(unique_count, epsilon) if (unique_count or epsilon > 0) else 0.0
         unique_scales.append(1.0 + r * min(max(ratio, 0.0), alpha))
-    return merge_unique_and_shared(base, task_vectors, changed, contributors, unique_scales)
+    return merge_unique_and_shared(base, task_vectors, contributors, unique_scales)

@@ -28,22 +28,22 @@ from mergeforge.methods.registry import BaseUse, Param, register_method
 def slerp_last_dim(t: float, start: torch.Tensor, end: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """SLERP between matching vectors along the last dimension (one angle per vector).
 
-    Vectors are compared by direction only (each is normalised for the angle) but interpolated
-    with their lengths, as mergekit's ``nuslerp`` does. Where the angle's sine is below ``eps``
-    (parallel or antiparallel vectors) the result is the linear interpolation.
+    Vectors are compared by direction only (the angle uses each one normalised, norms floored at
+    1e-7) but interpolated with their lengths, as mergekit's ``nuslerp`` does. Where the angle's
+    sine is below ``eps`` (parallel or antiparallel vectors) the result is the linear
+    interpolation. Only per-vector scalars are formed, so memory stays at the output plus inputs.
     """
-    start_unit = start / start.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    end_unit = end / end.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    cos_theta = (start_unit * end_unit).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
-    del start_unit, end_unit
-    theta = torch.acos(cos_theta)
+    start_norm = torch.linalg.vector_norm(start, dim=-1, keepdim=True).clamp_(min=1e-7)
+    end_norm = torch.linalg.vector_norm(end, dim=-1, keepdim=True).clamp_(min=1e-7)
+    dot = torch.linalg.vecdot(start, end, dim=-1).unsqueeze(-1)
+    theta = torch.acos((dot / (start_norm * end_norm)).clamp_(-1.0, 1.0))
     sin_theta = torch.sin(theta)
     colinear = sin_theta.abs() < eps
     # Divide by 1 where colinear so the discarded branch holds no inf/NaN.
     safe_sin = torch.where(colinear, torch.ones_like(sin_theta), sin_theta)
-    spherical = (torch.sin((1 - t) * theta) * start + torch.sin(t * theta) * end) / safe_sin
-    linear = (1 - t) * start + t * end
-    return torch.where(colinear, linear, spherical)
+    start_factor = torch.where(colinear, torch.full_like(theta, 1 - t), torch.sin((1 - t) * theta) / safe_sin)
+    end_factor = torch.where(colinear, torch.full_like(theta, t), torch.sin(t * theta) / safe_sin)
+    return (start * start_factor).add_(end * end_factor)
 
 
 def nuslerp_tensors(t: float, start: torch.Tensor, end: torch.Tensor, *, flatten: bool, row_wise: bool) -> torch.Tensor:
