@@ -26,3 +26,28 @@ def test_unknown_method_suggests():
     assert result.returncode == 2
     assert "Did you mean 'ties'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_lists_commands_without_loading_torch():
+    # --help must stay instant: torch alone costs seconds to import, so no command module may pull it in.
+    script = (
+        "import sys\n"
+        "from mergeforge.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "merge " in result.stdout and "methods" in result.stdout and "demo" in result.stdout
+    assert "HEAVY []" in result.stdout
+
+
+def test_unknown_command_is_one_line():
+    result = run_cli("mergee")
+    assert result.returncode == 2
+    assert "No such command" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -12,9 +12,43 @@ import click
 
 from mergeforge import __version__
 
+# Commands that live beside the feature they drive, imported only when named (or listed by
+# --help), so each feature owns its command and the core CLI stays light. A module that is not
+# installed (an optional part still in the works) is simply not listed.
+_FEATURE_COMMANDS = {
+    "demo": "mergeforge.demo:demo_command",
+    "zoo": "mergeforge.zoo.cli:zoo_group",
+    "eval": "mergeforge.evaluate.cli:eval_command",
+    "bench": "mergeforge.bench.cli:bench_command",
+    "emr": "mergeforge.methods.emr_cli:emr_group",
+}
+
+
+def _feature_available(target: str) -> bool:
+    import importlib.util
+
+    module = target.partition(":")[0]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
 
 class _Group(click.Group):
     """Turns user errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        features = [name for name, target in _FEATURE_COMMANDS.items() if _feature_available(target)]
+        return sorted([*super().list_commands(ctx), *features])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None or name not in _FEATURE_COMMANDS or not _feature_available(_FEATURE_COMMANDS[name]):
+            return command
+        import importlib
+
+        module, _, attribute = _FEATURE_COMMANDS[name].partition(":")
+        return getattr(importlib.import_module(module), attribute)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         from mergeforge.errors import MergeforgeError
@@ -99,12 +133,3 @@ def merge_command(config: str, out_dir: str | None, device: str, dtype: str | No
     if not quiet:
         click.echo(f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into {result.out_dir} in {result.seconds:.1f} s",
                    err=True)
-
-
-def _register_commands() -> None:
-    from mergeforge.demo import demo_command
-
-    main.add_command(demo_command)
-
-
-_register_commands()
