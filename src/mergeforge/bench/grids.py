@@ -1,0 +1,88 @@
+"""Which registered methods the benchmark can run on N experts, and the small hyperparameter grid
+each one is tuned over on the validation split.
+
+The grid is derived from a method's parameter schema, so a method added later (or a plugin) is
+benchmarked without touching this file: a ``lambda`` (the task-vector scale) is searched, and so is
+a ``density`` (the fraction of each task vector kept); everything else keeps its default. The few
+methods whose key knob has another name get an explicit entry in ``SPECIFIC_GRIDS``. Per-model
+weights are 1 for every expert, as in the papers' data-free set-ups.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from mergeforge.methods.registry import BaseUse, MergeMethod
+
+# Scale of the summed task vectors. Without normalisation the sum of N vectors needs a small
+# scale (Ilharco et al. pick λ≈0.3-0.4 for 8 tasks); with normalisation (a mean) λ≈1 or above.
+LAMBDA_SUM = (0.2, 0.35, 0.5, 0.8)
+LAMBDA_MEAN = (0.7, 1.0, 1.5)
+DENSITY = (0.2, 0.5, 0.8)
+
+SPECIFIC_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "model_stock": {"filter_wise": (False, True)},
+    "sce": {"select_topk": (0.1, 0.3, 1.0)},
+    "ramplus_tl": {"r": (0.1, 0.5), "alpha": (0.2, 1.0)},
+    "karcher": {},
+    "multislerp": {},
+}
+
+# Methods that make no sense in a multi-task benchmark of N experts (they stack or copy layers).
+NOT_BENCHMARKED = {"passthrough": "stacks layer ranges; not a multi-task merge"}
+
+
+@dataclass
+class MethodPlan:
+    """How the benchmark runs one method: inputs, fixed parameters and the grid, or why it cannot."""
+
+    method: str
+    uses_base: bool = True
+    fixed: dict[str, Any] = field(default_factory=dict)
+    model_fixed: dict[str, Any] = field(default_factory=dict)
+    grid: list[dict[str, Any]] = field(default_factory=lambda: [{}])
+    skip_reason: str | None = None
+
+
+def plan_method(method: MergeMethod, n_experts: int) -> MethodPlan:
+    """The benchmark plan for ``method`` merging ``n_experts`` experts (plus the base when used)."""
+    plan = MethodPlan(method.name, uses_base=method.base is not BaseUse.NONE)
+    if method.name in NOT_BENCHMARKED:
+        plan.skip_reason = NOT_BENCHMARKED[method.name]
+        return plan
+    if getattr(method, "calibrate", None) is not None:
+        plan.skip_reason = "data-aware: run through the calibration path"
+        return plan
+    if n_experts < method.min_models or (method.max_models is not None and n_experts > method.max_models):
+        if method.max_models == method.min_models:
+            accepted = f"exactly {method.min_models}"
+        else:
+            accepted = f"{method.min_models} to {method.max_models if method.max_models is not None else 'any number of'}"
+        plan.skip_reason = f"merges {accepted} model(s) besides the base, not {n_experts}"
+        return plan
+    weight = method.param("weight")
+    if weight is not None and weight.per_model:
+        plan.model_fixed["weight"] = 1.0
+    axes: dict[str, tuple[Any, ...]] = {}
+    if method.name in SPECIFIC_GRIDS:
+        axes = dict(SPECIFIC_GRIDS[method.name])
+    else:
+        if method.param("lambda") is not None:
+            normalize = method.param("normalize")
+            axes["lambda"] = LAMBDA_MEAN if normalize is not None and normalize.default is True else LAMBDA_SUM
+        if method.param("density") is not None and method.name != "task_arithmetic":
+            axes["density"] = DENSITY
+    missing = [p.name for p in method.params if p.required and p.name not in axes and p.name not in plan.model_fixed]
+    if missing:
+        plan.skip_reason = f"needs a value for {', '.join(missing)} with no multi-task default"
+        return plan
+    names = list(axes)
+    plan.grid = [dict(zip(names, values, strict=True)) for values in itertools.product(*(axes[n] for n in names))] or [{}]
+    return plan
+
+
+def describe(params: dict[str, Any]) -> str:
+    """``lambda=0.5, density=0.2`` (or ``defaults``) for tables."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "defaults"

@@ -1,0 +1,115 @@
+"""Benchmark output: ``results.json`` (everything), ``results.md`` (tables) and ``results.png``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from mergeforge.bench.grids import describe
+from mergeforge.bench.runner import BenchResult
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def ranked_rows(result: BenchResult) -> list[dict[str, Any]]:
+    """One row per baseline and per method that ran: absolute and normalised test accuracy."""
+    rows = []
+    for name, scores in result.baselines.items():
+        if name.startswith("expert: "):
+            continue  # each expert's row is summarised by "individual experts"
+        rows.append({"name": name, "kind": "baseline", "scores": scores, "settings": ""})
+    for method in result.methods:
+        if method.status == "ok":
+            rows.append({"name": method.method, "kind": "method", "scores": method.test, "settings": describe(method.chosen),
+                         "merge_seconds": method.merge_seconds})
+    for row in rows:
+        row["mean"] = _mean([row["scores"][t] for t in result.tasks])
+        row["normalised"] = _mean(list(result.normalised(row["scores"]).values()))
+    baselines = [r for r in rows if r["kind"] == "baseline"]
+    methods = sorted((r for r in rows if r["kind"] == "method"), key=lambda r: -r["normalised"])
+    return baselines + methods
+
+
+def markdown(result: BenchResult) -> str:
+    tasks = result.tasks
+    lines = [
+        "| model / method | " + " | ".join(tasks) + " | mean acc. | mean norm. | chosen on validation | merge s |",
+        "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: | --- | ---: |",
+    ]
+    for row in ranked_rows(result):
+        name = f"*{row['name']}*" if row["kind"] == "baseline" else f"`{row['name']}`"
+        seconds = f"{row['merge_seconds']:.2f}" if "merge_seconds" in row else ""
+        lines.append(f"| {name} | " + " | ".join(_pct(row["scores"][t]) for t in tasks)
+                     + f" | {_pct(row['mean'])} | {_pct(row['normalised'])} | {row['settings']} | {seconds} |")
+    skipped = [m for m in result.methods if m.status != "ok"]
+    if skipped:
+        lines += ["", "Not in the table:", ""]
+        lines += [f"- `{m.method}` ({m.status}): {m.reason}" for m in skipped]
+    if result.negation:
+        lines += ["", "### Task negation", "",
+                  "| model | behaviour rate | mean task acc. |", "| --- | ---: | ---: |"]
+        lines += [f"| {r['model']} | {_pct(r['behaviour_rate'])} | {_pct(r['mean_accuracy'])} |" for r in result.negation["rows"]]
+    if result.curve:
+        counts = sorted({p["experts"] for points in result.curve.values() for p in points})
+        lines += ["", "### Normalised accuracy against the number of merged experts", "",
+                  "| method | " + " | ".join(str(k) for k in counts) + " |", "| --- | " + " | ".join("---:" for _ in counts) + " |"]
+        for name, points in result.curve.items():
+            by_k = {p["experts"]: p["normalised"] for p in points}
+            lines.append(f"| `{name}` | " + " | ".join(_pct(by_k[k]) if k in by_k else "" for k in counts) + " |")
+    lines += ["", "Hyperparameter grid searched per method (validation mean accuracy):", ""]
+    for method in result.methods:
+        if method.status == "ok" and len(method.validation) > 1:
+            tried = ", ".join(f"{describe(v['params'])}: {_pct(v['mean'])}" if "mean" in v else f"{describe(v['params'])}: error"
+                              for v in method.validation)
+            lines.append(f"- `{method.method}`: {tried}")
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: BenchResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ranked_rows(result)
+    figure, axes = plt.subplots(1, 2 if result.curve else 1, figsize=(15 if result.curve else 10, 6), squeeze=False)
+    bars = axes[0][0]
+    names = [r["name"] for r in rows]
+    values = [100 * r["normalised"] for r in rows]
+    colours = ["#888888" if r["kind"] == "baseline" else "#3b75af" for r in rows]
+    bars.barh(range(len(rows)), values, color=colours)
+    bars.set_yticks(range(len(rows)), names, fontsize=8)
+    bars.invert_yaxis()
+    bars.set_xlabel("mean normalised test accuracy (%)")
+    bars.set_title("Merging the zoo's experts (grey: baselines)")
+    if result.curve:
+        lines = axes[0][1]
+        for name, points in result.curve.items():
+            lines.plot([p["experts"] for p in points], [100 * p["normalised"] for p in points], marker="o", label=name)
+        lines.set_xlabel("experts merged")
+        lines.set_ylabel("mean normalised test accuracy (%)")
+        lines.set_title("Accuracy against the number of experts")
+        lines.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(result: BenchResult, out_dir: Path) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "chart": out_dir / "results.png"}
+    payload = dataclasses.asdict(result)
+    payload["ranking"] = ranked_rows(result)
+    paths["json"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    paths["markdown"].write_text(markdown(result))
+    chart(result, paths["chart"])
+    return paths

@@ -1,0 +1,304 @@
+"""``run_bench``: every registered method over a set of experts, tuned on validation, scored on test.
+
+The protocol follows the model-merging benchmarks (FusionBench, Tang et al. 2024, arXiv 2406.03280;
+Ilharco et al. 2023, arXiv 2212.04089): experts fine-tuned from one base are merged into one
+model, which is scored on every expert's task; a method's hyperparameters are picked on the
+validation split from a small grid (``grids.py``) and only the chosen setting is scored on test.
+Normalised accuracy is the merged model's accuracy on a task divided by that task's expert's.
+
+Merges run in memory through the same planner and engine as ``mergeforge merge``
+(:func:`mergeforge.merge_state_dicts`), so no checkpoint is written per grid point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeforge.bench.grids import MethodPlan, describe, plan_method
+
+Scores = dict[str, float]
+
+
+@dataclass
+class BenchSuite:
+    """The models and tasks a benchmark runs on (``suite_from_zoo`` builds one from the zoo)."""
+
+    base: Path
+    experts: dict[str, Path]  # task name -> expert folder, in merge order
+    tasks: dict[str, Path]  # task name -> task folder (evaluator format)
+    multitask: Path | None = None
+    behaviour: Path | None = None  # an expert with an unwanted behaviour, for task negation
+    behaviour_task: Path | None = None  # scores the behaviour rate (exact match = behaviour shown)
+
+
+@dataclass
+class MethodResult:
+    method: str
+    status: str  # "ok", "skipped" or "failed"
+    reason: str = ""
+    chosen: dict[str, Any] = field(default_factory=dict)
+    validation: list[dict[str, Any]] = field(default_factory=list)  # one entry per grid point
+    test: Scores = field(default_factory=dict)
+    merge_seconds: float = 0.0
+
+
+@dataclass
+class BenchResult:
+    tasks: list[str]
+    baselines: dict[str, Scores]  # row name -> per-task test accuracy
+    experts: Scores  # each task's own expert's test accuracy (the normaliser)
+    methods: list[MethodResult]
+    negation: dict[str, Any] | None
+    curve: dict[str, list[dict[str, Any]]]
+    settings: dict[str, Any]
+
+    def normalised(self, scores: Scores) -> Scores:
+        return {task: scores[task] / self.experts[task] if self.experts[task] > 0 else 0.0 for task in self.tasks}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+class _Evaluator:
+    """Loads models once and scores state dicts by reusing one model skeleton."""
+
+    def __init__(self, suite: BenchSuite, max_examples: int | None, batch_size: int, device: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mergeforge.evaluate.tasks import load_task
+
+        self.device = device
+        self.max_examples = max_examples
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(suite.base, local_files_only=True)
+        self.tasks = {name: load_task(folder) for name, folder in suite.tasks.items()}
+        self._load = lambda folder: AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device).eval()
+        self.skeleton = self._load(suite.base)
+        self.states: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def state(self, folder: Path) -> dict[str, torch.Tensor]:
+        if folder not in self.states:
+            self.states[folder] = {name: tensor.detach().clone() for name, tensor in self._load(folder).state_dict().items()}
+        return self.states[folder]
+
+    def model_with(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        self.skeleton.load_state_dict(state, strict=True)
+        return self.skeleton
+
+    def score(self, model: torch.nn.Module, split: str, tasks: Sequence[str] | None = None) -> Scores:
+        from mergeforge.evaluate.api import evaluate_model
+
+        chosen = [self.tasks[name] for name in (tasks or self.tasks)]
+        with _threads_for(model):
+            result = evaluate_model(model, chosen, split=split, batch_size=self.batch_size, max_examples=self.max_examples,
+                                    tokenizer=self.tokenizer, with_loss=False)
+        return {name: entry["score"] for name, entry in result["tasks"].items()}
+
+    def score_state(self, state: dict[str, torch.Tensor], split: str, tasks: Sequence[str] | None = None) -> Scores:
+        return self.score(self.model_with(state), split, tasks)
+
+
+@contextlib.contextmanager
+def _threads_for(model: torch.nn.Module) -> Iterator[None]:
+    """One intra-op thread for small models: their matrices are too small to split, and thread
+    hand-offs then dominate (measured 5-8x slower with 2 threads on a busy 2-core machine)."""
+    previous = torch.get_num_threads()
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+def _merge(plan: MethodPlan, params: dict[str, Any], experts: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor],
+           seed: int) -> dict[str, torch.Tensor]:
+    from mergeforge.api import merge_state_dicts
+
+    return merge_state_dicts(
+        plan.method, experts, base if plan.uses_base else None, parameters=params,
+        model_parameters=[dict(plan.model_fixed)] * len(experts), seed=seed, threads=2,
+    )
+
+
+def _tune_and_test(plan: MethodPlan, evaluator: _Evaluator, expert_states: list[dict[str, torch.Tensor]],
+                   base_state: dict[str, torch.Tensor], task_names: list[str], seed: int,
+                   progress: Callable[[str], None]) -> MethodResult:
+    from mergeforge.errors import MergeforgeError
+
+    result = MethodResult(plan.method, "ok")
+    best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
+    started = time.perf_counter()
+    merges = 0
+    for params in plan.grid:
+        try:
+            merge_started = time.perf_counter()
+            state = _merge(plan, params, expert_states, base_state, seed)
+            result.merge_seconds += time.perf_counter() - merge_started
+            merges += 1
+        except MergeforgeError as exc:
+            result.validation.append({"params": params, "error": str(exc)})
+            continue
+        validation = evaluator.score_state(state, "val", task_names)
+        mean = _mean(list(validation.values()))
+        result.validation.append({"params": params, "mean": mean, "scores": validation})
+        if best is None or mean > best[0]:
+            best = (mean, params, state)
+    if best is None:
+        result.status, result.reason = "failed", "; ".join(v.get("error", "") for v in result.validation)
+        return result
+    result.chosen = best[1]
+    result.test = evaluator.score_state(best[2], "test", task_names)
+    result.merge_seconds /= max(1, merges)
+    progress(f"{plan.method:<16} {describe(best[1]):<28} val {best[0]:.3f}  test {_mean(list(result.test.values())):.3f}"
+             f"  ({time.perf_counter() - started:.0f} s)")
+    return result
+
+
+def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], base_state: dict[str, torch.Tensor],
+              expert_states: list[dict[str, torch.Tensor]], seed: int) -> dict[str, Any] | None:
+    """Task negation (Ilharco et al. 2023, §3): subtract the behaviour vector and measure.
+
+    The starting point is a model that shows the behaviour and has the skills: the task-arithmetic
+    merge of the experts and the behaviour expert. Subtracting λ·(behaviour − base) for a few λ
+    gives the behaviour rate and the retained task accuracy.
+    """
+    if suite.behaviour is None or suite.behaviour_task is None:
+        return None
+    from mergeforge.api import merge_state_dicts
+    from mergeforge.evaluate.api import evaluate_model
+    from mergeforge.evaluate.tasks import load_task
+
+    probe = load_task(suite.behaviour_task)
+    behaviour_state = evaluator.state(suite.behaviour)
+
+    def measure(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        model = evaluator.model_with(state)
+        rate = evaluate_model(model, [probe], split="test", batch_size=evaluator.batch_size, max_examples=evaluator.max_examples,
+                              tokenizer=evaluator.tokenizer, with_loss=False)["tasks"][probe.name]["score"]
+        tasks = evaluator.score(model, "test", task_names)
+        return {"behaviour_rate": rate, "tasks": tasks, "mean_accuracy": _mean(list(tasks.values()))}
+
+    contaminated = merge_state_dicts("task_arithmetic", [*expert_states, behaviour_state], base_state,
+                                     parameters={"lambda": 0.5}, model_parameters=[{"weight": 1.0}] * (len(expert_states) + 1))
+    rows = [{"model": "base", **measure(base_state)},
+            {"model": "behaviour expert", **measure(behaviour_state)},
+            {"model": "experts + behaviour (task arithmetic, λ=0.5)", **measure(contaminated)}]
+    for scale in (0.5, 1.0, 1.5):
+        negated = merge_state_dicts("task_arithmetic", [contaminated, behaviour_state], base_state,
+                                    model_parameters=[{"weight": 1.0}, {"weight": -scale}], seed=seed)
+        # The contaminated model's own delta is kept whole (weight 1), the behaviour vector subtracted.
+        rows.append({"model": f"… minus {scale:g} × behaviour vector", **measure(negated)})
+    return {"start": "experts + behaviour", "rows": rows}
+
+
+def _curve(chosen: dict[str, MethodResult], evaluator: _Evaluator, suite: BenchSuite, task_names: list[str],
+           expert_states: list[dict[str, torch.Tensor]], base_state: dict[str, torch.Tensor], experts: Scores,
+           seed: int, methods: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """Normalised test accuracy on the first k tasks when merging the first k experts, k = 2..N,
+    each method at the setting chosen for all N experts."""
+    from mergeforge.methods.registry import get_method
+
+    curve: dict[str, list[dict[str, Any]]] = {}
+    for name in methods:
+        if name not in chosen or chosen[name].status != "ok":
+            continue
+        method = get_method(name)
+        points = []
+        for k in range(2, len(task_names) + 1):
+            plan = plan_method(method, k)
+            if plan.skip_reason:
+                continue
+            state = _merge(plan, chosen[name].chosen, expert_states[:k], base_state, seed)
+            scores = evaluator.score_state(state, "test", task_names[:k])
+            normalised = [scores[t] / experts[t] if experts[t] > 0 else 0.0 for t in task_names[:k]]
+            points.append({"experts": k, "mean_accuracy": _mean(list(scores.values())), "normalised": _mean(normalised)})
+        curve[name] = points
+    return curve
+
+
+DEFAULT_CURVE_METHODS = ("task_arithmetic", "ties", "dare_ties", "tsv", "iso_cts", "linear")
+
+
+def run_bench(
+    suite: BenchSuite,
+    methods: Sequence[str] | None = None,
+    *,
+    max_examples: int | None = None,
+    batch_size: int = 128,
+    device: str = "cpu",
+    seed: int = 0,
+    curve_methods: Sequence[str] = DEFAULT_CURVE_METHODS,
+    negation: bool = True,
+    progress: Callable[[str], None] = print,
+) -> BenchResult:
+    """Benchmark ``methods`` (default: every registered one) on ``suite``.
+
+    Arguments:
+        max_examples: score only the first N examples of each split (faster, noisier).
+        curve_methods: methods whose accuracy is also measured against the number of experts.
+        progress: called with one line per finished step.
+    """
+    from mergeforge.methods.registry import all_methods, get_method
+
+    started = time.perf_counter()
+    task_names = list(suite.experts)
+    evaluator = _Evaluator(suite, max_examples, batch_size, device)
+    base_state = evaluator.state(suite.base)
+    expert_states = [evaluator.state(suite.experts[t]) for t in task_names]
+
+    baselines: dict[str, Scores] = {"base": evaluator.score_state(base_state, "test", task_names)}
+    experts: Scores = {}
+    for task, state in zip(task_names, expert_states, strict=True):
+        scores = evaluator.score_state(state, "test", task_names)
+        baselines[f"expert: {task}"] = scores
+        experts[task] = scores[task]
+    baselines["individual experts"] = dict(experts)
+    if suite.multitask is not None:
+        baselines["multi-task model"] = evaluator.score_state(evaluator.state(suite.multitask), "test", task_names)
+    from mergeforge.bench.ensemble import OutputEnsemble
+
+    members = [evaluator._load(suite.experts[t]) for t in task_names]
+    baselines["output ensemble"] = evaluator.score(OutputEnsemble(members).eval(), "test", task_names)
+    del members
+    progress(f"baselines done ({time.perf_counter() - started:.0f} s): individual experts mean {_mean(list(experts.values())):.3f}")
+
+    chosen_methods = [get_method(name) for name in methods] if methods else all_methods()
+    results: list[MethodResult] = []
+    for method in chosen_methods:
+        plan = plan_method(method, len(task_names))
+        if plan.skip_reason:
+            results.append(MethodResult(method.name, "skipped", plan.skip_reason))
+            progress(f"{method.name:<16} skipped: {plan.skip_reason}")
+            continue
+        results.append(_tune_and_test(plan, evaluator, expert_states, base_state, task_names, seed, progress))
+
+    by_name = {r.method: r for r in results}
+    negation_result = _negation(suite, evaluator, task_names, base_state, expert_states, seed) if negation else None
+    curve = _curve(by_name, evaluator, suite, task_names, expert_states, base_state, experts, seed, curve_methods)
+    settings = {
+        "max_examples": max_examples, "seed": seed, "device": device, "seconds": round(time.perf_counter() - started, 1),
+        "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, {platform.system()} {platform.release()}",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "base": str(suite.base), "experts": {t: str(p) for t, p in suite.experts.items()},
+    }
+    return BenchResult(task_names, baselines, experts, results, negation_result, curve, settings)
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

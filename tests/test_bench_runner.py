@@ -1,0 +1,83 @@
+"""The benchmark runner on a hand-built suite whose right answers are known.
+
+Each task's answers are what its expert generates greedily (computed here with transformers'
+own ``generate``, not with our evaluator), so every expert scores 100% on its own task by
+construction. With two identical experts, every averaging method must give that same model back,
+so its scores must equal the expert's; the output ensemble of identical members too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import build_model
+
+from mergeforge.bench.report import write_report
+from mergeforge.bench.runner import BenchSuite, run_bench
+from mergeforge.evaluate.tasks import TaskSpec, write_task
+
+PROMPTS = [f"q{a}{b}=" for a in "abcdef" for b in "xyz"]
+
+
+def greedy_answers(folder, prompts: list[str], new_tokens: int) -> list[str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+@pytest.fixture(scope="module")
+def twin_suite(tmp_path_factory) -> BenchSuite:
+    root = tmp_path_factory.mktemp("bench")
+    base = build_model("llama", root / "base", seed=0)
+    expert = build_model("llama", root / "expert-a", seed=1, base=base, noise=0.05)
+    twin = root / "expert-b"
+    shutil.copytree(expert, twin)
+    tasks = {}
+    for name, prompts in (("a", PROMPTS[:9]), ("b", PROMPTS[9:])):
+        answers = greedy_answers(expert, prompts, 3)
+        pairs = list(zip(prompts, answers, strict=True))
+        tasks[name] = root / "tasks" / name
+        write_task(tasks[name], TaskSpec(name=name, max_new_tokens=3), {"val": pairs, "test": pairs})
+    return BenchSuite(base=base, experts={"a": expert, "b": twin}, tasks=tasks)
+
+
+def test_identical_experts_come_back_from_every_averaging_method(twin_suite, tmp_path):
+    result = run_bench(twin_suite, ["linear", "task_arithmetic", "ties", "karcher"], curve_methods=["linear"], progress=lambda _: None)
+    assert result.experts == {"a": 1.0, "b": 1.0}
+    assert result.baselines["output ensemble"] == {"a": 1.0, "b": 1.0}
+    by_name = {m.method: m for m in result.methods}
+    assert by_name["linear"].test == {"a": 1.0, "b": 1.0}
+    assert by_name["karcher"].test == {"a": 1.0, "b": 1.0}
+    # Task arithmetic sums both task vectors: λ=0.5 gives the expert back and is in the grid, so the
+    # setting chosen on validation (here the same pairs as test) must score 100%.
+    assert {"params": {"lambda": 0.5}, "mean": 1.0, "scores": {"a": 1.0, "b": 1.0}} in by_name["task_arithmetic"].validation
+    assert by_name["task_arithmetic"].test == {"a": 1.0, "b": 1.0}
+    assert len(by_name["ties"].validation) == 9  # 3 λ x 3 densities
+    assert result.curve["linear"][0]["normalised"] == 1.0
+
+    paths = write_report(result, tmp_path / "out")
+    table = paths["markdown"].read_text()
+    assert "| `linear` | 100.0 | 100.0 | 100.0 | 100.0 |" in table
+    assert "*output ensemble*" in table
+    payload = json.loads(paths["json"].read_text())
+    assert {row["name"] for row in payload["ranking"]} >= {"base", "individual experts", "output ensemble", "ties"}
+    assert paths["chart"].stat().st_size > 10_000
+
+
+def test_methods_that_cannot_take_the_suite_are_reported_not_run(twin_suite):
+    result = run_bench(twin_suite, ["passthrough", "slerp"], curve_methods=[], progress=lambda _: None)
+    reasons = {m.method: (m.status, m.reason) for m in result.methods}
+    assert reasons["passthrough"][0] == "skipped"
+    assert reasons["slerp"][0] == "skipped" and "exactly 1 model(s) besides the base, not 2" in reasons["slerp"][1]
