@@ -179,11 +179,20 @@ def merge(
         )
         if dry_run:
             result.plan_lines = _describe(plan, peak, shard_bytes)
+            if plan.method.calibrate is not None:
+                from mergeforge.calibration.context import calibration_summary
+
+                result.plan_lines += calibration_summary(plan, _relative_to(recipe))
             return result
         if out_dir is None:
             raise OutputError("an output folder is required unless dry_run is set")
         out_path = Path(out_dir)
         folder_files.check_output_location(out_path, [c.folder for c in plan.checkpoints.values()], overwrite)
+        if plan.method.calibrate is not None:
+            # Data-aware methods: forward/backward passes on whole models, before the streaming merge.
+            from mergeforge.calibration.context import run_calibration
+
+            run_calibration(plan, device=device, progress=not quiet, relative_to=_relative_to(recipe))
         _write(plan, out_path, options, shard_bytes, copy_tokenizer)
         result.seconds = time.perf_counter() - started
         return result
@@ -298,11 +307,19 @@ def merge_state_dicts(
     out_dtype: str | None = None,
     device: str = "cpu",
     threads: int | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    calibration_model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with any registered method, without touching disk.
 
     Parameter values follow recipe rules (scalars, gradients, filter lists); ``parameters`` are the
     top-level ones, ``model_parameters[i]`` those of ``models[i]``.
+
+    Data-aware methods (fisher_merging, regmean, adamerging) also need ``calibration`` (the
+    recipe's ``calibration:`` field; its ``data`` may be one path or a list with one path per
+    model), ``calibration_model`` (a module of the models' architecture, e.g. a transformers
+    model; each state dict is loaded into a copy of it) and ``tokenizer`` (a tokenizer or its folder).
 
     Example:
         >>> merged = merge_state_dicts("ties", [sd_a, sd_b], base=sd_0,
@@ -326,11 +343,37 @@ def merge_state_dicts(
         recipe_dict["base_model"] = "base"
     if parameters:
         recipe_dict["parameters"] = dict(parameters)
+    if calibration is not None:
+        recipe_dict["calibration"] = _calibration_for_memory(calibration, len(models))
     plan = build_plan(load_recipe(recipe_dict), checkpoints=checkpoints, seed=seed, dtype=dtype, out_dtype=out_dtype)
+    if plan.method.calibrate is not None:
+        from mergeforge.calibration.context import run_calibration, state_dict_loader
+
+        if calibration_model is None or tokenizer is None:
+            raise RecipeError(f"merge_state_dicts: '{method}' is data-aware; pass calibration_model and tokenizer too")
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        states = {ref: checkpoint._state for ref, checkpoint in checkpoints.items()}
+        run_calibration(plan, device=device, progress=False, loader=state_dict_loader(calibration_model, states), tokenizer=tokenizer)
     writer = _MemoryWriter()
     options = EngineOptions(device=device, threads=threads or 1, progress=False, block_bytes=1 << 62)
     Engine(plan, writer, options).run()  # type: ignore[arg-type]
     return {job.output.name: writer.state[job.output.name] for job in plan.jobs}
+
+
+def _calibration_for_memory(calibration: Mapping[str, Any], count: int) -> dict[str, Any]:
+    """The ``calibration`` field for in-memory models, named ``model_0``, ``model_1``, ..."""
+    result = dict(calibration)
+    data = result.get("data")
+    if isinstance(data, (list, tuple)):
+        if len(data) != count:
+            raise RecipeError(f"merge_state_dicts: calibration data has {len(data)} entries for {count} models")
+        result["data"] = {f"model_{index}": str(path) for index, path in enumerate(data)}
+    elif isinstance(data, os.PathLike):
+        result["data"] = str(data)
+    return result
 
 
 def merge_tensors(

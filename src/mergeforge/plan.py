@@ -160,6 +160,22 @@ def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
             check(source.parameters, f"slices[{i}].sources[{j}] ({source.model}).parameters", True)
 
 
+def _check_calibration(recipe: Recipe, method: MergeMethod) -> list[str]:
+    """Data-aware methods need ``calibration:`` data; returns warnings for data nobody uses."""
+    if method.calibrate is None:
+        if recipe.calibration is not None:
+            return [f"calibration: merge_method '{method.name}' does not use calibration data; the field is ignored"]
+        return []
+    if recipe.calibration is None:
+        raise RecipeError(
+            f"calibration: merge_method '{method.name}' is data-aware and needs calibration data; add a top-level "
+            "'calibration:' field with 'data: FILE.jsonl' (or a task folder) and optionally 'samples', 'max_length', 'batch_size'"
+        )
+    if recipe.slices:
+        raise RecipeError(f"slices: merge_method '{method.name}' (data-aware) merges whole models; use 'models' instead of 'slices'")
+    return []
+
+
 class _Planner:
     def __init__(self, recipe: Recipe, method: MergeMethod, checkpoints: dict[str, Checkpoint], options: dict[str, Any]):
         self.recipe = recipe
@@ -407,6 +423,7 @@ def build_plan(
     """
     method = get_method(recipe.merge_method)
     _check_parameter_names(recipe, method)
+    calibration_warnings = _check_calibration(recipe, method)
     if recipe.tokenizer_source == "union" or (recipe.tokenizer is not None and recipe.tokenizer.source == "union"):
         raise RecipeError("tokenizer_source: 'union' (merging vocabularies) is not supported yet; use 'base' or a model")
     if recipe.tokenizer is not None:
@@ -416,6 +433,7 @@ def build_plan(
         checkpoints = open_models(recipe, relative_to)
     try:
         planner = _Planner(recipe, method, checkpoints, options)
+        planner.warnings.extend(calibration_warnings)
         output_layers = planner.plan_slices() if recipe.slices else None
         if not recipe.slices:
             planner.plan_models()

@@ -86,8 +86,25 @@ class TokenizerConfig(_Strict):
     pad_to_multiple_of: int | None = None
 
 
+class CalibrationConfig(_Strict):
+    """``calibration:``: the data that data-aware methods (fisher, regmean, adamerging) run the
+    models on before merging (see docs/data_aware.md).
+
+    ``data`` is a JSONL file (objects with ``text``, or ``prompt`` and optionally ``answer``) or a
+    task folder (``spec.json`` + ``<split>.jsonl``) used for every model, or a mapping from each
+    input model (as written under ``models``) to its own file or folder.
+    """
+
+    data: str | dict[str, str]
+    samples: int = Field(default=128, ge=1)  # examples read from each data source (file order)
+    max_length: int = Field(default=128, ge=2)  # tokens per example; longer ones keep their end
+    batch_size: int = Field(default=8, ge=1)
+    split: str = "train"  # which split of a task folder
+
+
 class Recipe(_Strict):
-    """A merge recipe, field for field compatible with mergekit's ``MergeConfiguration``."""
+    """A merge recipe, field for field compatible with mergekit's ``MergeConfiguration``,
+    plus ``calibration`` for data-aware methods."""
 
     merge_method: str
     base_model: str | None = None
@@ -101,6 +118,7 @@ class Recipe(_Strict):
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     name: str | None = None
+    calibration: CalibrationConfig | None = None
 
     @model_validator(mode="after")
     def _one_input_kind(self) -> Recipe:
@@ -142,6 +160,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             "models": list(InputModel.model_fields),
             "slices": list(OutputSlice.model_fields),
             "sources": list(SliceSource.model_fields),
+            "calibration": list(CalibrationConfig.model_fields),
         }
         candidates = [name for names in known.values() for name in names]
         close = difflib.get_close_matches(field, candidates, n=1)

@@ -15,6 +15,12 @@ A merge method is a pure function over the tensors that make one output tensor::
 A method registered with ``extra_outputs`` returns ``(tensor, {suffix: side_tensor})``; the
 engine writes the side tensors to a second checkpoint (see EMR merging).
 
+A data-aware method (Fisher merging, RegMean, AdaMerging) registers a ``calibrate`` hook. Before the
+streaming merge, the hook runs forward/backward passes on whole models over the recipe's
+calibration data (see :mod:`mergeforge.calibration`) and returns per-tensor statistics; the planner
+stores each tensor's statistics in its job's parameters under ``statistics``, and the method
+function receives them as the keyword argument ``statistics`` (``None`` for a tensor without any).
+
 The registration's :class:`Param` schema drives validation, defaults, ``mergeforge methods``
 and the docs, so they cannot disagree. Third-party packages register methods through the
 ``mergeforge.methods`` entry point group (each entry point names a module, imported once) or by
@@ -42,6 +48,8 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
+# The job parameter (and keyword argument) that carries a data-aware method's per-tensor statistics.
+STATISTICS = "statistics"
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,7 @@ class MergeMethod:
     aliases: tuple[str, ...] = ()
     plugin: str | None = None
     notes: str = ""
+    calibrate: Callable[..., dict[str, Any]] | None = None  # data-aware methods: (context) -> {tensor: statistics}
     _by_name: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -165,7 +174,9 @@ class MergeMethod:
         generator: torch.Generator | None = None,
     ) -> Any:
         """Call the method with parameters keyed by their recipe names (already validated)."""
-        kwargs = {self._by_name[name].arg: value for name, value in params.items()}
+        kwargs = {self._by_name[name].arg: value for name, value in params.items() if name != STATISTICS}
+        if self.calibrate is not None:
+            kwargs[STATISTICS] = params.get(STATISTICS)
         if self.random:
             kwargs["generator"] = generator
         return self.fn(list(tensors), base, **kwargs)
@@ -190,6 +201,7 @@ def register_method(
     extra_outputs: Callable[..., Any] | None = None,
     aliases: Iterable[str] = (),
     notes: str = "",
+    calibrate: Callable[..., dict[str, Any]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers ``fn`` as merge method ``name``.
 
@@ -205,6 +217,8 @@ def register_method(
             large tensor into row blocks to bound memory.
         extra_outputs: ``(shape, n_models) -> {suffix: (shape, dtype)}`` for side tensors.
         notes: when to prefer it, and how it treats non-matrix tensors.
+        calibrate: for data-aware methods, ``(CalibrationContext) -> {tensor name: statistics}``,
+            run once on whole models before the merge (see :mod:`mergeforge.calibration`).
 
     Example:
         >>> @register_method("mean", math="mean of the inputs", reference="-")
@@ -228,6 +242,7 @@ def register_method(
             aliases=tuple(aliases),
             plugin=None if fn.__module__.startswith("mergeforge.") else fn.__module__,
             notes=notes,
+            calibrate=calibrate,
         )
         _REGISTRY[name] = method
         for alias in method.aliases:

@@ -1,0 +1,60 @@
+"""Gram matrices of the inputs of every linear layer, for RegMean.
+
+RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models",
+ICLR 2023, arXiv:2212.09849) merges each linear layer from the Gram matrix G = XᵀX of the inputs
+X (one row per token) that the layer sees on calibration data. Forward hooks on every
+``torch.nn.Linear`` collect them; padding positions are left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergeforge.calibration.data import Batch
+
+
+def linear_input_grams(
+    model: torch.nn.Module, batches: Sequence[Batch], progress: object | None = None
+) -> dict[str, torch.Tensor]:
+    """``{"<linear module>.weight": Σ_tokens x xᵀ}`` (float64, on the CPU) for every ``nn.Linear``.
+
+    The sum runs over every non-padding token of every batch (RegMean's XᵀX, unnormalised).
+    ``progress`` is an optional tqdm bar advanced once per batch.
+    """
+    grams: dict[str, torch.Tensor] = {}
+    current_mask: list[torch.Tensor] = []  # the token mask of the batch being run, for the hooks
+
+    def hook_for(name: str):
+        def record_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            inputs = args[0].detach()
+            rows = inputs.reshape(-1, inputs.shape[-1])
+            mask = current_mask[0].reshape(-1)
+            if mask.numel() == rows.shape[0]:
+                rows = rows[mask]
+            rows = rows.double()
+            gram = rows.T @ rows
+            if name in grams:
+                grams[name].add_(gram)
+            else:
+                grams[name] = gram
+
+        return record_input
+
+    handles = [
+        module.register_forward_pre_hook(hook_for(f"{name}.weight"))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current_mask[:] = [batch.attention_mask.bool()]
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                if progress is not None:
+                    progress.update(1)  # type: ignore[attr-defined]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: gram.cpu() for name, gram in grams.items()}
