@@ -1,0 +1,86 @@
+"""Measuring one whole process (wall time and peak RSS) and the machine's I/O floor.
+
+Peak RSS comes from ``wait4``'s resource usage of the child (the kernel's high-water mark of its
+resident set), so the process measured is exactly the command a user runs, without a profiler.
+The I/O floor is the time to read every input byte a merge reads (``read`` into one reused
+buffer, as ``cat`` does) and write and ``fsync`` the bytes it writes, in the same state of the
+page cache as the merges around it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 16 * 1024**2
+
+
+@dataclass
+class ProcessRun:
+    seconds: float
+    peak_rss: int  # bytes
+    returncode: int
+    output: str
+
+
+def run_process(command: list[str], env: dict[str, str] | None = None) -> ProcessRun:
+    """Run ``command`` to completion; wall time and peak resident set size of the child."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert process.stdout is not None
+    output = process.stdout.read()  # drained while it runs, so a chatty tool never blocks
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return ProcessRun(seconds, usage.ru_maxrss * 1024, process.returncode, output.decode(errors="replace"))
+
+
+def read_files(paths: list[Path]) -> int:
+    """Read every byte of ``paths``; returns the byte count."""
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    total = 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while True:
+                count = handle.readinto(view)
+                if not count:
+                    break
+                total += count
+    return total
+
+
+def write_bytes(path: Path, count: int) -> None:
+    """Write ``count`` bytes to ``path`` and fsync (the merge writers sync too)."""
+    block = os.urandom(min(CHUNK, max(count, 1)))
+    with open(path, "wb", buffering=0) as handle:
+        left = count
+        while left > 0:
+            left -= handle.write(block[: min(left, len(block))])
+        os.fsync(handle.fileno())
+
+
+def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
+    """Seconds to read ``inputs`` and write ``out_bytes`` (the least any merge can take)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    target = scratch / "floor.bin"
+    started = time.perf_counter()
+    read_files(inputs)
+    write_bytes(target, out_bytes)
+    seconds = time.perf_counter() - started
+    target.unlink()
+    return seconds
+
+
+def clear_folder(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
