@@ -1,0 +1,124 @@
+"""Fast singular-value building blocks shared by the spectral methods (TSV-M, Iso-C, Iso-CTS).
+
+The methods are written in terms of the SVD, but a full ``torch.linalg.svd`` of a 4096 x 14336
+matrix takes about a minute on two CPU cores, and the methods need several per tensor. Two cheaper
+routes give the same quantities:
+
+- **Top-k singular triplets** (TSV-M's per-task low-rank factors, Iso-CTS's task-specific
+  directions) come from a randomized range finder with power iterations (Halko, Martinsson &
+  Tropp 2011, "Finding structure with randomness", arXiv:0909.4061, Alg. 4.4). Its sketch is
+  drawn from a generator with a fixed seed, so results are deterministic and do not depend on the
+  order of the inputs.
+- **All singular triplets** (Iso-C's flattened spectrum, Iso-CTS's common subspace) and the
+  **orthogonal polar factor** (the whitening step of TSV-M and Iso-CTS) come from an eigen-
+  decomposition of the Gram matrix on the short side, which is exact in exact arithmetic and costs
+  one matrix product plus a symmetric eigensolve of the short side.
+
+Matrices whose short side is at most :data:`EXACT_MAX_SIDE` always use ``torch.linalg.svd``
+(fast at that size), as does every matrix when a method is asked for ``exact_svd``.
+docs/methods.md reports the measured time and error of each route.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# At or below this short side an exact SVD takes well under a second on two cores.
+EXACT_MAX_SIDE = 1024
+# Extra sketch columns and power iterations of the randomized range finder (Halko et al. 2011).
+OVERSAMPLE = 16
+POWER_ITERATIONS = 2
+# The sketch seed: fixed, so one input always gives one output.
+SKETCH_SEED = 0x5EED
+# Eigenvalues of a Gram matrix below GRAM_FLOOR·eps·λ_max are treated as that floor.
+GRAM_FLOOR = 10.0
+
+
+def use_exact(matrix: torch.Tensor, exact: bool) -> bool:
+    return exact or min(matrix.shape) <= EXACT_MAX_SIDE
+
+
+def _sketch_generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(SKETCH_SEED)
+
+
+def randomized_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``rank`` singular triplets ``(U, S, Vh)`` of ``matrix`` by a randomized range
+    finder with :data:`POWER_ITERATIONS` power iterations, re-orthonormalised at every step."""
+    rows, cols = matrix.shape
+    width = min(rank + OVERSAMPLE, rows, cols)
+    sketch = torch.randn(cols, width, generator=_sketch_generator(matrix.device), dtype=matrix.dtype, device=matrix.device)
+    basis = torch.linalg.qr(matrix @ sketch).Q
+    for _ in range(POWER_ITERATIONS):
+        # Alternating QR keeps the small singular values from underflowing (Halko et al. Alg. 4.4).
+        basis_right = torch.linalg.qr(matrix.mT @ basis).Q
+        basis = torch.linalg.qr(matrix @ basis_right).Q
+    small_u, singular_values, vh = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)
+    return (basis @ small_u)[:, :rank], singular_values[:rank], vh[:rank]
+
+
+def top_singular_triplets(matrix: torch.Tensor, rank: int, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U[:, :rank], S[:rank], Vh[:rank])`` of ``matrix``: exact SVD for small matrices or when
+    asked, else :func:`randomized_svd` (when ``rank`` is a small part of the short side) or the
+    Gram route (when it is not, where sketching saves nothing)."""
+    short_side = min(matrix.shape)
+    rank = min(rank, short_side)
+    if use_exact(matrix, exact):
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    if rank + OVERSAMPLE <= short_side // 2:
+        return randomized_svd(matrix, rank)
+    u, s, vh = gram_svd(matrix)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def inverse_root(eigenvalues: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """λ^(-1/2) for the eigenvalues of a Gram matrix, with λ floored at GRAM_FLOOR·λ_max.
+
+    A float32 Gram matrix knows its eigenvalues only to about eps·λ_max, so directions whose
+    singular value is below about 1e-3 of the largest are noise; the floor makes them fade out
+    smoothly instead of being amplified (or, for exact zeros, divided by zero).
+    """
+    largest = eigenvalues.max().clamp_min(torch.finfo(dtype).tiny)
+    return eigenvalues.clamp_min(largest * GRAM_FLOOR * torch.finfo(dtype).eps).rsqrt()
+
+
+def gram_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD ``(U, S, Vh)`` of ``matrix`` through the eigendecomposition of its Gram matrix
+    on the short side, singular values in descending order. Directions whose singular value is
+    below float32's resolution of the Gram matrix are damped (see :func:`inverse_root`)."""
+    transpose = matrix.shape[0] > matrix.shape[1]
+    wide = matrix.mT if transpose else matrix  # rows <= cols
+    # float32 throughout: float64 products and eigensolves cost 5-10x more on CPU; the error this
+    # leaves is measured in docs/methods.md.
+    eigenvalues, eigenvectors = torch.linalg.eigh(wide @ wide.mT)
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    singular_values = eigenvalues.clamp_min(0).sqrt()
+    left = eigenvectors
+    right_h = (inverse_root(eigenvalues, matrix.dtype)[:, None] * left.mT) @ wide
+    if transpose:
+        return right_h.mT, singular_values, left.mT
+    return left, singular_values, right_h
+
+
+def svd(matrix: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of ``matrix``: ``torch.linalg.svd`` when small or asked, else :func:`gram_svd`."""
+    if use_exact(matrix, exact):
+        return torch.linalg.svd(matrix, full_matrices=False)
+    return gram_svd(matrix)
+
+
+def orthogonal_polar_factor(matrix: torch.Tensor, exact: bool) -> torch.Tensor:
+    """The matrix with orthonormal columns (or rows, if wide) nearest to ``matrix`` in Frobenius
+    norm: ``P Qᵀ`` for ``matrix = P Σ Qᵀ`` (orthogonal Procrustes). This is the whitening step
+    of TSV-M and Iso-CTS."""
+    if use_exact(matrix, exact):
+        p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+        return p @ qh
+    transpose = matrix.shape[0] < matrix.shape[1]
+    tall = matrix.mT if transpose else matrix  # rows >= cols
+    # tall (tallᵀ tall)^(-1/2), from the eigendecomposition of the small side's Gram matrix.
+    eigenvalues, eigenvectors = torch.linalg.eigh(tall.mT @ tall)
+    whitening = (eigenvectors * inverse_root(eigenvalues, matrix.dtype)) @ eigenvectors.mT
+    polar = tall @ whitening
+    return polar.mT if transpose else polar

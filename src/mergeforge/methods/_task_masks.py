@@ -1,0 +1,47 @@
+"""Per-task masks stored beside a merged checkpoint (EMR merging, TALL masks).
+
+A method that keeps one binary mask and one scale per task returns them as side tensors
+``<tensor>::task_masks`` (the masks packed eight to a byte, one row per task, in recipe order)
+and ``<tensor>::task_scales`` (float32, one per task). ``mergeforge emr materialize`` rebuilds a
+task's model from the merged checkpoint, the base and these two tensors:
+θ_task = θ_base + scale_task · mask_task ⊙ (θ_merged − θ_base).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASKS = "task_masks"
+SCALES = "task_scales"
+_BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def packed_length(numel: int) -> int:
+    return (numel + 7) // 8
+
+
+def side_shapes(shape: tuple[int, ...], n_models: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The ``extra_outputs`` of a per-task-mask method for a tensor of ``shape``."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    return {MASKS: ((n_models, packed_length(numel)), torch.uint8), SCALES: ((n_models,), torch.float32)}
+
+
+def pack(masks: torch.Tensor) -> torch.Tensor:
+    """Bool ``(tasks, *shape)`` -> uint8 ``(tasks, ceil(numel / 8))``, bit j of byte i = entry 8i + j."""
+    flat = masks.reshape(masks.shape[0], -1)
+    padding = packed_length(flat.shape[1]) * 8 - flat.shape[1]
+    if padding:
+        flat = torch.cat([flat, flat.new_zeros(flat.shape[0], padding)], dim=1)
+    bits = flat.reshape(flat.shape[0], -1, 8).to(torch.uint8) * _BIT_VALUES.to(flat.device)
+    return bits.sum(dim=2, dtype=torch.uint8)
+
+
+def unpack(packed_row: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """One task's packed mask back to a bool tensor of ``shape``."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    bits = packed_row.reshape(-1, 1).bitwise_and(_BIT_VALUES.to(packed_row.device)) != 0
+    return bits.reshape(-1)[:numel].reshape(shape)
