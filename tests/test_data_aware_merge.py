@@ -1,0 +1,195 @@
+"""Data-aware methods end to end: YAML recipes with a ``calibration:`` field through the real CLI,
+the in-memory API, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import load_state, run_cli, tiny_config
+
+from mergeforge import api
+from mergeforge.calibration.data import CalibrationError
+from mergeforge.errors import RecipeError
+
+WORDS = ["abc", "merge", "forge", "tiny", "model", "data", "hello", "zoo"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    # Tiny models: extra intra-op threads only add synchronisation (also for CLI subprocesses).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def calibration_files(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "shared": write_jsonl(tmp_path / "calib.jsonl", [{"prompt": f"rev:{w}=", "answer": w[::-1]} for w in WORDS]),
+        "ft1": write_jsonl(tmp_path / "ft1.jsonl", [{"prompt": f"rev:{w}=", "answer": w[::-1]} for w in WORDS[:4]]),
+        "ft2": write_jsonl(tmp_path / "ft2.jsonl", [{"text": f"sorted {''.join(sorted(w))}"} for w in WORDS[4:]]),
+    }
+
+
+def recipe_for(method: str, family: dict[str, Path], files: dict[str, Path]) -> dict:
+    models = [family["ft1"], family["ft2"]]
+    recipe: dict = {"merge_method": method, "models": [{"model": str(m)} for m in models], "dtype": "float32"}
+    if method == "adamerging":
+        recipe["base_model"] = str(family["base"])
+        recipe["parameters"] = {"steps": 8, "lr": 0.02}
+        recipe["calibration"] = {"data": str(files["shared"]), "batch_size": 4}
+    else:  # each model's own data
+        recipe["calibration"] = {"data": {str(models[0]): str(files["ft1"]), str(models[1]): str(files["ft2"])}, "batch_size": 2}
+    return recipe
+
+
+def mean_of(states: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
+    return torch.stack([state[name] for state in states]).mean(0)
+
+
+# One method through the real CLI (a subprocess costs seconds of imports); the others through the
+# API with the same YAML file, which is the path the CLI calls.
+@pytest.mark.parametrize(("method", "via_cli"), [("fisher_merging", False), ("regmean", True), ("adamerging", False)])
+def test_yaml_merge_with_a_calibration_jsonl_gives_a_folder_transformers_loads(
+    method: str, via_cli: bool, llama_family: dict[str, Path], calibration_files: dict[str, Path], tmp_path: Path
+):
+    from transformers import AutoModelForCausalLM
+
+    recipe_path = tmp_path / "recipe.yml"
+    recipe_path.write_text(yaml.safe_dump(recipe_for(method, llama_family, calibration_files)), encoding="utf-8")
+    out = tmp_path / "merged"
+    if via_cli:
+        result = run_cli("merge", recipe_path, out, "--quiet")
+        assert result.returncode == 0, result.stderr
+    else:
+        api.merge(recipe_path, out, quiet=True)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "calibration" in yaml.safe_load((out / "mergeforge_config.yml").read_text(encoding="utf-8"))
+
+    merged = load_state(out)
+    inputs = [load_state(llama_family["ft1"]), load_state(llama_family["ft2"])]
+    linear, norm = "model.layers.1.mlp.down_proj.weight", "model.layers.1.input_layernorm.weight"
+    if method == "regmean":
+        assert not torch.allclose(merged[linear], mean_of(inputs, linear), atol=1e-4)
+        torch.testing.assert_close(merged[norm], mean_of(inputs, norm))  # not a linear layer: averaged
+    elif method == "fisher_merging":
+        for name in (linear, norm):
+            assert not torch.allclose(merged[name], mean_of(inputs, name), atol=1e-5)
+            low = torch.minimum(inputs[0][name], inputs[1][name])
+            high = torch.maximum(inputs[0][name], inputs[1][name])
+            assert bool(((merged[name] >= low - 1e-6) & (merged[name] <= high + 1e-6)).all())  # a convex combination
+    else:
+        base = load_state(llama_family["base"])
+        task_vectors = torch.stack([(state[linear] - base[linear]).flatten() for state in inputs], dim=1)
+        solution = torch.linalg.lstsq(task_vectors, (merged[linear] - base[linear]).flatten().unsqueeze(1)).solution
+        lambdas = solution.flatten()
+        residual = task_vectors @ solution - (merged[linear] - base[linear]).flatten().unsqueeze(1)
+        assert float(residual.abs().max()) < 1e-5  # θ₀ + Σ λₖ τₖ exactly
+        assert bool(((lambdas >= -1e-4) & (lambdas <= 1 + 1e-4)).all())
+        assert not torch.allclose(lambdas, torch.full_like(lambdas, 0.3), atol=1e-3)  # learned, not the start
+
+
+@pytest.mark.parametrize("method", ["fisher_merging", "regmean", "adamerging"])
+def test_merge_state_dicts_gives_the_same_tensors_as_the_disk_merge(
+    method: str, llama_family: dict[str, Path], calibration_files: dict[str, Path], tmp_path: Path
+):
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipe_for(method, llama_family, calibration_files)
+    api.merge(recipe, tmp_path / "disk", quiet=True)
+    on_disk = load_state(tmp_path / "disk")
+    states = [load_state(llama_family["ft1"]), load_state(llama_family["ft2"])]
+    data = recipe["calibration"]["data"]
+    template = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    in_memory = api.merge_state_dicts(
+        method,
+        states,
+        base=load_state(llama_family["base"]) if method == "adamerging" else None,
+        parameters=recipe.get("parameters"),
+        calibration={**recipe["calibration"], "data": list(data.values()) if isinstance(data, dict) else data},
+        calibration_model=template,
+        tokenizer=llama_family["base"],
+    )
+    assert set(in_memory) == set(on_disk)
+    for name, tensor in on_disk.items():
+        torch.testing.assert_close(in_memory[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_data_aware_method_without_calibration_is_a_one_line_recipe_error(llama_family: dict[str, Path], tmp_path: Path):
+    recipe = {"merge_method": "regmean", "models": [{"model": str(llama_family["ft1"])}, {"model": str(llama_family["ft2"])}]}
+    with pytest.raises(RecipeError, match="calibration: merge_method 'regmean' is data-aware and needs calibration data"):
+        api.merge(recipe, tmp_path / "out", quiet=True)
+    recipe_path = tmp_path / "recipe.yml"
+    recipe_path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    result = run_cli("merge", recipe_path, tmp_path / "out")
+    assert result.returncode == 2
+    assert "'calibration:'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_malformed_calibration_files_name_the_file_and_line(
+    llama_family: dict[str, Path], calibration_files: dict[str, Path], tmp_path: Path
+):
+    recipe = recipe_for("fisher_merging", llama_family, calibration_files)
+    recipe["calibration"]["data"] = str(tmp_path / "nowhere.jsonl")
+    with pytest.raises(CalibrationError, match="nowhere.jsonl' not found"):
+        api.merge(recipe, tmp_path / "out", quiet=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "unterminated\n', encoding="utf-8")
+    recipe["calibration"]["data"] = str(bad)
+    recipe_path = tmp_path / "recipe.yml"
+    recipe_path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    result = run_cli("merge", recipe_path, tmp_path / "out")
+    assert result.returncode == 2
+    assert f"{bad}:2: not valid JSON" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_schema_errors(llama_family: dict[str, Path], calibration_files: dict[str, Path], tmp_path: Path):
+    recipe = recipe_for("regmean", llama_family, calibration_files)
+    recipe["calibration"]["sample"] = 4
+    with pytest.raises(RecipeError, match="unknown field 'calibration.sample'; did you mean 'samples'"):
+        api.plan_merge(recipe)
+    recipe = recipe_for("regmean", llama_family, calibration_files)
+    recipe["calibration"]["data"] = {str(llama_family["ft1"]): str(calibration_files["ft1"])}
+    with pytest.raises(RecipeError, match="no data for input model"):
+        api.merge(recipe, tmp_path / "out", quiet=True)
+    recipe = recipe_for("regmean", llama_family, calibration_files)
+    del recipe["models"]
+    recipe["slices"] = [{"sources": [{"model": str(llama_family[m]), "layer_range": [0, 4]} for m in ("ft1", "ft2")]}]
+    with pytest.raises(RecipeError, match="use 'models' instead of 'slices'"):
+        api.plan_merge(recipe)
+
+
+def test_calibration_for_a_method_that_does_not_use_it_is_warned_about(llama_family: dict[str, Path], calibration_files: dict[str, Path]):
+    recipe = recipe_for("regmean", llama_family, calibration_files)
+    recipe["merge_method"] = "linear"
+    recipe["parameters"] = {"weight": 1.0}
+    plan = api.plan_merge(recipe)
+    try:
+        assert any("does not use calibration data" in warning for warning in plan.warnings)
+    finally:
+        plan.close()
+
+
+def test_dry_run_reports_the_calibration_and_its_whole_model_memory(
+    llama_family: dict[str, Path], calibration_files: dict[str, Path], tmp_path: Path
+):
+    recipe_path = tmp_path / "recipe.yml"
+    recipe_path.write_text(yaml.safe_dump(recipe_for("adamerging", llama_family, calibration_files)), encoding="utf-8")
+    result = run_cli("merge", recipe_path, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "calibration: 'adamerging' runs 3 whole model(s)" in result.stdout
+    assert "not streamed" in result.stdout
