@@ -11,8 +11,8 @@ starting from the task-arithmetic sum Σᵢ τᵢ and running Adam (lr 1e-5, 300
 and the model is θ_base + τ (no scaling coefficient). Tensors that are not matrices get the mean
 task vector, as in the paper's implementation.
 
-The gradient is 2(τA − B) with A = Σᵢ τᵢᵀτᵢ / ‖τᵢ‖² and B = Σᵢ τᵢτᵢᵀτᵢ / ‖τᵢ‖², both computed
-once, so each Adam step costs one matrix product instead of a forward and backward pass per task.
+The gradient 2 Σᵢ (τ − τᵢ)τᵢᵀτᵢ / ‖τᵢ‖² is computed directly (no autograd), so each Adam step
+costs two matrix products per task instead of a forward and a backward pass.
 """
 
 from __future__ import annotations
@@ -24,36 +24,33 @@ from mergeforge.methods.tsv import mean_task_vector
 
 
 class InterferenceGradient:
-    """∇L(τ) = 2 Σᵢ wᵢ (τ − τᵢ) τᵢᵀ τᵢ with wᵢ = 1/‖τᵢ‖², in whichever association is cheaper."""
+    """∇L(τ) = 2 Σᵢ wᵢ (τ − τᵢ) τᵢᵀ τᵢ with wᵢ = 1/‖τᵢ‖².
+
+    The difference τ − τᵢ is formed first, as the paper's loss does: expanding the sum into
+    τA − B cancels catastrophically near the optimum, and Adam turns that rounding noise into full
+    learning-rate steps. Each task's product is associated the cheaper way: with the cached
+    cols x cols Gram matrix τᵢᵀτᵢ when the matrix is tall enough for it to be small.
+    """
 
     def __init__(self, task_vectors: list[torch.Tensor]):
         self.task_vectors = [t for t in task_vectors if bool(t.any())]  # a zero task vector has no inputs
-        self.weights = [1.0 / float(t.square().sum()) for t in self.task_vectors]
+        self.weights = [2.0 / float(t.square().sum()) for t in self.task_vectors]
         rows, cols = task_vectors[0].shape
-        # τA costs rows·cols² per step; Σᵢ (τ τᵢᵀ) τᵢ costs 2·N·rows²·cols.
-        self.use_gram = cols <= 2 * len(self.task_vectors) * rows
-        self.target = torch.zeros_like(task_vectors[0])  # B
-        self.gram = torch.zeros(cols, cols, dtype=task_vectors[0].dtype, device=task_vectors[0].device) if self.use_gram else None
-        for task_vector, weight in zip(self.task_vectors, self.weights):
-            if rows <= cols:
-                self.target.add_((task_vector @ task_vector.mT) @ task_vector, alpha=weight)
-            else:
-                self.target.add_(task_vector @ (task_vector.mT @ task_vector), alpha=weight)
-            if self.gram is not None:
-                self.gram.add_(task_vector.mT @ task_vector, alpha=weight)
+        # (τ − τᵢ)·Gᵢ costs rows·cols² per step; ((τ − τᵢ)τᵢᵀ)τᵢ costs 2·rows²·cols.
+        use_gram = cols < 2 * rows
+        self.grams = [t.mT @ t if use_gram else None for t in self.task_vectors]
 
     @property
     def empty(self) -> bool:
         return not self.task_vectors
 
     def __call__(self, merged: torch.Tensor) -> torch.Tensor:
-        if self.gram is not None:
-            product = merged @ self.gram
-        else:
-            product = torch.zeros_like(merged)
-            for task_vector, weight in zip(self.task_vectors, self.weights):
-                product.add_((merged @ task_vector.mT) @ task_vector, alpha=weight)
-        return product.sub_(self.target).mul_(2)
+        gradient = torch.zeros_like(merged)
+        for task_vector, weight, gram in zip(self.task_vectors, self.weights, self.grams):
+            difference = merged - task_vector
+            product = difference @ gram if gram is not None else (difference @ task_vector.mT) @ task_vector
+            gradient.add_(product, alpha=weight)
+        return gradient
 
 
 def wudi_matrix(task_vectors: list[torch.Tensor], iterations: int, lr: float) -> torch.Tensor:
@@ -83,8 +80,8 @@ def wudi_matrix(task_vectors: list[torch.Tensor], iterations: int, lr: float) ->
     reference="Cheng et al. 2025, Whoever Started the Interference Should End It (WUDI-merging, ICML 2025, arXiv:2503.08099)",
     aliases=("wudi_merging",),
     notes=(
-        "Non-matrix tensors: mean task vector. Each step costs one product of the matrix with a cols x cols "
-        "matrix: cheap on a GPU (--device cuda), slow for 7B-scale matrices on a CPU (see docs/methods.md)."
+        "Non-matrix tensors: mean task vector. Each step costs matrix products per task: cheap on a GPU "
+        "(--device cuda), slow for 7B-scale matrices on a CPU (see docs/methods.md)."
     ),
 )
 def wudi(tensors: list[torch.Tensor], base: torch.Tensor, *, iterations: int, lr: float) -> torch.Tensor:
