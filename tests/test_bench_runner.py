@@ -49,17 +49,19 @@ def twin_suite(tmp_path_factory) -> BenchSuite:
         answers = greedy_answers(expert, prompts, 3)
         pairs = list(zip(prompts, answers, strict=True))
         tasks[name] = root / "tasks" / name
-        write_task(tasks[name], TaskSpec(name=name, max_new_tokens=3), {"val": pairs, "test": pairs})
+        write_task(tasks[name], TaskSpec(name=name, max_new_tokens=3), {"train": pairs, "val": pairs, "test": pairs})
     return BenchSuite(base=base, experts={"a": expert, "b": twin}, tasks=tasks)
 
 
 def test_identical_experts_come_back_from_every_averaging_method(twin_suite, tmp_path):
-    result = run_bench(twin_suite, ["linear", "task_arithmetic", "ties", "karcher"], curve_methods=["linear"], progress=lambda _: None)
+    result = run_bench(twin_suite, ["linear", "task_arithmetic", "ties", "karcher", "fisher_merging"], curve_methods=["linear"], progress=lambda _: None)
     assert result.experts == {"a": 1.0, "b": 1.0}
     assert result.baselines["output ensemble"] == {"a": 1.0, "b": 1.0}
     by_name = {m.method: m for m in result.methods}
     assert by_name["linear"].test == {"a": 1.0, "b": 1.0}
     assert by_name["karcher"].test == {"a": 1.0, "b": 1.0}
+    # Data-aware: the Fisher-weighted mean of identical models is that model, whatever the Fishers.
+    assert by_name["fisher_merging"].test == {"a": 1.0, "b": 1.0}
     # Task arithmetic sums both task vectors: λ=0.5 gives the expert back and is in the grid, so the
     # setting chosen on validation (here the same pairs as test) must score 100%.
     assert {"params": {"lambda": 0.5}, "mean": 1.0, "scores": {"a": 1.0, "b": 1.0}} in by_name["task_arithmetic"].validation

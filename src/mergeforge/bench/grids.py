@@ -28,10 +28,26 @@ SPECIFIC_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "ramplus_tl": {"r": (0.1, 0.5), "alpha": (0.2, 1.0)},
     "karcher": {},
     "multislerp": {},
+    # Spectral methods rescale the merged matrix themselves; their λ sits near 1 (TSV-M uses 1.0,
+    # Iso-C/CTS tune α on validation between 0.5 and 2).
+    "tsv": {"lambda": (0.5, 1.0, 1.5)},
+    "iso_c": {"lambda": (0.5, 1.0, 1.5, 2.0)},
+    "iso_cts": {"lambda": (0.5, 1.0, 1.5, 2.0)},
+    "magmax": {"lambda": (0.3, 0.5, 1.0)},
+    "consensus": {"lambda": (0.3, 0.5, 0.8), "tall_lambda": (0.2, 0.4, 0.6)},
+    "pcb": {"density": (0.1, 0.2, 0.5), "lambda": LAMBDA_MEAN},
+    "wudi": {},
+    "fisher_merging": {},
+    "regmean": {"alpha": (0.5, 0.9)},
+    "adamerging": {"layer_wise": (False, True)},
 }
 
-# Methods that make no sense in a multi-task benchmark of N experts (they stack or copy layers).
-NOT_BENCHMARKED = {"passthrough": "stacks layer ranges; not a multi-task merge"}
+# Methods that do not produce one multi-task model from N experts.
+NOT_BENCHMARKED = {
+    "passthrough": "stacks layer ranges; not a multi-task merge",
+    "emr": "one model per task (needs the task id at inference); see `mergeforge emr materialize`",
+    "tall_mask": "one model per task (needs the task id at inference); its merged output is task arithmetic",
+}
 
 
 @dataclass
@@ -40,6 +56,7 @@ class MethodPlan:
 
     method: str
     uses_base: bool = True
+    data_aware: bool = False  # runs the method's calibration stage on each expert's training prompts
     fixed: dict[str, Any] = field(default_factory=dict)
     model_fixed: dict[str, Any] = field(default_factory=dict)
     grid: list[dict[str, Any]] = field(default_factory=lambda: [{}])
@@ -52,9 +69,7 @@ def plan_method(method: MergeMethod, n_experts: int) -> MethodPlan:
     if method.name in NOT_BENCHMARKED:
         plan.skip_reason = NOT_BENCHMARKED[method.name]
         return plan
-    if getattr(method, "calibrate", None) is not None:
-        plan.skip_reason = "data-aware: run through the calibration path"
-        return plan
+    plan.data_aware = method.calibrate is not None
     if n_experts < method.min_models or (method.max_models is not None and n_experts > method.max_models):
         if method.max_models == method.min_models:
             accepted = f"exactly {method.min_models}"

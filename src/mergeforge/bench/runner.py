@@ -124,18 +124,33 @@ def _threads_for(model: torch.nn.Module) -> Iterator[None]:
 SMALL_MODEL_PARAMS = 50_000_000
 
 
-def _merge(plan: MethodPlan, params: dict[str, Any], experts: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor],
-           seed: int) -> dict[str, torch.Tensor]:
-    from mergeforge.api import merge_state_dicts
+class _Merger:
+    """Merges the first k experts in memory with one method setting (data-aware methods calibrate
+    on each expert's own training prompts, as Fisher merging and RegMean do)."""
 
-    return merge_state_dicts(
-        plan.method, experts, base if plan.uses_base else None, parameters=params,
-        model_parameters=[dict(plan.model_fixed)] * len(experts), seed=seed, threads=2,
-    )
+    CALIBRATION_SAMPLES = 64
+
+    def __init__(self, evaluator: _Evaluator, suite: BenchSuite, base_state: dict[str, torch.Tensor],
+                 expert_states: list[dict[str, torch.Tensor]], seed: int):
+        self.evaluator, self.base_state, self.expert_states, self.seed = evaluator, base_state, expert_states, seed
+        self.task_dirs = [str(suite.tasks[task]) for task in suite.experts]
+
+    def __call__(self, plan: MethodPlan, params: dict[str, Any], k: int | None = None) -> dict[str, torch.Tensor]:
+        from mergeforge.api import merge_state_dicts
+
+        k = k or len(self.expert_states)
+        extra: dict[str, Any] = {}
+        if plan.data_aware:
+            extra = {"calibration": {"data": self.task_dirs[:k], "split": "train", "samples": self.CALIBRATION_SAMPLES},
+                     "calibration_model": self.evaluator.skeleton, "tokenizer": self.evaluator.tokenizer}
+        with _threads_for(self.evaluator.skeleton) if plan.data_aware else contextlib.nullcontext():
+            return merge_state_dicts(
+                plan.method, self.expert_states[:k], self.base_state if plan.uses_base else None, parameters=params,
+                model_parameters=[dict(plan.model_fixed)] * k, seed=self.seed, threads=2, **extra,
+            )
 
 
-def _tune_and_test(plan: MethodPlan, evaluator: _Evaluator, expert_states: list[dict[str, torch.Tensor]],
-                   base_state: dict[str, torch.Tensor], task_names: list[str], seed: int,
+def _tune_and_test(plan: MethodPlan, evaluator: _Evaluator, merger: _Merger, task_names: list[str],
                    progress: Callable[[str], None]) -> MethodResult:
     from mergeforge.errors import MergeforgeError
 
@@ -146,7 +161,7 @@ def _tune_and_test(plan: MethodPlan, evaluator: _Evaluator, expert_states: list[
     for params in plan.grid:
         try:
             merge_started = time.perf_counter()
-            state = _merge(plan, params, expert_states, base_state, seed)
+            state = merger(plan, params)
             result.merge_seconds += time.perf_counter() - merge_started
             merges += 1
         except MergeforgeError as exc:
@@ -205,9 +220,8 @@ def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], b
     return {"start": "experts + behaviour", "rows": rows}
 
 
-def _curve(chosen: dict[str, MethodResult], evaluator: _Evaluator, suite: BenchSuite, task_names: list[str],
-           expert_states: list[dict[str, torch.Tensor]], base_state: dict[str, torch.Tensor], experts: Scores,
-           seed: int, methods: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+def _curve(chosen: dict[str, MethodResult], evaluator: _Evaluator, merger: _Merger, task_names: list[str], experts: Scores,
+           methods: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """Normalised test accuracy on the first k tasks when merging the first k experts, k = 2..N,
     each method at the setting chosen for all N experts."""
     from mergeforge.methods.registry import get_method
@@ -222,7 +236,7 @@ def _curve(chosen: dict[str, MethodResult], evaluator: _Evaluator, suite: BenchS
             plan = plan_method(method, k)
             if plan.skip_reason:
                 continue
-            state = _merge(plan, chosen[name].chosen, expert_states[:k], base_state, seed)
+            state = merger(plan, chosen[name].chosen, k)
             scores = evaluator.score_state(state, "test", task_names[:k])
             normalised = [scores[t] / experts[t] if experts[t] > 0 else 0.0 for t in task_names[:k]]
             points.append({"experts": k, "mean_accuracy": _mean(list(scores.values())), "normalised": _mean(normalised)})
@@ -276,6 +290,7 @@ def run_bench(
     del members
     progress(f"baselines done ({time.perf_counter() - started:.0f} s): individual experts mean {_mean(list(experts.values())):.3f}")
 
+    merger = _Merger(evaluator, suite, base_state, expert_states, seed)
     chosen_methods = [get_method(name) for name in methods] if methods else all_methods()
     results: list[MethodResult] = []
     for method in chosen_methods:
@@ -284,11 +299,11 @@ def run_bench(
             results.append(MethodResult(method.name, "skipped", plan.skip_reason))
             progress(f"{method.name:<16} skipped: {plan.skip_reason}")
             continue
-        results.append(_tune_and_test(plan, evaluator, expert_states, base_state, task_names, seed, progress))
+        results.append(_tune_and_test(plan, evaluator, merger, task_names, progress))
 
     by_name = {r.method: r for r in results}
     negation_result = _negation(suite, evaluator, task_names, base_state, expert_states, seed) if negation else None
-    curve = _curve(by_name, evaluator, suite, task_names, expert_states, base_state, experts, seed, curve_methods)
+    curve = _curve(by_name, evaluator, merger, task_names, experts, curve_methods)
     settings = {
         "max_examples": max_examples, "seed": seed, "device": device, "seconds": round(time.perf_counter() - started, 1),
         "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, {platform.system()} {platform.release()}",
