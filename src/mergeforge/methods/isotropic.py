@@ -43,8 +43,8 @@ def summed(task_vectors: list[torch.Tensor]) -> torch.Tensor:
 
 def isotropic_common(task_vectors: list[torch.Tensor], exact_svd: bool) -> torch.Tensor:
     """Iso-C for one weight matrix: σ̄ U Vᵀ of the summed task matrix."""
-    u, s, vh = _spectral.svd(summed(task_vectors), exact_svd)
-    return (u @ vh).mul_(s.mean())
+    polar, singular_values = _spectral.polar_and_singular_values(summed(task_vectors), exact_svd)
+    return polar.mul_(singular_values.mean())
 
 
 def split_rank(rank: int, fraction: float, tasks: int) -> tuple[int, int]:
