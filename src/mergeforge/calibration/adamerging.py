@@ -94,7 +94,7 @@ def learn_coefficients(
     layer_wise: bool,
     init_lambda: float = 0.3,
     steps: int = 200,
-    lr: float = 1e-3,
+    lr: float = 2.5e-3,
     progress: object | None = None,
 ) -> LearnedCoefficients:
     """Learn λ by Adam on the merged model's prediction entropy, clamping λ to [0, 1] after

@@ -112,7 +112,7 @@ def input_refs_of(plan: MergePlan) -> tuple[list[str], str | None]:
     uses_base = plan.method.base is not BaseUse.NONE and recipe.base_model is not None
     base_ref = recipe.base_model if uses_base else None
     refs = [model.model for model in recipe.models or [] if not (uses_base and model.model == base_ref)]
-    return list(dict.fromkeys(refs)), base_ref
+    return refs, base_ref  # a model listed twice stays twice, aligned with the jobs' inputs
 
 
 def folder_loader(plan: MergePlan) -> ModelLoader:

@@ -62,6 +62,8 @@ def fisher_merging(
 ) -> torch.Tensor:
     if sum(weight) <= 0:
         raise MethodError("fisher_merging: every model weight is zero; give at least one model a positive weight")
+    if statistics is not None and len(statistics) != len(tensors):
+        raise MethodError(f"fisher_merging: statistics for {len(statistics)} models, but {len(tensors)} inputs")
     numerator = torch.zeros_like(tensors[0])
     denominator = torch.zeros_like(tensors[0])
     for index, (tensor, model_weight) in enumerate(zip(tensors, weight)):

@@ -67,6 +67,8 @@ def regmean(
 ) -> torch.Tensor:
     if statistics is None or tensors[0].dim() != 2:
         return torch.stack(tensors).mean(0)
+    if statistics is not None and len(statistics) != len(tensors):
+        raise MethodError(f"regmean: statistics for {len(statistics)} models, but {len(tensors)} inputs")
     in_features = tensors[0].shape[1]
     for gram in statistics:
         if tuple(gram.shape) != (in_features, in_features):
