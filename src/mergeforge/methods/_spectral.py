@@ -128,6 +128,12 @@ def polar_and_singular_values(matrix: torch.Tensor, exact: bool) -> tuple[torch.
     return refine_polar(u @ vh), s
 
 
+def inverse_sqrt(gram: torch.Tensor) -> torch.Tensor:
+    """G^(-1/2) of a symmetric positive semi-definite Gram matrix (floored, see :func:`inverse_root`)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    return (eigenvectors * inverse_root(eigenvalues, gram.dtype)) @ eigenvectors.mT
+
+
 def orthogonal_polar_factor(matrix: torch.Tensor, exact: bool) -> torch.Tensor:
     """The matrix with orthonormal columns (or rows, if wide) nearest to ``matrix`` in Frobenius
     norm: ``P Qᵀ`` for ``matrix = P Σ Qᵀ`` (orthogonal Procrustes). This is the whitening step
@@ -135,10 +141,18 @@ def orthogonal_polar_factor(matrix: torch.Tensor, exact: bool) -> torch.Tensor:
     if use_exact(matrix, exact):
         p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
         return p @ qh
-    transpose = matrix.shape[0] < matrix.shape[1]
-    tall = matrix.mT if transpose else matrix  # rows >= cols
-    # tall (tallᵀ tall)^(-1/2), from the eigendecomposition of the small side's Gram matrix.
-    eigenvalues, eigenvectors = torch.linalg.eigh(tall.mT @ tall)
-    whitening = (eigenvectors * inverse_root(eigenvalues, matrix.dtype)) @ eigenvectors.mT
-    polar = tall @ whitening
-    return polar.mT if transpose else polar
+    if matrix.shape[0] >= matrix.shape[1]:
+        return matrix @ inverse_sqrt(matrix.mT @ matrix)  # X (XᵀX)^(-1/2)
+    return inverse_sqrt(matrix @ matrix.mT) @ matrix
+
+
+def whitened_product(left: torch.Tensor, singular_values: torch.Tensor, right_h: torch.Tensor, exact: bool) -> torch.Tensor:
+    """polar(left) · diag(singular_values) · polar(right_h): TSV-M's and Iso-CTS's reassembly of
+    stacked singular vectors. The fast route never forms the two polar factors: with
+    polar(L) = L (LᵀL)^(-1/2) and polar(R) = (RRᵀ)^(-1/2) R it multiplies the small core
+    (LᵀL)^(-1/2) diag(S) (RRᵀ)^(-1/2) between L and R, saving two large products."""
+    inner = left.shape[1]
+    if exact or min(left.shape) <= EXACT_MAX_SIDE or inner > left.shape[0] or inner > right_h.shape[1]:
+        return (orthogonal_polar_factor(left, exact) * singular_values) @ orthogonal_polar_factor(right_h, exact)
+    core = (inverse_sqrt(left.mT @ left) * singular_values) @ inverse_sqrt(right_h @ right_h.mT)
+    return (left @ core) @ right_h

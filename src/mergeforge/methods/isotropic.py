@@ -70,9 +70,10 @@ def isotropic_common_and_task_specific(task_vectors: list[torch.Tensor], fractio
             lefts.append(task_u)
             singular_values.append(task_s)
             rights_h.append(task_vh)
-    left = _spectral.orthogonal_polar_factor(torch.cat(lefts, dim=1), exact_svd)
-    right_h = _spectral.orthogonal_polar_factor(torch.cat(rights_h, dim=0), exact_svd)
-    return (left @ right_h).mul_(torch.cat(singular_values).mean())
+    # Every kept direction gets the mean of all kept singular values.
+    mean_value = torch.cat(singular_values).mean()
+    flat = torch.ones(sum(part.shape[0] for part in rights_h), dtype=mean_value.dtype, device=mean_value.device)
+    return _spectral.whitened_product(torch.cat(lefts, dim=1), flat.mul_(mean_value), torch.cat(rights_h, dim=0), exact_svd)
 
 
 @register_method(

@@ -40,9 +40,7 @@ def task_singular_vectors_merge(task_vectors: list[torch.Tensor], exact_svd: boo
         lefts.append(u)
         singular_values.append(s)
         rights_h.append(vh)
-    left = _spectral.orthogonal_polar_factor(torch.cat(lefts, dim=1), exact_svd)
-    right_h = _spectral.orthogonal_polar_factor(torch.cat(rights_h, dim=0), exact_svd)
-    return (left * torch.cat(singular_values)) @ right_h
+    return _spectral.whitened_product(torch.cat(lefts, dim=1), torch.cat(singular_values), torch.cat(rights_h, dim=0), exact_svd)
 
 
 @register_method(

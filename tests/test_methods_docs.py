@@ -1,0 +1,43 @@
+"""docs/methods.md documents every registered method with the registry's own parameters, defaults
+and ranges, so the reference cannot drift from the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mergeforge.methods import MergeMethod, Param, all_methods
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+BUILT_IN = [method for method in all_methods() if method.plugin is None]
+
+
+def section(name: str) -> str:
+    text = DOC.read_text(encoding="utf-8")
+    start = text.find(f'<a id="{name}"></a>')
+    assert start >= 0, f"docs/methods.md has no section for '{name}'"
+    following = re.search(r'<a id="|^## ', text[start + 1:], flags=re.MULTILINE)
+    return text[start: start + 1 + following.start()] if following else text[start:]
+
+
+def default_text(param: Param) -> str:
+    if param.required:
+        return "required"
+    if param.kind == "bool":
+        return str(param.default).lower()
+    return f"{param.default:g}" if isinstance(param.default, float) else str(param.default)
+
+
+@pytest.mark.parametrize("method", BUILT_IN, ids=[method.name for method in BUILT_IN])
+def test_every_method_has_a_section_with_its_parameters_defaults_and_ranges(method: MergeMethod):
+    text = section(method.name)
+    assert method.reference.split(" (")[0].split(";")[0] in text
+    for param in method.params:
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{param.name}` |")), None)
+        assert row is not None, f"{method.name}: parameter '{param.name}' is not documented"
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[2] == default_text(param), f"{method.name}.{param.name}: documented default {cells[2]}"
+        assert cells[3] == param.range_text(), f"{method.name}.{param.name}: documented range {cells[3]}"
+    assert "When to prefer it:" in text
