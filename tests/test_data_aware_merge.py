@@ -193,3 +193,43 @@ def test_dry_run_reports_the_calibration_and_its_whole_model_memory(
     assert result.returncode == 0, result.stderr
     assert "calibration: 'adamerging' runs 3 whole model(s)" in result.stdout
     assert "not streamed" in result.stdout
+
+
+def test_a_registered_calibrate_hook_feeds_each_tensor_its_statistics_through_the_engine(
+    llama_family: dict[str, Path], calibration_files: dict[str, Path], tmp_path: Path, monkeypatch
+):
+    from mergeforge.methods import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
+    seen: dict[str, object] = {}
+
+    def count_tokens(context) -> dict[str, list[float]]:
+        # One number per model: how many calibration tokens it saw; only for q_proj weights.
+        seen["refs"] = list(context.input_refs)
+        tokens = [float(sum(len(e.input_ids) for e in context.encoded(ref))) for ref in context.input_refs]
+        return {name: tokens for name in context.tensor_names if name.endswith("q_proj.weight")}
+
+    @registry.register_method("token_weighted_for_test", math="Σ nᵢθᵢ / Σ nᵢ", reference="test", calibrate=count_tokens)
+    def token_weighted(tensors, base, *, statistics=None):
+        weights = statistics or [1.0] * len(tensors)
+        return sum(w * t for w, t in zip(weights, tensors, strict=True)) / sum(weights)
+
+    recipe = recipe_for("regmean", llama_family, calibration_files)
+    recipe["merge_method"] = "token_weighted_for_test"
+    api.merge(recipe, tmp_path / "out", quiet=True)
+    merged = load_state(tmp_path / "out")
+    inputs = [load_state(llama_family["ft1"]), load_state(llama_family["ft2"])]
+    assert seen["refs"] == [str(llama_family["ft1"]), str(llama_family["ft2"])]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_family["ft1"])
+    eos = 1 if tokenizer.eos_token_id is not None else 0
+    counts = [
+        sum(len(tokenizer(f"rev:{w}=")["input_ids"]) + len(w) + eos for w in WORDS[:4]),  # prompt + answer + end
+        sum(len(tokenizer(f"sorted {''.join(sorted(w))}")["input_ids"]) for w in WORDS[4:]),
+    ]
+    q_proj, k_proj = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    expected = (counts[0] * inputs[0][q_proj] + counts[1] * inputs[1][q_proj]) / sum(counts)
+    torch.testing.assert_close(merged[q_proj], expected)
+    torch.testing.assert_close(merged[k_proj], mean_of(inputs, k_proj))  # no statistics: the function's fallback
