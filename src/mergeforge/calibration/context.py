@@ -170,6 +170,15 @@ def folder_tokenizer(plan: MergePlan) -> Any:
         ) from None
 
 
+def position_limit(plan: MergePlan) -> int | None:
+    """The longest sequence the reference model's config allows, if it says."""
+    config = getattr(plan.checkpoints[plan.reference], "config", None) or {}
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(config.get(key), int) and config[key] > 1:
+            return int(config[key])
+    return None
+
+
 def model_bytes(plan: MergePlan) -> int:
     """Bytes of one model's floating-point tensors in float32 (how calibration holds them)."""
     reference = plan.checkpoints[plan.reference]
@@ -217,6 +226,11 @@ def run_calibration(
         raise CalibrationError(f"calibration: merge_method '{method.name}' needs a 'calibration:' field with 'data'")
     refs, base_ref = input_refs_of(plan)
     merge_jobs = [job for job in plan.jobs if job.method is not None]
+    positions = position_limit(plan)
+    if positions is not None and config.max_length > positions:
+        # Learned position tables (GPT-2) cannot run past their length: keep each example's end.
+        log.warning("calibration.max_length %d exceeds the model's %d positions; using %d", config.max_length, positions, positions)
+        config = config.model_copy(update={"max_length": positions})
     context = CalibrationContext(
         input_refs=refs,
         base_ref=base_ref,

@@ -111,7 +111,8 @@ def read_task_folder(folder: Path, split: str, samples: int) -> list[Calibration
 def read_source(source: str, config: CalibrationConfig, relative_to: Path | None, field: str) -> list[CalibrationExample]:
     """Examples of one data source (a JSONL file or a task folder), relative to the recipe."""
     path = Path(source).expanduser()
-    if not path.is_absolute() and relative_to is not None and not path.exists():
+    # As for models: relative to the recipe's folder when it exists there, else to the working directory.
+    if not path.is_absolute() and relative_to is not None and (relative_to / path).exists():
         path = relative_to / path
     if path.is_dir():
         return read_task_folder(path, config.split, config.samples)
