@@ -1,18 +1,15 @@
 """Lazy, per-tensor reading of Hugging Face checkpoints: ``model.safetensors``, sharded
 ``model.safetensors.index.json``, or ``pytorch_model.bin`` (loaded with ``weights_only``).
 
-Safetensors headers are parsed and validated here (the file is untrusted input): header length
-within the file and under 100 MB, JSON that is an object, known dtypes, byte sizes that match the
-shapes, and data offsets that tile the data buffer exactly, with no holes or overlaps. Tensor bytes
-are read with ``pread`` straight into the tensor's own memory: nothing is memory-mapped, so what a
-merge holds in RAM is exactly the tensors it is working on, and threads read in parallel.
+Safetensors headers are parsed and validated by :mod:`mergeforge.checkpoint.safetensors_format`
+(the file is untrusted input). Tensor bytes are read with ``pread`` straight into the tensor's own
+memory: nothing is memory-mapped, so what a merge holds in RAM is exactly the tensors it is
+working on, and threads read in parallel.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +17,21 @@ from typing import Any
 
 import torch
 
+from mergeforge.checkpoint.safetensors_format import (
+    BIN_INDEX,
+    BIN_SINGLE,
+    MAX_HEADER_BYTES,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    hub_cache_dir,
+    index_shards,
+    parse_header,
+    pread_into,
+    read_json,
+    resolve_model_path,
+    weights_layout,
+)
 from mergeforge.errors import CheckpointError
-
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -43,10 +52,6 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
         DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
 
 
 @dataclass(frozen=True)
@@ -71,16 +76,6 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
-def _pread_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    total = len(buffer)
-    while done < total:
-        count = os.preadv(fd, [buffer[done:]], offset + done)
-        if count <= 0:
-            raise CheckpointError(f"{path}: file ended early while reading tensor data (truncated?)")
-        done += count
-
-
 class SafetensorsFile:
     """One validated safetensors file, read tensor by tensor with ``pread``."""
 
@@ -97,61 +92,10 @@ class SafetensorsFile:
             raise
 
     def _parse_header(self) -> tuple[dict[str, str], dict[str, TensorInfo]]:
-        path = self.path
-        size = os.fstat(self._fd).st_size
-        if size < 8:
-            raise CheckpointError(f"{path}: corrupt safetensors file: {size} bytes is too short for a header")
-        header_length = int.from_bytes(os.pread(self._fd, 8, 0), "little")
-        if header_length > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: corrupt safetensors file: header length {header_length} exceeds the 100 MB limit")
-        if 8 + header_length > size:
-            raise CheckpointError(
-                f"{path}: corrupt safetensors file: header length {header_length} runs past the end of the file ({size} bytes)"
-            )
-        raw = os.pread(self._fd, header_length, 8)
-        try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError, _DuplicateKey) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors file: header is not valid JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: corrupt safetensors file: header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise CheckpointError(f"{path}: corrupt safetensors file: __metadata__ must map strings to strings")
-        data_start = 8 + header_length
-        spans: list[tuple[int, int, str]] = []
-        tensors: dict[str, TensorInfo] = {}
-        for name, entry in header.items():
-            try:
-                dtype_name = entry["dtype"]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(v) for v in entry["data_offsets"])
-            except (TypeError, KeyError, ValueError):
-                raise CheckpointError(f"{path}: corrupt safetensors file: tensor '{name}' has a malformed header entry") from None
-            if dtype_name not in DTYPES:
-                raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype '{dtype_name}'")
-            if any(d < 0 for d in shape) or begin < 0 or end < begin:
-                raise CheckpointError(f"{path}: corrupt safetensors file: tensor '{name}' has negative sizes or offsets")
-            info = TensorInfo(name, shape, DTYPES[dtype_name], path, data_start + begin)
-            if end - begin != info.nbytes:
-                raise CheckpointError(
-                    f"{path}: corrupt safetensors file: tensor '{name}' spans {end - begin} bytes but its shape "
-                    f"{list(shape)} of {dtype_name} needs {info.nbytes}"
-                )
-            spans.append((begin, end, name))
-            tensors[name] = info
-        spans.sort()
-        position = 0
-        for begin, end, name in spans:
-            if begin != position:
-                problem = "overlaps the previous tensor" if begin < position else "leaves a hole before it"
-                raise CheckpointError(f"{path}: corrupt safetensors file: data offsets of tensor '{name}' {problem}")
-            position = end
-        if data_start + position != size:
-            raise CheckpointError(
-                f"{path}: corrupt safetensors file: tensors end at byte {data_start + position} but the file has "
-                f"{size} bytes (truncated or padded)"
-            )
+        metadata, entries = parse_header(self._fd, self.path, DTYPES)
+        tensors = {
+            name: TensorInfo(name, entry.shape, DTYPES[entry.dtype], self.path, entry.offset) for name, entry in entries.items()
+        }
         return metadata, tensors
 
     def read(self, info: TensorInfo, row_start: int = 0, row_stop: int | None = None) -> torch.Tensor:
@@ -165,26 +109,13 @@ class SafetensorsFile:
             offset = info.offset
         out = torch.empty(shape, dtype=info.dtype)
         if out.numel():
-            _pread_into(self._fd, memoryview(out.view(-1).view(torch.uint8).numpy()), offset, self.path)
+            pread_into(self._fd, memoryview(out.view(-1).view(torch.uint8).numpy()), offset, self.path)
         return out
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(f"duplicate key '{key}'")
-        result[key] = value
-    return result
 
 
 class Checkpoint:
@@ -203,43 +134,23 @@ class Checkpoint:
         self.config: dict[str, Any] | None = self._read_json("config.json")
 
     def _read_json(self, name: str) -> Any:
-        path = self.folder / name
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        return read_json(self.folder / name)
 
     def _index(self) -> dict[str, TensorInfo]:
-        folder = self.folder
-        if (folder / SAFETENSORS_INDEX).is_file():
-            return self._index_sharded(SAFETENSORS_INDEX, self._safetensors_infos)
-        if (folder / SAFETENSORS_SINGLE).is_file():
-            return self._safetensors_infos(folder / SAFETENSORS_SINGLE)
-        singles = sorted(folder.glob("*.safetensors"))
-        if len(singles) == 1:
-            return self._safetensors_infos(singles[0])
-        if (folder / BIN_INDEX).is_file():
-            return self._index_sharded(BIN_INDEX, self._bin_infos)
-        if (folder / BIN_SINGLE).is_file():
-            return self._bin_infos(folder / BIN_SINGLE)
-        raise CheckpointError(
-            f"{folder}: no weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
-        )
+        kind, path = weights_layout(self.folder)
+        if kind == "safetensors-index":
+            return self._index_sharded(path, self._safetensors_infos)
+        if kind == "safetensors":
+            return self._safetensors_infos(path)
+        if kind == "bin-index":
+            return self._index_sharded(path, self._bin_infos)
+        return self._bin_infos(path)
 
-    def _index_sharded(self, index_name: str, infos_of) -> dict[str, TensorInfo]:
-        index_path = self.folder / index_name
-        index = self._read_json(index_name)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index_path}: missing 'weight_map'")
+    def _index_sharded(self, index_path: Path, infos_of) -> dict[str, TensorInfo]:
+        weight_map = index_shards(index_path)
         tensors: dict[str, TensorInfo] = {}
         for shard in sorted(set(weight_map.values())):
-            shard_path = self.folder / shard
-            if not shard_path.is_file():
-                raise CheckpointError(f"{index_path}: lists shard '{shard}', which does not exist")
-            for name, info in infos_of(shard_path).items():
+            for name, info in infos_of(self.folder / shard).items():
                 if weight_map.get(name) == shard:
                     tensors[name] = info
         missing = [name for name in weight_map if name not in tensors]
@@ -319,46 +230,6 @@ class Checkpoint:
         self.close()
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(os.environ["HUGGINGFACE_HUB_CACHE"])
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return home / "hub"
-
-
-def resolve_model_path(ref: str, relative_to: Path | None = None) -> Path:
-    """The local folder for a model reference: a path, or a hub id (``org/name[@revision]``)
-    found in the local Hugging Face cache. Never downloads."""
-    candidate = Path(ref).expanduser()
-    if not candidate.is_absolute() and relative_to is not None and (relative_to / candidate).is_dir():
-        candidate = relative_to / candidate
-    if candidate.is_dir():
-        return candidate.resolve()
-    name, _, revision = ref.partition("@")
-    if "+" in name and not Path(name).exists():
-        raise CheckpointError(f"model '{ref}': 'model+lora' references are not supported yet; merge the LoRA into the model first")
-    if _HUB_ID.match(name) and not Path(name).exists():
-        repo = hub_cache_dir() / f"models--{name.replace('/', '--')}"
-        revision = revision or "main"
-        commit = revision
-        ref_file = repo / "refs" / revision
-        if ref_file.is_file():
-            commit = ref_file.read_text().strip()
-        snapshot = repo / "snapshots" / commit
-        if snapshot.is_dir():
-            return snapshot.resolve()
-        raise CheckpointError(
-            f"model '{ref}': no such folder, and not in the local Hugging Face cache ({hub_cache_dir()}); "
-            f"mergeforge never downloads: fetch it first (e.g. `huggingface-cli download {name}`) or give a local path"
-        )
-    raise CheckpointError(f"model '{ref}': folder not found")
-
-
 def open_checkpoint(ref: str | os.PathLike[str], relative_to: Path | None = None) -> Checkpoint:
     """Open a model folder (or cached hub id) lazily.
 
@@ -368,3 +239,9 @@ def open_checkpoint(ref: str | os.PathLike[str], relative_to: Path | None = None
     """
     ref = str(ref)
     return Checkpoint(resolve_model_path(ref, relative_to), ref)
+
+
+__all__ = [
+    "BIN_INDEX", "BIN_SINGLE", "Checkpoint", "DTYPES", "DTYPE_NAMES", "MAX_HEADER_BYTES", "SAFETENSORS_INDEX",
+    "SAFETENSORS_SINGLE", "SafetensorsFile", "TensorInfo", "hub_cache_dir", "open_checkpoint", "resolve_model_path",
+]

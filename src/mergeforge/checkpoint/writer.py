@@ -4,7 +4,9 @@ A merge knows every output tensor's name, shape and dtype before it computes any
 writer fixes the whole layout up front: which shard each tensor goes to (greedy, in plan order, up
 to the shard size), the order inside each shard (the safetensors library's: by dtype, wider first, then by
 name, so every tensor is aligned to its element size and the bytes do not depend on the
-order tensors were computed in), each header, and each tensor's byte offset. Tensors are then
+order tensors were computed in), each header, and each tensor's byte offset. Dtypes are torch
+dtypes or safetensors names (``"BF16"``), and data torch tensors or NumPy arrays, so the torch-free
+fast path writes through this same code; torch is imported only when a torch dtype is named. Tensors are then
 written with ``pwrite`` straight to their place, in whatever order they finish, by any thread: no
 output shard is ever buffered in memory. Space is reserved up front with ``posix_fallocate``, so a
 full disk is reported before the merge starts rather than in the middle.
@@ -19,27 +21,43 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from mergeforge.checkpoint.reader import DTYPE_NAMES, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from mergeforge.checkpoint.safetensors_format import (
+    ITEMSIZES,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    header_bytes,
+)
 from mergeforge.errors import OutputError
 
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_SHARD_BYTES = 5 * 1000**3
+
+
+def dtype_name(dtype: Any) -> str:
+    """The safetensors name of a torch dtype, or ``dtype`` itself when it already is one."""
+    if isinstance(dtype, str):
+        return dtype
+    from mergeforge.checkpoint.reader import DTYPE_NAMES
+
+    return DTYPE_NAMES[dtype]
 
 
 @dataclass(frozen=True)
 class OutputTensor:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: Any  # a torch.dtype, or a safetensors dtype name such as "BF16"
 
     @property
     def nbytes(self) -> int:
         count = 1
         for size in self.shape:
             count *= size
-        return count * self.dtype.itemsize
+        return count * (ITEMSIZES[self.dtype] if isinstance(self.dtype, str) else self.dtype.itemsize)
 
 
 @dataclass(frozen=True)
@@ -69,29 +87,8 @@ def split_into_shards(tensors: Iterable[OutputTensor], max_shard_bytes: int) -> 
     return shards if shards[0] else []
 
 
-# The safetensors library orders tensors by its dtype enum, descending, then by name; matching it
-# makes our files byte-identical to its own (and every tensor aligned to its element size).
-_DTYPE_RANK = {name: rank for rank, name in enumerate(
-    ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
-)}
-
-
 def _header_bytes(tensors: list[OutputTensor], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:
-    ordered = sorted(tensors, key=lambda t: (-_DTYPE_RANK[DTYPE_NAMES[t.dtype]], t.name))
-    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
-    offsets: dict[str, int] = {}
-    position = 0
-    for tensor in ordered:
-        header[tensor.name] = {
-            "dtype": DTYPE_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [position, position + tensor.nbytes],
-        }
-        offsets[tensor.name] = position
-        position += tensor.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw, offsets
+    return header_bytes([(t.name, dtype_name(t.dtype), t.shape) for t in tensors], metadata)
 
 
 class ShardedWriter:
@@ -162,18 +159,33 @@ class ShardedWriter:
             raise ValueError(f"{name}: expected shape {expected.shape}, got {tuple(tensor.shape)}")
         data = tensor.detach().contiguous().cpu()
         row_bytes = expected.nbytes // expected.shape[0] if expected.shape and expected.shape[0] else 0
-        offset = slot.offset + row_start * row_bytes
         if data.numel():
-            view = memoryview(data.view(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < len(view):
-                try:
-                    done += os.pwrite(self._fds[slot.shard], view[done:], offset + done)
-                except OSError as exc:
-                    raise output_error(exc, self.folder / self.file_names[slot.shard]) from None
+            import torch
+
+            self._pwrite(slot, memoryview(data.view(-1).view(torch.uint8).numpy()), slot.offset + row_start * row_bytes)
         if full:
             with self._lock:
                 self._written.add(name)
+
+    def write_bytes(self, name: str, data: memoryview | bytes, byte_start: int = 0, complete: bool = False) -> None:
+        """Write raw bytes (already in the tensor's dtype, e.g. from a NumPy array) at
+        ``byte_start`` within tensor ``name``; ``complete`` marks the tensor done. Thread-safe."""
+        slot = self._slots[name]
+        view = memoryview(data).cast("B")
+        if byte_start + len(view) > slot.tensor.nbytes:
+            raise ValueError(f"{name}: {len(view)} bytes at {byte_start} run past its {slot.tensor.nbytes} bytes")
+        if len(view):
+            self._pwrite(slot, view, slot.offset + byte_start)
+        if complete:
+            self.mark_written(name)
+
+    def _pwrite(self, slot: _Slot, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            try:
+                done += os.pwrite(self._fds[slot.shard], view[done:], offset + done)
+            except OSError as exc:
+                raise output_error(exc, self.folder / self.file_names[slot.shard]) from None
 
     def mark_written(self, name: str) -> None:
         with self._lock:

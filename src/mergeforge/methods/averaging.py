@@ -32,13 +32,23 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Ten
     notes="The base model, if given, is an input only when it is listed among the models.",
 )
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool) -> torch.Tensor:
+    if normalize and abs(sum(weight)) < 1e-8:
+        raise MethodError("linear: the model weights sum to zero, so they cannot be normalized; set normalize: false")
+    if _kernel_eligible(tensors):
+        # The NumPy kernel: the one CPU implementation, shared with the torch-free fast path.
+        from mergeforge.fastpath import kernels
+
+        sources = [kernels.Source(t.reshape(-1).numpy(), "F32") for t in tensors]
+        out = kernels.collect(kernels.linear(sources, weight, normalize), tensors[0].numel())
+        return torch.from_numpy(out).view(tensors[0].shape)
     total = weighted_sum(tensors, weight)
     if normalize:
-        weight_sum = sum(weight)
-        if abs(weight_sum) < 1e-8:
-            raise MethodError("linear: the model weights sum to zero, so they cannot be normalized; set normalize: false")
-        total.div_(weight_sum)
+        total.div_(sum(weight))
     return total
+
+
+def _kernel_eligible(tensors: list[torch.Tensor]) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
 
 
 def slerp_tensors(t: float, start: torch.Tensor, end: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
@@ -69,6 +79,12 @@ def slerp_tensors(t: float, start: torch.Tensor, end: torch.Tensor, dot_threshol
 )
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, t: float) -> torch.Tensor:
     assert base is not None
+    if _kernel_eligible([base, tensors[0]]):
+        from mergeforge.fastpath import kernels
+
+        start, end = (kernels.Source(x.reshape(-1).numpy(), "F32") for x in (base, tensors[0]))
+        out = kernels.collect(kernels.slerp(t, start, end), base.numel())
+        return torch.from_numpy(out).view(base.shape)
     return slerp_tensors(t, base, tensors[0])
 
 

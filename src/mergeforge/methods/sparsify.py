@@ -7,25 +7,31 @@ Every function here takes and returns float tensors; none does I/O or registers 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly ``k`` entries of largest ``values`` (ties broken by position order
-    of ``torch.topk``). Selects the smaller side, so the work is O(numel) for any ``k``."""
+    """Boolean mask of exactly ``k`` entries of largest ``values``; entries equal to the k-th
+    largest are kept in order of position. Linear time (a selection, not a sort), and the same
+    mask on every device."""
     n = values.numel()
-    flat = values.reshape(-1)
     if k >= n:
         return torch.ones_like(values, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(values, dtype=torch.bool)
-    if k <= n // 2:
-        mask = torch.zeros(n, dtype=torch.bool, device=values.device)
-        mask[torch.topk(flat, k, sorted=False).indices] = True
-    else:
-        mask = torch.ones(n, dtype=torch.bool, device=values.device)
-        mask[torch.topk(flat, n - k, largest=False, sorted=False).indices] = False
-    return mask.view_as(values)
+    if values.device.type == "cpu" and values.dtype == torch.float32:
+        from mergeforge.fastpath.kernels import TopK
+
+        keys = values.reshape(-1).numpy()
+        selector = TopK(keys.copy(), k)
+        return torch.from_numpy(selector.mask(keys)).view(values.shape)
+    flat = values.reshape(-1)
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    keep = flat > threshold
+    equal = flat == threshold
+    keep |= equal & (equal.cumsum(0) <= k - int(keep.sum()))
+    return keep.view(values.shape)
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -33,10 +39,19 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return topk_mask(delta.abs(), int(density * delta.numel()))
 
 
-def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Keep each entry independently with probability ``density`` (DARE's drop step)."""
-    draws = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
-    return draws < density
+def bernoulli_mask(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    """Keep each entry independently with probability ``density`` (DARE's drop step).
+
+    The draws are NumPy's, per block of the flattened tensor, from ``seed`` and the block index,
+    so a seed gives the same mask on every device and in the fast path."""
+    from mergeforge.fastpath.kernels import BLOCK, bernoulli_keep
+
+    n = delta.numel()
+    keep = np.empty(n, dtype=bool)
+    for start in range(0, n, BLOCK):
+        stop = min(n, start + BLOCK)
+        keep[start:stop] = bernoulli_keep(seed, start // BLOCK, stop - start, density)
+    return torch.from_numpy(keep).view(delta.shape).to(delta.device)
 
 
 def outlier_trimmed_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

@@ -55,7 +55,31 @@ def merge_task_vectors(
     per_model: dict[str, list[float]],
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """θ_base + λ·merge(sparsify(θᵢ − θ_base)), the frame every task-vector method shares."""
+    """θ_base + λ·merge(sparsify(θᵢ − θ_base)), the frame every task-vector method shares.
+
+    On CPU, in float32, with one of the standard sparsifiers, the NumPy kernel does the work (the
+    same code the torch-free fast path runs, so both give the same bytes); otherwise (GPU, float64,
+    DELLA) the torch code below, with the same masks.
+    """
+    kind = _KERNEL_SPARSIFIERS.get(sparsifier) if sparsifier is not None else None
+    if (sparsifier is None or kind is not None) and kernel_eligible([*tensors, base]):
+        from mergeforge.fastpath import kernels
+
+        sources = [kernels.Source(t.reshape(-1).numpy(), "F32") for t in tensors]
+        blocks = kernels.task_vector_merge(
+            sources,
+            kernels.Source(base.reshape(-1).numpy(), "F32"),
+            weights=weight,
+            lambda_=lambda_,
+            normalize=normalize,
+            rescale=rescale,
+            sparsify=kind,
+            densities=per_model["density"],
+            gammas=per_model.get("gamma"),
+            consensus=consensus,
+            seed=generator.initial_seed() if generator is not None else 0,
+        )
+        return torch.from_numpy(kernels.collect(blocks, base.numel())).view(base.shape)
     weighted_deltas = []
     for index, (tensor, model_weight) in enumerate(zip(tensors, weight)):
         delta = tensor - base
@@ -88,11 +112,21 @@ def _magnitude(delta, index, per_model, generator):
 
 
 def _bernoulli(delta, index, per_model, generator):
-    return sparsify.bernoulli_mask(delta, per_model["density"][index], generator)
+    seed = (generator.initial_seed() if generator is not None else 0) + index
+    return sparsify.bernoulli_mask(delta, per_model["density"][index], seed)
 
 
 def _outliers(delta, index, per_model, generator):
     return sparsify.outlier_trimmed_mask(delta, per_model["density"][index], per_model["gamma"][index])
+
+
+# The sparsifiers the NumPy kernel implements, by its name for them.
+_KERNEL_SPARSIFIERS = {_magnitude: "magnitude", _bernoulli: "bernoulli", _outliers: "outliers"}
+
+
+def kernel_eligible(tensors: list[torch.Tensor]) -> bool:
+    """True when the NumPy kernels can run on these tensors (CPU float32, no autograd)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
 
 
 def _rank_probability(delta, index, per_model, generator):

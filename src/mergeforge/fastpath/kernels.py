@@ -1,0 +1,313 @@
+"""The CPU math of the simplest and most used merge methods, in NumPy, block by block.
+
+This is the one CPU implementation of these methods: the torch methods call it on CPU tensors
+(zero-copy), and the torch-free fast path calls it on arrays read straight from disk, so both give
+the same bytes. Inputs are flat arrays in their stored dtype (:class:`Source`); each kernel is a
+generator of ``(start, float32 block)`` over the flattened output, so a caller holds one block of
+temporaries (``BLOCK`` elements) rather than several copies of a large tensor.
+
+- ``linear``: model soups, Wortsman et al. 2022 (arXiv:2203.05482).
+- ``slerp``: Shoemake 1985, over the flattened tensors (mergekit's ``slerp``).
+- Task arithmetic (arXiv:2212.04089), TIES (arXiv:2306.01708), DARE (arXiv:2311.03099) and Model
+  Breadcrumbs (arXiv:2312.06795): ``task_vector_merge``.
+
+Exact top-k (TIES, Breadcrumbs) needs one threshold per task vector: it is found with a linear-time
+selection (``np.partition``) on the magnitudes, and entries equal to the threshold are kept in
+order of position until exactly k are kept, so the result is exact, deterministic and independent
+of thread count or device. DARE's random draws come from NumPy's PCG64, seeded per block from the
+job's seed and the block index, so the same seed gives the same bytes on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mergeforge.fastpath.arrays import to_f32
+
+BLOCK = 1 << 20  # elements per block: 4 MB of float32, a few times the L2 cache
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input tensor, flattened, in its stored dtype (``array`` is ``STORAGE[dtype]``)."""
+
+    array: np.ndarray
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        return self.array.size
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        """Float32 values of ``[start, stop)``, in new memory the caller may modify."""
+        return to_f32(self.array[start:stop], self.dtype)
+
+
+Blocks = Iterator[tuple[int, np.ndarray]]
+
+
+def _ranges(size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, size, BLOCK):
+        yield start, min(size, start + BLOCK)
+
+
+# -- linear -----------------------------------------------------------------------------------
+
+
+def linear(tensors: Sequence[Source], weights: Sequence[float], normalize: bool) -> Blocks:
+    """Σ wᵢ·tᵢ, divided by Σ wᵢ when ``normalize`` (the caller checks Σ wᵢ ≠ 0)."""
+    weight_sum = float(sum(weights))
+    for start, stop in _ranges(tensors[0].size):
+        total = tensors[0].block(start, stop)
+        total *= np.float32(weights[0])
+        for tensor, weight in zip(tensors[1:], weights[1:]):
+            term = tensor.block(start, stop)
+            term *= np.float32(weight)
+            total += term
+        if normalize:
+            total /= np.float32(weight_sum)
+        yield start, total
+
+
+# -- slerp ------------------------------------------------------------------------------------
+
+
+def slerp_scales(t: float, start: Source, end: Source, dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:
+    """The two coefficients of slerp (or of lerp when the tensors are nearly colinear)."""
+    start_sq = end_sq = dot = 0.0
+    for lo, hi in _ranges(start.size):
+        a, b = start.block(lo, hi), end.block(lo, hi)
+        start_sq += float(np.dot(a, a))
+        end_sq += float(np.dot(b, b))
+        dot += float(np.dot(a, b))
+    start_norm, end_norm = math.sqrt(start_sq), math.sqrt(end_sq)
+    cosine = dot / ((start_norm if start_norm > eps else 1.0) * (end_norm if end_norm > eps else 1.0))
+    if abs(cosine) > dot_threshold:
+        return 1.0 - t, t
+    theta = math.acos(max(-1.0, min(1.0, cosine)))
+    sin_theta = math.sin(theta)
+    return math.sin(theta * (1 - t)) / sin_theta, math.sin(theta * t) / sin_theta
+
+
+def slerp(t: float, start: Source, end: Source) -> Blocks:
+    """Spherical interpolation between two flattened tensors; lerp when nearly colinear."""
+    start_scale, end_scale = slerp_scales(t, start, end)
+    for lo, hi in _ranges(start.size):
+        a = start.block(lo, hi)
+        a *= np.float32(start_scale)
+        b = end.block(lo, hi)
+        b *= np.float32(end_scale)
+        a += b
+        yield lo, a
+
+
+# -- masks ------------------------------------------------------------------------------------
+
+
+class TopK:
+    """Selects exactly ``k`` entries of largest ``keys`` (ties kept in order of position).
+
+    Built from the whole key array once (a linear-time selection); :meth:`mask` is then asked for
+    consecutive blocks, in order.
+    """
+
+    def __init__(self, keys: np.ndarray, k: int):
+        n = keys.size
+        self.keep_all = k >= n
+        self.keep_none = k <= 0
+        self.threshold = np.float32(0)
+        self._equal_left = 0
+        if self.keep_all or self.keep_none:
+            return
+        position = n - k
+        keys.partition(position)  # in place: the caller's array is scratch
+        self.threshold = keys[position]
+        above = int(np.count_nonzero(keys[position + 1:] > self.threshold))
+        self._equal_left = k - above
+
+    def mask(self, keys: np.ndarray) -> np.ndarray:
+        """Keep mask of the next block, given its keys."""
+        if self.keep_all:
+            return np.ones(keys.shape, dtype=bool)
+        if self.keep_none:
+            return np.zeros(keys.shape, dtype=bool)
+        keep = keys > self.threshold
+        if self._equal_left:
+            equal = np.flatnonzero(keys == self.threshold)
+            if equal.size:
+                chosen = equal[: self._equal_left]
+                keep[chosen] = True
+                self._equal_left -= chosen.size
+        return keep
+
+
+def magnitudes(tensor: Source, base: Source) -> np.ndarray:
+    """|tensor − base| for the whole tensor (the keys of a magnitude top-k)."""
+    keys = np.empty(tensor.size, dtype=np.float32)
+    for lo, hi in _ranges(tensor.size):
+        delta = tensor.block(lo, hi)
+        delta -= base.block(lo, hi)
+        np.abs(delta, out=keys[lo:hi])
+    return keys
+
+
+def bernoulli_keep(seed: int, block_index: int, count: int, density: float) -> np.ndarray:
+    """DARE's keep mask for one block: each entry kept with probability ``density``."""
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, block_index])))
+    return generator.random(count, dtype=np.float32) < np.float32(density)
+
+
+class Sparsifier:
+    """One task vector's keep mask, block by block: ``magnitude`` (TIES), ``bernoulli`` (DARE) or
+    ``outliers`` (Breadcrumbs: drop the top ``gamma`` and the smallest, keeping ``density``)."""
+
+    def __init__(self, kind: str, tensor: Source, base: Source, density: float, gamma: float = 0.0, seed: int = 0):
+        self.kind = kind
+        self.density = density
+        self.seed = seed
+        n = tensor.size
+        self._top: TopK | None = None
+        self._bottom: TopK | None = None
+        if kind == "magnitude":
+            self._bottom = TopK(magnitudes(tensor, base), int(density * n))
+        elif kind == "outliers":
+            keep = int(density * n)
+            n_top = int(gamma * n)
+            n_bottom = n - keep - n_top
+            if n_bottom < 0:
+                n_top += n_bottom
+                n_bottom = 0
+            keys = magnitudes(tensor, base)
+            self._top = TopK(keys.copy(), n_top)
+            self._bottom = TopK(keys, n - n_bottom)
+        elif kind != "bernoulli":
+            raise ValueError(f"unknown sparsifier '{kind}'")
+
+    def mask(self, delta: np.ndarray, start: int) -> np.ndarray:
+        if self.kind == "bernoulli":
+            return bernoulli_keep(self.seed, start // BLOCK, delta.size, self.density)
+        keys = np.abs(delta)
+        keep = self._bottom.mask(keys)  # type: ignore[union-attr]
+        if self._top is not None:
+            keep &= ~self._top.mask(keys)
+        return keep
+
+
+# -- the task-vector family ------------------------------------------------------------------
+
+
+def task_vector_merge(
+    tensors: Sequence[Source],
+    base: Source,
+    *,
+    weights: Sequence[float],
+    lambda_: float,
+    normalize: bool,
+    rescale: bool,
+    sparsify: str | None,
+    densities: Sequence[float],
+    gammas: Sequence[float] | None = None,
+    consensus: bool,
+    seed: int = 0,
+) -> Blocks:
+    """θ_base + λ·merge(sparsify(θᵢ − θ_base)), the frame of every task-vector method.
+
+    ``sparsify``: None, ``magnitude``, ``bernoulli`` or ``outliers``; a model with density 1 is not
+    sparsified. ``rescale`` scales each kept task vector to its original L1 norm. ``consensus``
+    keeps only entries whose sign agrees with sign(Σ wᵢδᵢ) and, with ``normalize``, divides by the
+    agreeing weights (else by Σ wᵢ).
+    """
+    n = base.size
+    sparsifiers: list[Sparsifier | None] = []
+    for index, tensor in enumerate(tensors):
+        if sparsify is None or densities[index] >= 1:
+            sparsifiers.append(None)
+            continue
+        gamma = gammas[index] if gammas is not None else 0.0
+        sparsifiers.append(Sparsifier(sparsify, tensor, base, densities[index], gamma, seed + index))
+    scales = [1.0] * len(tensors)
+    if rescale:
+        scales = _rescale_factors(tensors, base, sparsifiers)
+    weight_sum = float(sum(weights))
+    plain_divisor = weight_sum if abs(weight_sum) >= 1e-8 else 1.0
+    for lo, hi in _ranges(n):
+        base_block = base.block(lo, hi)
+        weighted = []
+        for tensor, sparsifier, weight, scale in zip(tensors, sparsifiers, weights, scales):
+            delta = tensor.block(lo, hi)
+            delta -= base_block
+            if sparsifier is not None:
+                delta *= sparsifier.mask(delta, lo)
+                if scale != 1.0:
+                    delta *= np.float32(scale)
+            delta *= np.float32(weight)
+            weighted.append(delta)
+        merged = np.zeros(hi - lo, dtype=np.float32)
+        if consensus:
+            total = weighted[0].copy()
+            for delta in weighted[1:]:
+                total += delta
+            elected_positive = total >= 0
+            divisor = np.zeros(hi - lo, dtype=np.float32)
+            for delta, weight in zip(weighted, weights):
+                agrees = np.where(elected_positive, delta > 0, delta < 0)
+                merged += delta * agrees
+                divisor += agrees * np.float32(weight)
+            if normalize:
+                divisor[divisor == 0] = 1
+                merged /= divisor
+        else:
+            for delta in weighted:
+                merged += delta
+            if normalize:
+                merged /= np.float32(plain_divisor)
+        if lambda_ != 1.0:
+            merged *= np.float32(lambda_)
+        merged += base_block
+        yield lo, merged
+
+
+def _rescale_factors(tensors: Sequence[Source], base: Source, sparsifiers: Sequence[Sparsifier | None]) -> list[float]:
+    """‖δᵢ‖₁ / ‖mask(δᵢ)‖₁ for each sparsified task vector (1 when either norm is ~0).
+
+    Masks are drawn again in the merge pass: magnitude masks from their thresholds, DARE's from
+    the same per-block seeds, so the kept entries are the same ones.
+    """
+    factors = []
+    for tensor, sparsifier in zip(tensors, sparsifiers):
+        if sparsifier is None:
+            factors.append(1.0)
+            continue
+        probe = Sparsifier.__new__(Sparsifier)
+        probe.__dict__.update(sparsifier.__dict__)
+        probe._top = _copy_topk(sparsifier._top)
+        probe._bottom = _copy_topk(sparsifier._bottom)
+        before = after = 0.0
+        for lo, hi in _ranges(base.size):
+            delta = tensor.block(lo, hi)
+            delta -= base.block(lo, hi)
+            magnitude = np.abs(delta)
+            before += float(magnitude.sum(dtype=np.float64))
+            after += float(magnitude[probe.mask(delta, lo)].sum(dtype=np.float64))
+        factors.append(before / after if before >= 1e-7 and after >= 1e-7 else 1.0)
+    return factors
+
+
+def _copy_topk(selector: TopK | None) -> TopK | None:
+    if selector is None:
+        return None
+    copy = TopK.__new__(TopK)
+    copy.__dict__.update(selector.__dict__)
+    return copy
+
+
+def collect(blocks: Blocks, size: int) -> np.ndarray:
+    """All blocks of a kernel into one float32 array."""
+    out = np.empty(size, dtype=np.float32)
+    for start, block in blocks:
+        out[start:start + block.size] = block
+    return out
