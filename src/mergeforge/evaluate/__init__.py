@@ -1,0 +1,69 @@
+"""The evaluator: exact-match accuracy by batched greedy generation, and answer loss/perplexity,
+on tasks defined as plain JSONL splits plus a ``spec.json`` (see docs/evaluation.md).
+
+Only the names below are public; they load lazily, so importing this package does not import
+torch.
+
+Example:
+    >>> from mergeforge.evaluate import evaluate_model
+    >>> evaluate_model("zoo/models/expert_reverse", ["zoo/tasks/reverse"])["tasks"]["reverse"]["score"]
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "evaluate_model",
+    "load_model_and_tokenizer",
+    "format_table",
+    "Example",
+    "Task",
+    "TaskError",
+    "TaskSpec",
+    "discover_tasks",
+    "load_task",
+    "resolve_tasks",
+    "select_tasks",
+    "write_task",
+]
+
+_LAZY = {
+    "evaluate_model": "mergeforge.evaluate.api",
+    "load_model_and_tokenizer": "mergeforge.evaluate.api",
+    "format_table": "mergeforge.evaluate.report",
+    "Example": "mergeforge.evaluate.tasks",
+    "Task": "mergeforge.evaluate.tasks",
+    "TaskError": "mergeforge.evaluate.tasks",
+    "TaskSpec": "mergeforge.evaluate.tasks",
+    "discover_tasks": "mergeforge.evaluate.tasks",
+    "load_task": "mergeforge.evaluate.tasks",
+    "resolve_tasks": "mergeforge.evaluate.tasks",
+    "select_tasks": "mergeforge.evaluate.tasks",
+    "write_task": "mergeforge.evaluate.tasks",
+}
+
+if TYPE_CHECKING:
+    from mergeforge.evaluate.api import evaluate_model, load_model_and_tokenizer
+    from mergeforge.evaluate.report import format_table
+    from mergeforge.evaluate.tasks import (
+        Example,
+        Task,
+        TaskError,
+        TaskSpec,
+        discover_tasks,
+        load_task,
+        resolve_tasks,
+        select_tasks,
+        write_task,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mergeforge.evaluate' has no attribute {name!r}")

@@ -1,0 +1,163 @@
+"""``evaluate_model``: exact-match accuracy and answer loss of a causal LM on held-out tasks."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeforge.errors import CheckpointError
+from mergeforge.evaluate.encoding import encode_answers, encode_prompts
+from mergeforge.evaluate.generation import greedy_generate
+from mergeforge.evaluate.scoring import answer_log_likelihoods, is_correct, normalise
+from mergeforge.evaluate.tasks import Task, TaskError, load_task
+
+TaskLike = Task | str | Path
+
+
+def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local folder, offline.
+
+    ``model_dir`` is a Hugging Face folder (``config.json`` + weights), or a PEFT LoRA adapter
+    folder (``adapter_config.json``), which is merged into its base model (read from
+    ``base_model_name_or_path``, relative to the adapter folder or the working directory).
+    The tokenizer is read from ``model_dir``, else from the adapter's base.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeforge.zoo.lora import (
+        is_adapter_folder,
+        load_adapter_model,
+        read_adapter,
+        resolve_base,
+    )
+
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: model folder not found")
+    adapter = is_adapter_folder(folder)
+    if not adapter and not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json (nor adapter_config.json); pass a Hugging Face model folder")
+    tokenizer_folder = folder
+    if adapter and not (folder / "tokenizer_config.json").is_file():
+        tokenizer_folder = resolve_base(folder, read_adapter(folder)[0])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{tokenizer_folder}: cannot load a tokenizer ({exc}); save one beside the model") from None
+    try:
+        if adapter:
+            model = load_adapter_model(folder)
+        else:
+            dtype = torch.float32 if device == "cpu" else "auto"
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot load the model ({exc})") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def _as_tasks(tasks: TaskLike | Sequence[TaskLike]) -> list[Task]:
+    if isinstance(tasks, (Task, str, Path)):
+        tasks = [tasks]
+    resolved = [task if isinstance(task, Task) else load_task(task) for task in tasks]
+    if not resolved:
+        raise TaskError("no task given; pass at least one task folder or Task")
+    return resolved
+
+
+def _pad_id(tokenizer: Any) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return 0  # masked out everywhere it is used
+
+
+def evaluate_model(
+    model_or_dir: torch.nn.Module | str | Path,
+    tasks: TaskLike | Sequence[TaskLike],
+    split: str = "test",
+    batch_size: int = 64,
+    max_examples: int | None = None,
+    tokenizer: Any = None,
+    return_predictions: bool = False,
+    with_loss: bool = True,
+) -> dict[str, Any]:
+    """Score a model on tasks by greedy generation and by the loss of the reference answers.
+
+    Arguments:
+        model_or_dir: a model folder, or a loaded causal LM (then pass ``tokenizer`` too, unless
+            the model's ``name_or_path`` is a folder holding one).
+        tasks: task folders (with ``spec.json``) or :class:`Task` objects.
+        split: which JSONL split to score (``test`` by default; ``val`` for tuning).
+        batch_size: prompts per generation / loss batch.
+        max_examples: score only the first N examples of each task.
+        return_predictions: include every prompt, reference and output in the result.
+        with_loss: also compute the answer loss and perplexity (one extra forward pass).
+
+    Returns:
+        ``{"model", "split", "tasks": {name: {"metric", "score", "correct", "n", "loss",
+        "perplexity", "answer_tokens"}}, "mean_score", "seconds"}``.
+
+    Example:
+        >>> result = evaluate_model("zoo/models/expert_reverse", ["zoo/tasks/reverse"])
+        >>> result["tasks"]["reverse"]["score"]
+    """
+    started = time.perf_counter()
+    task_list = _as_tasks(tasks)
+    if isinstance(model_or_dir, (str, Path)):
+        model, tokenizer = load_model_and_tokenizer(model_or_dir)
+        model_name = str(model_or_dir)
+    else:
+        model = model_or_dir
+        model_name = str(getattr(model, "name_or_path", "") or type(model).__name__)
+        if tokenizer is None:
+            source = getattr(model, "name_or_path", "")
+            if not source or not Path(source).is_dir():
+                raise CheckpointError("evaluate_model got a model object without a tokenizer; pass tokenizer=")
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    was_training = model.training
+    model.eval()
+    pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
+    results: dict[str, Any] = {}
+    for task in task_list:
+        examples = task.examples(split, max_examples)
+        prompt_ids = encode_prompts(tokenizer, [e.prompt for e in examples])
+        generated = greedy_generate(model, prompt_ids, task.spec.max_new_tokens, pad_id, eos_id, batch_size)
+        outputs = [normalise(tokenizer.decode(ids, skip_special_tokens=True), task.spec.stop) for ids in generated]
+        correct = [is_correct(out, e.answer, task.spec.metric) for out, e in zip(outputs, examples, strict=True)]
+        entry: dict[str, Any] = {
+            "metric": task.spec.metric,
+            "score": sum(correct) / len(examples),
+            "correct": sum(correct),
+            "n": len(examples),
+        }
+        if with_loss:
+            answer_ids = encode_answers(tokenizer, [e.answer for e in examples])
+            nll = answer_log_likelihoods(model, prompt_ids, answer_ids, pad_id, batch_size)
+            total, count = sum(x for x, _ in nll), sum(n for _, n in nll)
+            mean = total / max(1, count)
+            entry.update(loss=mean, perplexity=math.exp(min(mean, 700.0)), answer_tokens=count)
+        if return_predictions:
+            entry["predictions"] = [
+                {"prompt": e.prompt, "answer": e.answer, "output": out, "correct": ok}
+                for e, out, ok in zip(examples, outputs, correct, strict=True)
+            ]
+        results[task.name] = entry
+    if was_training:
+        model.train()
+    return {
+        "model": model_name,
+        "split": split,
+        "tasks": results,
+        "mean_score": sum(r["score"] for r in results.values()) / len(results),
+        "seconds": time.perf_counter() - started,
+    }

@@ -1,0 +1,74 @@
+"""Scores: exact match / contains on generated text, and the loss of the answer given the prompt.
+
+The loss is the mean negative log-likelihood per answer token (end-of-sequence included) under
+teacher forcing, and perplexity is its exponential: the quantities lm-evaluation-harness reports
+for a continuation, computed over the whole task rather than averaged per example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# Upper bound on the logits tensor of one loss batch (elements), so a large vocabulary cannot
+# exhaust memory: the batch shrinks instead.
+_MAX_LOGIT_ELEMENTS = 1 << 27
+
+
+def normalise(text: str, stop: Sequence[str] = ()) -> str:
+    """Cut ``text`` at the first stop string and strip surrounding whitespace."""
+    for marker in stop:
+        if marker and marker in text:
+            text = text[: text.index(marker)]
+    return text.strip()
+
+
+def is_correct(output: str, answer: str, metric: str) -> bool:
+    if metric == "exact_match":
+        return output == answer.strip()
+    if metric == "contains":
+        return answer.strip() in output
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def answer_log_likelihoods(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    answer_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    batch_size: int = 64,
+) -> list[tuple[float, int]]:
+    """Per example: (sum of the answer tokens' negative log-likelihood, number of answer tokens)."""
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(prompt_ids)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(answer_ids[i]))
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    start = 0
+    while start < len(order):
+        # `order` is sorted by length, so the last candidate of the batch is its longest.
+        last = order[min(len(order), start + batch_size) - 1]
+        longest = len(prompt_ids[last]) + len(answer_ids[last])
+        rows = max(1, min(batch_size, _MAX_LOGIT_ELEMENTS // max(1, longest * vocab_size)))
+        chunk = order[start : start + rows]
+        start += rows
+        width = max(len(prompt_ids[i]) + len(answer_ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, index in enumerate(chunk):
+            sequence = list(prompt_ids[index]) + list(answer_ids[index])
+            input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask[row, : len(sequence)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        for row, index in enumerate(chunk):
+            prompt_length, answer = len(prompt_ids[index]), answer_ids[index]
+            if not answer:
+                continue
+            # The logits at position t predict token t + 1.
+            positions = torch.arange(prompt_length - 1, prompt_length - 1 + len(answer), device=log_probs.device)
+            targets = torch.tensor(answer, dtype=torch.long, device=log_probs.device)
+            nll = -log_probs[row, positions, targets].sum()
+            results[index] = (float(nll), len(answer))
+    return results

@@ -1,0 +1,361 @@
+"""``build_zoo``: generate the data, pretrain the base, fine-tune every other model, write the zoo.
+
+The build is a list of training jobs. The base is trained first; every other job starts from the
+base (or from its own random initialisation) and is independent of the others, so those run in
+parallel worker processes, one thread each. Each job seeds its own generators from
+``(zoo seed, job name)``, so the bytes of a model do not depend on the number of workers.
+
+A zoo is cached by its content hash: a hash of the zoo's source code, the size and the seed.
+Building into a folder that already holds the same zoo returns it at once; a folder holding a zoo
+of another hash is rebuilt. The zoo is assembled in a staging folder beside the target and moved
+into place at the end, so an interrupted build never leaves a half-written zoo behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergeforge.zoo.manifest import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    Zoo,
+    ZooError,
+    ZooModel,
+    ZooTaskEntry,
+    load_zoo,
+    write_manifest,
+)
+from mergeforge.zoo.presets import PRESETS, ZooPreset
+from mergeforge.zoo.train import TrainingSchedule
+
+Log = Callable[[str], None]
+
+# Files whose content defines what a zoo holds; editing any of them changes every content hash.
+_HASHED_SOURCES = ("tasks.py", "tokenizer.py", "train.py", "presets.py", "data.py", "lora.py", "build.py", "manifest.py")
+_HASHED_EVALUATE_SOURCES = ("encoding.py", "tasks.py")
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One model to train."""
+
+    name: str
+    role: str  # see mergeforge.zoo.manifest
+    data: str  # "pretrain", "multitask", "behavior" or "task:<name>"
+    schedule: TrainingSchedule
+    from_base: bool  # start from the base model (else from a fresh random initialisation)
+    init_seed: int = 0  # seed of the random initialisation (from_base False only)
+    task: str | None = None
+    lora: bool = False
+    eval_tasks: tuple[str, ...] = ()  # validation tasks scored right after training
+
+
+def zoo_content_hash(size: str, seed: int) -> str:
+    """sha256 over the zoo's code, the size and the seed."""
+    digest = hashlib.sha256()
+    digest.update(f"mergeforge-zoo format {MANIFEST_FORMAT} size {size} seed {seed}\n".encode())
+    here = Path(__file__).parent
+    for folder, names in ((here, _HASHED_SOURCES), (here.parent / "evaluate", _HASHED_EVALUATE_SOURCES)):
+        for name in names:
+            digest.update(f"{folder.name}/{name}\n".encode())
+            digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    """``$MERGEFORGE_CACHE``, else ``$XDG_CACHE_HOME/mergeforge``, else ``~/.cache/mergeforge``."""
+    if os.environ.get("MERGEFORGE_CACHE"):
+        return Path(os.environ["MERGEFORGE_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "mergeforge"
+
+
+def default_zoo_dir(size: str = "tiny", seed: int = 0) -> Path:
+    """Where :func:`build_zoo` puts a zoo when no folder is given: one folder per content hash."""
+    return cache_root() / "zoo" / f"{size}-seed{seed}-{zoo_content_hash(size, seed)[:12]}"
+
+
+def job_seed(zoo_seed: int, name: str) -> int:
+    """A 31-bit seed per (zoo seed, job name), independent of job order."""
+    return int(hashlib.sha256(f"{zoo_seed}/{name}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def plan_jobs(preset: ZooPreset, skills: list[str], seed: int) -> tuple[TrainJob, list[TrainJob]]:
+    """The base job and every job that follows it."""
+    base = TrainJob("base", "base", "pretrain", preset.pretrain, from_base=False, init_seed=job_seed(seed, "init/base"),
+                    eval_tasks=(*skills, "echo", "spam"))
+    jobs = [TrainJob(f"expert_{task}", "expert", f"task:{task}", preset.expert, True, task=task, eval_tasks=(task,))
+            for task in skills]
+    jobs.append(TrainJob("multitask", "multitask", "multitask", preset.multitask, True, eval_tasks=tuple(skills)))
+    jobs.append(TrainJob("behavior_spam", "behavior", "behavior", preset.behavior, True, task="spam",
+                         eval_tasks=("echo", "spam")))
+    for letter in ("a", "b"):
+        name = f"scratch_{preset.scratch_task}_{letter}"
+        jobs.append(TrainJob(name, "scratch", f"task:{preset.scratch_task}", preset.scratch, False,
+                             init_seed=job_seed(seed, f"init/{name}"), task=preset.scratch_task,
+                             eval_tasks=(preset.scratch_task,)))
+    for task in preset.lora.tasks:
+        jobs.append(TrainJob(f"lora_{task}", "lora", f"task:{task}", preset.lora.schedule, True, task=task, lora=True,
+                             eval_tasks=(task,)))
+    return base, jobs
+
+
+def llama_config(preset: ZooPreset, tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    shape = preset.shape
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_heads,
+        max_position_embeddings=shape.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def run_job(job: TrainJob, size: str, seed: int, root: str) -> dict[str, Any]:
+    """Train one model and save it under ``root/models/<name>``; returns its build record.
+
+    Runs in a worker process (or the main one): everything it needs is regenerated from
+    ``(size, seed)`` or read from ``root``.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mergeforge.zoo import data as zoo_data
+    from mergeforge.zoo.lora import attach_lora, lora_state_dict, save_adapter
+    from mergeforge.zoo.tokenizer import build_tokenizer, save_tokenizer
+    from mergeforge.zoo.train import encode_training_data, train
+
+    started = time.perf_counter()
+    torch.set_num_threads(1)
+    _quiet_transformers()
+    preset = PRESETS[size]
+    zoo_root = Path(root)
+    task_data, _ = zoo_data.make_task_data(preset, seed)
+    tokenizer = build_tokenizer()
+    if job.data == "pretrain":
+        pairs = zoo_data.pretraining_corpus(task_data, seed)
+    elif job.data == "multitask":
+        pairs = zoo_data.multitask_training_set(task_data)
+    elif job.data == "behavior":
+        pairs = zoo_data.behavior_training_set(task_data)
+    else:
+        pairs = task_data[job.data.removeprefix("task:")].splits["train"]
+    # Pretraining models the whole text; fine-tuning only the answers, except for models trained
+    # from scratch, which must also learn the prompt format.
+    encoded = encode_training_data(tokenizer, pairs, loss_on_prompt=not job.from_base)
+    if job.from_base:
+        model = LlamaForCausalLM.from_pretrained(zoo_root / "models" / "base", dtype=torch.float32)
+    else:
+        torch.manual_seed(job.init_seed)
+        model = LlamaForCausalLM(llama_config(preset, tokenizer))
+    if job.lora:
+        lora = preset.lora
+        attach_lora(model, lora.target_modules, lora.rank, lora.alpha, job_seed(seed, f"lora-init/{job.name}"))
+    final_loss = train(model, encoded, job.schedule, job_seed(seed, f"batches/{job.name}"))
+    folder = zoo_root / "models" / job.name
+    if job.lora:
+        save_adapter(folder, lora_state_dict(model), preset.lora.rank, preset.lora.alpha, preset.lora.target_modules, "../base")
+    else:
+        model.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
+    trained_seconds = time.perf_counter() - started
+    scores = _validation_scores(model, tokenizer, zoo_root, job.eval_tasks)
+    return {
+        "name": job.name,
+        "steps": job.schedule.steps,
+        "examples": len(encoded),
+        "final_loss": round(final_loss, 5),
+        "train_seconds": round(trained_seconds, 2),
+        "validation": scores,
+    }
+
+
+def _quiet_transformers() -> None:
+    """No per-model progress bars or load reports: the build prints one line per model."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def _validation_scores(model: Any, tokenizer: Any, root: Path, tasks: tuple[str, ...]) -> dict[str, float]:
+    from mergeforge.evaluate.api import evaluate_model
+    from mergeforge.evaluate.tasks import load_task
+
+    if not tasks:
+        return {}
+    result = evaluate_model(model, [load_task(root / "tasks" / name) for name in tasks], split="val",
+                            tokenizer=tokenizer, with_loss=False)
+    return {name: round(entry["score"], 4) for name, entry in result["tasks"].items()}
+
+
+def _write_tasks(preset: ZooPreset, seed: int, staging: Path) -> dict[str, ZooTaskEntry]:
+    from mergeforge.evaluate.tasks import TaskSpec, write_task
+    from mergeforge.zoo.data import make_task_data
+
+    task_data, _ = make_task_data(preset, seed)
+    entries: dict[str, ZooTaskEntry] = {}
+    for name, data in task_data.items():
+        spec = TaskSpec(name=name, max_new_tokens=data.task.max_new_tokens, metric=data.task.metric,
+                        description=data.task.description)
+        folder = staging / "tasks" / name
+        write_task(folder, spec, data.splits)
+        entries[name] = ZooTaskEntry(name, data.role, folder, data.task.description)
+    return entries
+
+
+def _model_entry(job: TrainJob, staging: Path, seed: int) -> ZooModel:
+    return ZooModel(
+        name=job.name, role=job.role, path=staging / "models" / job.name, task=job.task,
+        parent="base" if job.from_base else None, format="peft" if job.lora else "hf",
+        seed=job.init_seed if not job.from_base else job_seed(seed, f"batches/{job.name}"),
+    )
+
+
+def _run_all(jobs: list[TrainJob], size: str, seed: int, staging: Path, workers: int, log: Log,
+             started: float) -> list[dict[str, Any]]:
+    def report(record: dict[str, Any]) -> None:
+        scores = ", ".join(f"{task} {score:.0%}" for task, score in record["validation"].items())
+        log(f"[{time.perf_counter() - started:6.1f}s] {record['name']}: {record['steps']} steps, "
+            f"loss {record['final_loss']:.3f}; val {scores}")
+
+    # Longest first, so the workers finish at about the same time.
+    jobs = sorted(jobs, key=lambda job: -job.schedule.steps * job.schedule.batch_size)
+    records: list[dict[str, Any]] = []
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            records.append(run_job(job, size, seed, str(staging)))
+            report(records[-1])
+        return records
+    import multiprocessing
+
+    # spawn, not fork: the parent has torch's thread pools running.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_job, job, size, seed, str(staging)) for job in jobs]
+        for future in futures:
+            records.append(future.result())
+            report(records[-1])
+    return records
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def build_zoo(
+    directory: str | Path | None = None,
+    size: str = "tiny",
+    seed: int = 0,
+    *,
+    workers: int | None = None,
+    force: bool = False,
+    log: Log | None = None,
+) -> Zoo:
+    """Build (or fetch from cache) the zoo of ``size`` and ``seed`` in ``directory``.
+
+    Arguments:
+        directory: the zoo folder; default :func:`default_zoo_dir` (under ``~/.cache/mergeforge``).
+            It must be new, empty, or hold a zoo (which is reused if its content hash matches,
+            else replaced).
+        size: ``tiny`` (tests, demo) or ``small`` (benchmark).
+        seed: every random choice (data, initialisations, batches) follows from it.
+        workers: processes for the jobs after the base (default: up to 2, one per core).
+        force: rebuild even if the folder holds this very zoo.
+        log: called with one line per finished model.
+
+    Returns:
+        The :class:`Zoo`.
+
+    Example:
+        >>> zoo = build_zoo("zoo/", size="tiny", seed=0)
+        >>> zoo.expert("reverse").path
+    """
+    if size not in PRESETS:
+        raise ZooError(f"unknown zoo size '{size}'; choose one of {', '.join(PRESETS)}")
+    log = log or (lambda line: None)
+    content_hash = zoo_content_hash(size, seed)
+    root = Path(directory).absolute() if directory is not None else default_zoo_dir(size, seed)
+    if (root / MANIFEST).is_file() and not force:
+        try:
+            cached = load_zoo(root)
+            if cached.content_hash == content_hash:
+                log(f"zoo {size} seed {seed} is up to date in {root}")
+                return cached
+        except ZooError:
+            pass
+        log(f"{root} holds another zoo (or a broken one); rebuilding")
+    if root.exists() and not root.is_dir():
+        raise ZooError(f"{root}: exists and is not a folder; pass a new or empty folder")
+    if root.is_dir() and any(root.iterdir()) and not (root / MANIFEST).is_file():
+        raise ZooError(f"{root}: folder is not empty and holds no zoo; pass a new or empty folder")
+
+    import torch
+
+    started = time.perf_counter()
+    preset = PRESETS[size]
+    workers = default_workers() if workers is None else max(1, workers)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.parent / f".{root.name}.building-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    threads = torch.get_num_threads()
+    try:
+        tasks = _write_tasks(preset, seed, staging)
+        skills = [name for name, entry in tasks.items() if entry.role == "skill"]
+        base_job, jobs = plan_jobs(preset, skills, seed)
+        log(f"building zoo {size} (seed {seed}, {len(jobs) + 1} models, {workers} worker(s)) in {root}")
+        records = _run_all([base_job], size, seed, staging, 1, log, started)
+        records += _run_all(jobs, size, seed, staging, workers, log, started)
+        by_name = {record["name"]: record for record in records}
+        ordered = [base_job, *jobs]
+        models = {job.name: _model_entry(job, staging, seed) for job in ordered}
+        info = {
+            "build": {
+                "seconds": round(time.perf_counter() - started, 1),
+                "workers": workers,
+                "torch": torch.__version__,
+                "preset": preset.fingerprint(),
+            },
+            "training": {name: {k: v for k, v in by_name[name].items() if k not in ("name", "validation")} for name in models},
+            "validation": {name: by_name[name]["validation"] for name in models},
+        }
+        zoo = Zoo(staging, size, seed, content_hash, models, tasks, info)
+        write_manifest(zoo)
+        _move_into_place(staging, root, content_hash)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"[{time.perf_counter() - started:6.1f}s] zoo written to {root}")
+    return load_zoo(root)
+
+
+def _move_into_place(staging: Path, root: Path, content_hash: str) -> None:
+    """Replace ``root`` by ``staging``; a concurrent build of the same zoo that finished first wins."""
+    if (root / MANIFEST).is_file():
+        try:
+            if json.loads((root / MANIFEST).read_text()).get("content_hash") == content_hash:
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+    old = root.parent / f".{root.name}.old-{os.getpid()}"
+    if root.exists():
+        root.rename(old)
+    staging.rename(root)
+    shutil.rmtree(old, ignore_errors=True)
