@@ -43,6 +43,7 @@ def write_recipe(path: Path, family: dict[str, Path], method: str, parameters: d
     return path
 
 
+@pytest.mark.slow  # nine real CLI merges: about a minute on two cores
 @pytest.mark.parametrize("method", list(METHODS))
 def test_a_yaml_merge_runs_and_transformers_loads_it(method, llama_family, tmp_path):
     from transformers import AutoModelForCausalLM
