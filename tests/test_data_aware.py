@@ -334,3 +334,31 @@ def test_long_examples_keep_their_end_and_prompts_only_drops_answers(tokenizer):
     assert encoded.scored == [False] * 2 + [True] * 4  # the answer and end-of-sequence are scored
     prompt_only = encode_examples(tokenizer, [CalibrationExample("abc", "xyz")], max_length=16, prompts_only=True)[0]
     assert prompt_only.input_ids == tokenizer("abc")["input_ids"] and all(prompt_only.scored)
+
+
+def test_regmean_on_a_conv1d_weight_solves_the_regression_in_its_stored_orientation():
+    from mergeforge.methods.regmean import InputGrams
+
+    # GPT-2's Conv1D computes y = x W with W stored [in, out]; square, so a wrong orientation cannot hide.
+    inputs = [seeded(40, 5, seed=140 + i) for i in range(2)]
+    weights = [seeded(5, 5, seed=150 + i) for i in range(2)]
+    stacked_targets = torch.cat([x.double() @ w.double() for x, w in zip(inputs, weights)])
+    expected = torch.linalg.lstsq(torch.cat(inputs).double(), stacked_targets).solution.float()
+    grams = [x.double().T @ x.double() for x in inputs]
+    out = get_method("regmean").run(weights, None, {"alpha": 1.0, "statistics": InputGrams(grams, input_dim=0)})
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    linear_out = get_method("regmean").run(weights, None, {"alpha": 1.0, "statistics": InputGrams(grams, input_dim=1)})
+    assert not torch.allclose(linear_out, expected, atol=1e-3)
+
+
+def test_linear_layers_include_gpt2_conv1d_with_their_input_dimension():
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from mergeforge.calibration.gram import linear_layers
+
+    gpt2 = linear_layers(AutoModelForCausalLM.from_config(tiny_config("gpt2")))
+    assert gpt2["transformer.h.0.attn.c_attn.weight"][1] == 0 and gpt2["transformer.h.0.mlp.c_proj.weight"][1] == 0
+    assert gpt2["lm_head.weight"][1] == 1
+    llama = linear_layers(tiny_llama())
+    assert llama["model.layers.0.self_attn.q_proj.weight"][1] == 1

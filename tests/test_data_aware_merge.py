@@ -235,13 +235,18 @@ def test_a_registered_calibrate_hook_feeds_each_tensor_its_statistics_through_th
     torch.testing.assert_close(merged[k_proj], mean_of(inputs, k_proj))  # no statistics: the function's fallback
 
 
-def test_examples_longer_than_a_learned_position_table_are_cut_to_fit(model_factory, tmp_path: Path):
+@pytest.mark.parametrize("method", ["fisher_merging", "regmean"])
+def test_gpt2_merges_and_examples_longer_than_its_position_table_are_cut_to_fit(method: str, model_factory, tmp_path: Path):
     # GPT-2 has 64 learned positions in the tiny config; a 150-character text would index past them.
     base = model_factory("gpt2", "gpt2-base", seed=0)
     fine_tunes = [model_factory("gpt2", f"gpt2-ft{i}", seed=i, base=base) for i in (1, 2)]
     data = write_jsonl(tmp_path / "long.jsonl", [{"text": "abcdefghij" * 15}, {"text": "short"}])
-    recipe = {"merge_method": "fisher_merging", "models": [{"model": str(m)} for m in fine_tunes],
+    recipe = {"merge_method": method, "models": [{"model": str(m)} for m in fine_tunes],
               "calibration": {"data": str(data), "max_length": 128}}
     api.merge(recipe, tmp_path / "out", quiet=True)
     merged = load_state(tmp_path / "out")
     assert all(torch.isfinite(tensor).all() for tensor in merged.values())
+    if method == "regmean":  # Conv1D weights are regressed, not averaged
+        inputs = [load_state(m) for m in fine_tunes]
+        name = "transformer.h.0.attn.c_attn.weight"
+        assert not torch.allclose(merged[name], mean_of(inputs, name), atol=1e-4)

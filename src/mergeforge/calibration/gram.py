@@ -2,8 +2,9 @@
 
 RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models",
 ICLR 2023, arXiv:2212.09849) merges each linear layer from the Gram matrix G = XᵀX of the inputs
-X (one row per token) that the layer sees on calibration data. Forward hooks on every
-``torch.nn.Linear`` collect them; padding positions are left out.
+X (one row per token) that the layer sees on calibration data. Forward hooks on every linear
+layer collect them; padding positions are left out. Linear layers are ``torch.nn.Linear``
+(weight ``[out, in]``) and the ``Conv1D`` of GPT-2-style models in transformers (weight ``[in, out]``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,22 @@ import torch
 from mergeforge.calibration.data import Batch
 
 
+def linear_layers(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, int]]:
+    """``{"<module>.weight": (module, input_dim)}`` for every linear layer; ``input_dim`` is the
+    weight dimension that multiplies the input (1 for ``nn.Linear``, 0 for ``Conv1D``)."""
+    layers: dict[str, tuple[torch.nn.Module, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            layers[f"{name}.weight"] = (module, 1)
+        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+            layers[f"{name}.weight"] = (module, 0)
+    return layers
+
+
 def linear_input_grams(
     model: torch.nn.Module, batches: Sequence[Batch], progress: object | None = None
 ) -> dict[str, torch.Tensor]:
-    """``{"<linear module>.weight": Σ_tokens x xᵀ}`` (float64, on the CPU) for every ``nn.Linear``.
+    """``{"<linear module>.weight": Σ_tokens x xᵀ}`` (float64, on the CPU) for every linear layer.
 
     The sum runs over every non-padding token of every batch (RegMean's XᵀX, unnormalised).
     ``progress`` is an optional tqdm bar advanced once per batch.
@@ -42,11 +55,7 @@ def linear_input_grams(
 
         return record_input
 
-    handles = [
-        module.register_forward_pre_hook(hook_for(f"{name}.weight"))
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    ]
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, (module, _) in linear_layers(model).items()]
     try:
         with torch.no_grad():
             for batch in batches:

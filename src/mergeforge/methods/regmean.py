@@ -9,6 +9,7 @@ calibration data, the merged weight minimises Σ_i ‖X_i W*ᵀ − X_i W_iᵀ�
 The paper shrinks the off-diagonal entries of each Gram matrix, G̃_i = α G_i + (1 − α) diag(G_i),
 which interpolates between this regression (α = 1) and a per-input-feature weighted average
 (α = 0); α = 0.9 by default. Every other tensor (biases, norms, embeddings) is the plain average.
+Linear layers are ``nn.Linear`` and GPT-2's ``Conv1D`` (whose weight is stored transposed).
 
 Not in the paper: a ridge of 1e-6 · mean(diag Σ G̃_i) pulls directions that no calibration input
 visits toward the plain average of the W_i, so the solve stays well-posed when a feature is never
@@ -17,6 +18,8 @@ active (it changes nothing measurable elsewhere).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,19 +33,30 @@ if TYPE_CHECKING:
 RIDGE = 1e-6
 
 
-def collect_grams(context: CalibrationContext) -> dict[str, list[torch.Tensor]]:
+@dataclass(frozen=True)
+class InputGrams:
+    """One linear layer's statistics: each model's input Gram matrix, and which dimension of the
+    weight meets the input (1 for ``nn.Linear``'s ``[out, in]``, 0 for GPT-2's ``Conv1D``)."""
+
+    grams: list[torch.Tensor]
+    input_dim: int = 1
+
+
+def collect_grams(context: CalibrationContext) -> dict[str, InputGrams]:
     """Every input model's linear-layer input Gram matrices on its own calibration examples."""
-    from mergeforge.calibration.gram import linear_input_grams
+    from mergeforge.calibration.gram import linear_input_grams, linear_layers
 
     per_model: list[dict[str, torch.Tensor]] = []
+    input_dims: dict[str, int] = {}
     batches = {ref: context.batches(ref) for ref in context.input_refs}
     with context.progress_bar(sum(len(b) for b in batches.values()), "regmean") as bar:
         for ref in context.input_refs:
             model = context.load_model(ref)
+            input_dims = {name: dim for name, (_, dim) in linear_layers(model).items()}
             per_model.append(linear_input_grams(model, batches[ref], bar))
             del model
     names = [name for name in per_model[0] if all(name in grams for grams in per_model)]
-    return {name: [grams[name] for grams in per_model] for name in names}
+    return {name: InputGrams([grams[name] for grams in per_model], input_dims[name]) for name in names}
 
 
 def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -63,11 +77,19 @@ def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     "inputs of every nn.Linear. A per-model mapping in 'calibration.data' gives each model its own task data.",
 )
 def regmean(
-    tensors: list[torch.Tensor], base: torch.Tensor | None, *, alpha: float, statistics: list[torch.Tensor] | None = None
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    alpha: float,
+    statistics: InputGrams | Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     if statistics is None or tensors[0].dim() != 2:
         return torch.stack(tensors).mean(0)
-    if statistics is not None and len(statistics) != len(tensors):
+    if isinstance(statistics, InputGrams):
+        if statistics.input_dim == 0:  # Conv1D stores [in, out]: solve for its transpose
+            return regmean([t.T for t in tensors], None, alpha=alpha, statistics=statistics.grams).T.contiguous()
+        statistics = statistics.grams
+    if len(statistics) != len(tensors):
         raise MethodError(f"regmean: statistics for {len(statistics)} models, but {len(tensors)} inputs")
     in_features = tensors[0].shape[1]
     for gram in statistics:
