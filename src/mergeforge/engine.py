@@ -11,17 +11,16 @@ largest tensor (embeddings, output heads). The engine knows nothing of any metho
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from mergeforge.checkpoint.writer import OutputTensor, ShardedWriter
 from mergeforge.errors import MergeforgeError, MethodError
 from mergeforge.plan import MergePlan, SourceTensor, TensorJob
+from mergeforge.progress import ProgressReporter
 
 SIDE_SEPARATOR = "::"
 # Temporaries a method makes beyond its inputs and output, in units of one compute-dtype tensor.
@@ -210,31 +209,6 @@ def estimate_peak_memory(plan: MergePlan, options: EngineOptions) -> int:
     budget = options.memory_budget or max(options.block_bytes * threads, 512 * 1024**2)
     peak = sum(costs[:threads])
     return max(costs[0] if costs else 0, min(peak, budget))
-
-
-class ProgressReporter:
-    """A tqdm bar in bytes written, with tensors done and an ETA; silent when disabled."""
-
-    def __init__(self, total_bytes: int, total_tensors: int, enabled: bool):
-        self._bar: Any = None
-        self._lock = threading.Lock()
-        self._tensors = 0
-        self._total_tensors = total_tensors
-        if enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True)
-
-    def __call__(self, job: TensorJob) -> None:
-        with self._lock:
-            self._tensors += 1
-            if self._bar is not None:
-                self._bar.set_postfix_str(f"{self._tensors}/{self._total_tensors} tensors", refresh=False)
-                self._bar.update(job.output.nbytes)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 __all__ = ["Engine", "EngineOptions", "estimate_peak_memory", "side_outputs", "ProgressReporter", "MergeforgeError"]
