@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -99,17 +100,28 @@ def chart(result: BenchResult, path: Path) -> None:
         lines.set_title("Accuracy against the number of experts")
         lines.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, format="png")
     plt.close(figure)
 
 
 def write_report(result: BenchResult, out_dir: Path) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir``."""
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out_dir``.
+
+    Each file is written beside its place first and renamed into it, so a reader never sees a
+    half-written file and an interrupted run leaves the previous results intact.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "chart": out_dir / "results.png"}
-    payload = dataclasses.asdict(result)
-    payload["ranking"] = ranked_rows(result)
-    paths["json"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    paths["markdown"].write_text(markdown(result))
-    chart(result, paths["chart"])
+    staging = {kind: path.with_name(f".{path.name}.{os.getpid()}.tmp") for kind, path in paths.items()}
+    try:
+        payload = dataclasses.asdict(result)
+        payload["ranking"] = ranked_rows(result)
+        staging["json"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        staging["markdown"].write_text(markdown(result))
+        chart(result, staging["chart"])
+        for kind, path in paths.items():
+            os.replace(staging[kind], path)
+    finally:
+        for temp in staging.values():
+            temp.unlink(missing_ok=True)
     return paths
