@@ -34,6 +34,16 @@ SKETCH_SEED = 0x5EED
 GRAM_FLOOR = 10.0
 
 
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(matrix, full_matrices=False)``, factored in the tall orientation: on CPU
+    (MKL) a wide matrix takes several times longer than its transpose (measured: 28 s against 4 s
+    for 1040 x 14336)."""
+    if matrix.shape[0] >= matrix.shape[1]:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = torch.linalg.svd(matrix.mT, full_matrices=False)
+    return vh.mT, s, u.mT
+
+
 def use_exact(matrix: torch.Tensor, exact: bool) -> bool:
     return exact or min(matrix.shape) <= EXACT_MAX_SIDE
 
@@ -53,7 +63,7 @@ def randomized_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
         # Alternating QR keeps the small singular values from underflowing (Halko et al. Alg. 4.4).
         basis_right = torch.linalg.qr(matrix.mT @ basis).Q
         basis = torch.linalg.qr(matrix @ basis_right).Q
-    small_u, singular_values, vh = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)
+    small_u, singular_values, vh = thin_svd(basis.mT @ matrix)
     return (basis @ small_u)[:, :rank], singular_values[:rank], vh[:rank]
 
 
@@ -64,7 +74,7 @@ def top_singular_triplets(matrix: torch.Tensor, rank: int, exact: bool) -> tuple
     short_side = min(matrix.shape)
     rank = min(rank, short_side)
     if use_exact(matrix, exact):
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = thin_svd(matrix)
         return u[:, :rank], s[:rank], vh[:rank]
     if rank + OVERSAMPLE <= short_side // 2:
         return randomized_svd(matrix, rank)
@@ -104,7 +114,7 @@ def gram_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 def svd(matrix: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The thin SVD of ``matrix``: ``torch.linalg.svd`` when small or asked, else :func:`gram_svd`."""
     if use_exact(matrix, exact):
-        return torch.linalg.svd(matrix, full_matrices=False)
+        return thin_svd(matrix)
     return gram_svd(matrix)
 
 
@@ -122,7 +132,7 @@ def polar_and_singular_values(matrix: torch.Tensor, exact: bool) -> tuple[torch.
     """``(U Vᵀ, S)`` for ``matrix = U S Vᵀ``: the orthogonal polar factor and the singular values
     (Iso-C). The fast route refines the Gram route's polar factor with :func:`refine_polar`."""
     if use_exact(matrix, exact):
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = thin_svd(matrix)
         return u @ vh, s
     u, s, vh = gram_svd(matrix)
     return refine_polar(u @ vh), s
@@ -139,7 +149,7 @@ def orthogonal_polar_factor(matrix: torch.Tensor, exact: bool) -> torch.Tensor:
     norm: ``P Qᵀ`` for ``matrix = P Σ Qᵀ`` (orthogonal Procrustes). This is the whitening step
     of TSV-M and Iso-CTS."""
     if use_exact(matrix, exact):
-        p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+        p, _, qh = thin_svd(matrix)
         return p @ qh
     if matrix.shape[0] >= matrix.shape[1]:
         return matrix @ inverse_sqrt(matrix.mT @ matrix)  # X (XᵀX)^(-1/2)
