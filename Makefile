@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 VENV := .venv/bin
 
-.PHONY: setup demo test test-all lint bench
+.PHONY: setup demo test test-slow test-all lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,10 @@ demo: setup
 
 test: setup
 	$(VENV)/python -m pytest -m "not slow"
+
+# The slow tests (end-to-end CLI merges of every data-free method); CI runs them after `make test`.
+test-slow: setup
+	$(VENV)/python -m pytest -m slow
 
 test-all: setup
 	$(VENV)/python -m pytest
