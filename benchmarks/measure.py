@@ -25,6 +25,7 @@ class ProcessRun:
     peak_rss: int  # bytes
     returncode: int
     output: str
+    cpu_seconds: float = 0.0  # user + system time of the process: less sensitive to a busy machine
 
 
 def run_process(command: list[str], env: dict[str, str] | None = None) -> ProcessRun:
@@ -36,7 +37,8 @@ def run_process(command: list[str], env: dict[str, str] | None = None) -> Proces
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
-    return ProcessRun(seconds, usage.ru_maxrss * 1024, process.returncode, output.decode(errors="replace"))
+    cpu = usage.ru_utime + usage.ru_stime
+    return ProcessRun(seconds, usage.ru_maxrss * 1024, process.returncode, output.decode(errors="replace"), cpu)
 
 
 def read_files(paths: list[Path]) -> int:

@@ -14,6 +14,8 @@ import yaml
 DETERMINISTIC = {"linear", "task_arithmetic", "ties", "slerp", "breadcrumbs", "tsv", "iso_c", "iso_cts"}
 # Methods mergekit has, under the same name and parameters.
 MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_ties", "slerp", "breadcrumbs"}
+# Methods with an exact top-k, whose ties at the threshold each tool may break its own way.
+TOPK_METHODS = {"ties", "breadcrumbs"}
 # SVD methods, of which the first registered one is benchmarked.
 SVD_CANDIDATES = ("tsv", "iso_c", "iso_cts")
 
@@ -57,3 +59,12 @@ def input_folders(method: str, folders: list[Path]) -> list[Path]:
     if method == "linear":
         return folders[1:]
     return folders
+
+
+def topk_counts(method: str, n: int) -> list[int]:
+    """The k of each exact top-k the recipe's method takes over a task vector of ``n`` entries."""
+    if method == "ties":
+        return [int(0.5 * n)]
+    if method == "breadcrumbs":  # keep the density largest below the top gamma
+        return [int(0.5 * n) + int(0.01 * n), int(0.01 * n)]
+    return []

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -32,7 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import compare_folders  # noqa: E402
 from make_checkpoints import SHAPES, folder_bytes, make_set  # noqa: E402
 from measure import clear_folder, io_floor, load_average, run_process  # noqa: E402
-from recipes import DETERMINISTIC, MERGEKIT_METHODS, SVD_CANDIDATES, input_folders, write_recipe  # noqa: E402
+from recipes import (  # noqa: E402
+    DETERMINISTIC,
+    MERGEKIT_METHODS,
+    SVD_CANDIDATES,
+    TOPK_METHODS,
+    input_folders,
+    topk_counts,
+    write_recipe,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "slerp", "breadcrumbs", "svd"]
@@ -44,8 +53,10 @@ class Row:
     method: str
     mergeforge_s: list[float] = field(default_factory=list)
     mergeforge_rss: list[int] = field(default_factory=list)
+    mergeforge_cpu: list[float] = field(default_factory=list)
     mergekit_s: list[float] = field(default_factory=list)
     mergekit_rss: list[int] = field(default_factory=list)
+    mergekit_cpu: list[float] = field(default_factory=list)
     floor_s: list[float] = field(default_factory=list)
     agreement: str = ""
     predicted_peak: int | None = None
@@ -60,15 +71,19 @@ class Row:
         mf_rss = max(self.mergeforge_rss) if self.mergeforge_rss else None
         mk_rss = max(self.mergekit_rss) if self.mergekit_rss else None
         predicted = f"{self.predicted_peak / 1e9:.2f}" if self.predicted_peak else "–"
+        mf_cpu, mk_cpu = self._median(self.mergeforge_cpu), self._median(self.mergekit_cpu)
         return [
             self.size,
             self.method,
             _fmt(mf, "{:.2f}"),
+            _fmt(mf_cpu, "{:.2f}"),
             _fmt(mf_rss and mf_rss / 1e9, "{:.2f}"),
             predicted,
             _fmt(mk, "{:.2f}"),
+            _fmt(mk_cpu, "{:.2f}"),
             _fmt(mk_rss and mk_rss / 1e9, "{:.2f}"),
             _fmt(mk / mf if mk and mf else None, "{:.1f}x"),
+            _fmt(mk_cpu / mf_cpu if mk_cpu and mf_cpu else None, "{:.1f}x"),
             _fmt(floor, "{:.2f}"),
             _fmt(mf / floor if mf and floor else None, "{:.1f}x"),
             self.agreement or self.note or "–",
@@ -76,8 +91,8 @@ class Row:
 
 
 HEADER = [
-    "size", "method", "mergeforge s", "peak RSS GB", "predicted GB", "mergekit s", "mergekit RSS GB",
-    "speed-up", "I/O floor s", "mergeforge / floor", "outputs",
+    "size", "method", "mergeforge s", "CPU s", "peak RSS GB", "predicted GB", "mergekit s", "CPU s", "mergekit RSS GB",
+    "speed-up (wall)", "speed-up (CPU)", "I/O floor s", "mergeforge / floor", "outputs",
 ]
 
 
@@ -150,13 +165,19 @@ def bench_method(args, size: str, method: str, folders: list[Path], mergeforge: 
             run = run_process(command, env=_env())
             if run.returncode != 0:
                 raise SystemExit(f"{tool} failed on {size}/{method}:\n{run.output[-3000:]}")
-            times, rss = (row.mergeforge_s, row.mergeforge_rss) if tool == "mergeforge" else (row.mergekit_s, row.mergekit_rss)
+            if tool == "mergeforge":
+                times, rss, cpu = row.mergeforge_s, row.mergeforge_rss, row.mergeforge_cpu
+            else:
+                times, rss, cpu = row.mergekit_s, row.mergekit_rss, row.mergekit_cpu
             times.append(run.seconds)
             rss.append(run.peak_rss)
-            print(f"  {size} {method} {tool} run {round_index + 1}: {run.seconds:.2f} s, {run.peak_rss / 1e9:.2f} GB", flush=True)
+            cpu.append(run.cpu_seconds)
+            print(f"  {size} {method} {tool} run {round_index + 1}: {run.seconds:.2f} s ({run.cpu_seconds:.2f} CPU s), "
+                  f"{run.peak_rss / 1e9:.2f} GB", flush=True)
         row.floor_s.append(io_floor(inputs, out_bytes, work))
     if use_mergekit and method in DETERMINISTIC:
-        row.agreement = compare_folders(out_mf, out_mk).summary()
+        counts = (lambda n: topk_counts(method, n)) if method in TOPK_METHODS else None
+        row.agreement = compare_folders(out_mf, out_mk, folders if counts else None, counts).summary()
     if not args.keep_outputs:
         clear_folder(out_mf)
         clear_folder(out_mk)
@@ -212,9 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", help="the recipes' compute dtype (default float32)")
     parser.add_argument("--cache", default=str(ROOT / ".cache/bench"), help="where checkpoints and outputs live")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged folders")
+    parser.add_argument("--mergeforge", help="command that runs mergeforge (default: this venv's `mergeforge`)")
     args = parser.parse_args(argv)
 
-    mergeforge = [str(Path(sys.executable).parent / "mergeforge")]
+    mergeforge = shlex.split(args.mergeforge) if args.mergeforge else [str(Path(sys.executable).parent / "mergeforge")]
     mergekit = None if args.no_mergekit else find_mergekit(args.mergekit_python)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "svd" in methods:
