@@ -214,3 +214,12 @@ def test_kernel_names_match_the_docs_of_the_methods():
 
     assert set(task_vectors._KERNEL_SPARSIFIERS.values()) == {m.sparsify for m in FAST_METHODS.values() if m.sparsify}
     assert re.fullmatch(r"\d+", str(kernels.BLOCK))
+
+
+def test_dry_run_lists_the_plan_as_the_full_path_does(bf16_family):
+    recipe = recipes(bf16_family)["ties"]
+    fast = try_fast_merge(recipe, None, dry_run=True)
+    full = mergeforge.merge(recipe, None, dry_run=True)
+    assert fast is not None and fast.plan_lines[:-1] == full.plan_lines[:-1]
+    assert fast.plan_lines[-1].startswith("estimated peak memory:")
+    assert 0 < fast.estimated_peak_bytes < full.estimated_peak_bytes

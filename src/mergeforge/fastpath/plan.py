@@ -47,6 +47,7 @@ class FastSource:
     fd: int
     path: Path
     entry: HeaderEntry
+    model: str = ""  # the recipe's reference to the model
 
 
 @dataclass
@@ -102,7 +103,7 @@ def layer_index(name: str) -> int | None:
     return int(match.group(3)) if match else None
 
 
-def _open_model(folder: Path, fds: list[int]) -> dict[str, FastSource]:
+def _open_model(folder: Path, fds: list[int], ref: str) -> dict[str, FastSource]:
     kind, path = weights_layout(folder)
     if kind == "safetensors":
         files, weight_map = [path], None
@@ -118,7 +119,7 @@ def _open_model(folder: Path, fds: list[int]) -> dict[str, FastSource]:
         _, entries = parse_header(fd, file)
         for name, entry in entries.items():
             if weight_map is None or weight_map.get(name) == file.name:
-                tensors[name] = FastSource(fd, file, entry)
+                tensors[name] = FastSource(fd, file, entry, ref)
     if weight_map is not None and any(name not in tensors for name in weight_map):
         raise NotEligible("index lists a tensor its shard lacks")
     return tensors
@@ -195,7 +196,7 @@ def build_fast_plan(recipe: Recipe, relative_to: Path | None, *, dtype: str | No
     fds: list[int] = []
     try:
         folders = {ref: resolve_model_path(ref, relative_to) for ref in recipe.referenced_models()}
-        tensors = {ref: _open_model(folder, fds) for ref, folder in folders.items()}
+        tensors = {ref: _open_model(folder, fds, ref) for ref, folder in folders.items()}
         reference = base_ref or references[0]
         names = list(tensors[reference])
         layers = _layer_count(names)

@@ -41,19 +41,32 @@ from mergeforge.recipe import Recipe, load_recipe
 
 # safetensors dtype name -> the name config.json uses (torch's, without "torch.").
 CONFIG_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+TORCH_NAMES = {**CONFIG_DTYPES, "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+               "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+
+# Resident memory of the process before any tensor work: the interpreter with NumPy, pydantic,
+# PyYAML and click (measured: 55-60 MB on Linux x86-64, Python 3.11, NumPy 2.4).
+BASELINE_BYTES = 60 * 1024**2
+# float32 block-sized temporaries a worker holds at once, beyond one per input: the running sum,
+# a term, the widened input, the rounding scratch (elementwise) and, for the task-vector family,
+# the base block, the weighted deltas, the sign election and the divisor.
+BLOCK_TEMPORARIES = {"linear": 5, "slerp": 5}
+TASK_VECTOR_TEMPORARIES = 9
 
 
 @dataclass
 class FastResult:
     """What a fast merge did (the fields of :class:`mergeforge.api.MergeResult` the CLI prints)."""
 
-    out_dir: Path
+    out_dir: Path | None
     method: str
     tensors: int
     bytes_read: int
     bytes_written: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    estimated_peak_bytes: int = 0
+    plan_lines: list[str] = field(default_factory=list)
 
 
 class FileSource:
@@ -163,6 +176,57 @@ def finish_folder(plan: FastPlan, temp: Path, copy_tokenizer: bool) -> None:
     folder_files.write_model_card(temp, list(plan.folders), plan.method.name, recipe_yaml)
 
 
+def job_peak_bytes(job: FastJob, method: Any) -> int:
+    """Bytes one worker holds while running ``job``."""
+    if job.copy:
+        return job.nbytes
+    block = min(kernels.BLOCK, max(1, job.nbytes // STORAGE[job.out_dtype].itemsize))
+    temporaries = BLOCK_TEMPORARIES.get(method.name, TASK_VECTOR_TEMPORARIES) + len(job.inputs)
+    peak = block * 4 * temporaries
+    numel = job.nbytes // STORAGE[job.out_dtype].itemsize
+    if method.sparsify == "magnitude":
+        peak += numel * 4  # the magnitudes whose k-th largest is the threshold
+    elif method.sparsify == "outliers":
+        peak += numel * 8  # two thresholds: two copies of the magnitudes
+    return peak  # DARE's masks are drawn per block
+
+
+def estimate_peak_bytes(plan: FastPlan, workers: int) -> int:
+    """Peak resident memory of a fast merge: the baseline plus the largest jobs running at once
+    (jobs start largest first, so the first ``workers`` are the ones that overlap)."""
+    peaks = sorted((job_peak_bytes(job, plan.method) for job in plan.jobs), reverse=True)
+    return BASELINE_BYTES + sum(peaks[:workers])
+
+
+def _human(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return str(count)
+
+
+def describe(plan: FastPlan, peak: int, shard_bytes: int) -> list[str]:
+    """The ``--dry-run`` listing, line for line as the full path prints it."""
+    from mergeforge.checkpoint.writer import split_into_shards
+
+    lines = [f"method: {plan.method.name}", f"models: {', '.join(plan.folders)}"]
+    for job in plan.jobs:
+        shape = list(job.shape)
+        dtype = TORCH_NAMES[job.out_dtype]
+        if job.copy:
+            lines.append(f"  {job.name} {shape} {dtype} <- copy({', '.join(s.model for s in job.inputs)})")
+            continue
+        base = f" base={job.base.model}" if job.base else ""
+        lines.append(f"  {job.name} {shape} {dtype} <- {plan.method.name}({', '.join(s.model for s in job.inputs)}){base}")
+    shards = split_into_shards([OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs], shard_bytes)
+    lines.append(f"tensors: {len(plan.jobs)}")
+    lines.append(f"read: {_human(plan.bytes_to_read)}")
+    lines.append(f"write: {_human(plan.bytes_to_write)} in {len(shards)} shard(s)")
+    lines.append(f"estimated peak memory: {_human(peak)} (fast path: NumPy, no torch)")
+    return lines
+
+
 def try_fast_merge(
     recipe: Recipe | Any,
     out_dir: str | os.PathLike[str] | None,
@@ -186,7 +250,7 @@ def try_fast_merge(
     full, an output location refused) are raised as the full path raises them.
     """
     started = time.perf_counter()
-    if dry_run or out_dir is None or device != "cpu" or (threads is not None and threads < 1):
+    if (out_dir is None and not dry_run) or device != "cpu" or (threads is not None and threads < 1):
         return None
     shard_bytes = parse_size(out_shard_size)
     if shard_bytes is None:
@@ -199,7 +263,12 @@ def try_fast_merge(
         return None
     except Exception:
         return None  # the full path validates again and reports the problem its own way
+    workers = threads or max(1, min(4, os.cpu_count() or 1))
     try:
+        peak = estimate_peak_bytes(plan, workers)
+        if dry_run:
+            return FastResult(None, plan.method.name, len(plan.jobs), plan.bytes_to_read, plan.bytes_to_write, 0.0,
+                              estimated_peak_bytes=peak, plan_lines=describe(plan, peak, shard_bytes))
         from mergeforge.checkpoint import folder as folder_files
 
         out_path = Path(out_dir)
@@ -209,7 +278,6 @@ def try_fast_merge(
         free = shutil.disk_usage(parent).free
         if plan.bytes_to_write > free:
             raise OutputError(f"{parent}: disk full: the merge writes {plan.bytes_to_write} bytes but only {free} are free")
-        workers = threads or max(1, min(4, os.cpu_count() or 1))
         try:
             with folder_files.atomic_output_folder(out_path) as temp:
                 execute(plan, temp, shard_bytes, workers, not quiet)
@@ -217,6 +285,6 @@ def try_fast_merge(
         except OSError as exc:
             raise output_error(exc, Path(exc.filename) if exc.filename else out_path) from None
         return FastResult(out_path, plan.method.name, len(plan.jobs), plan.bytes_to_read, plan.bytes_to_write,
-                          time.perf_counter() - started)
+                          time.perf_counter() - started, estimated_peak_bytes=peak)
     finally:
         plan.close()
