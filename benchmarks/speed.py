@@ -133,7 +133,7 @@ def dry_run_peak(mergeforge: list[str], recipe: Path, threads: int | None) -> in
     result = subprocess.run([*mergeforge, "merge", str(recipe), "--dry-run", *extra], capture_output=True, text=True)
     for line in result.stdout.splitlines():
         if line.startswith("estimated peak memory:"):
-            number, unit = line.split(":", 1)[1].split()
+            number, unit = line.split(":", 1)[1].split()[:2]
             scale = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}[unit]
             return int(float(number) * scale)
     return None
