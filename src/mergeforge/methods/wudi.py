@@ -22,6 +22,9 @@ import torch
 from mergeforge.methods.registry import BaseUse, Param, register_method
 from mergeforge.methods.tsv import mean_task_vector
 
+# torch.optim.Adam's defaults, which the paper's implementation uses.
+ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
+
 
 class InterferenceGradient:
     """∇L(τ) = 2 Σᵢ wᵢ (τ − τᵢ) τᵢᵀ τᵢ with wᵢ = 1/‖τᵢ‖².
@@ -61,11 +64,16 @@ def wudi_matrix(task_vectors: list[torch.Tensor], iterations: int, lr: float) ->
     gradient = InterferenceGradient(task_vectors)
     if iterations == 0 or gradient.empty:
         return merged
-    optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0.0)
-    for _ in range(iterations):
-        merged.grad = gradient(merged)
-        optimizer.step()
-    merged.grad = None
+    # Adam as torch.optim.Adam computes it (betas 0.9/0.999, eps 1e-8, no weight decay), written out
+    # so that no optimizer machinery (and its torch._dynamo import) runs per tensor.
+    first_moment = torch.zeros_like(merged)
+    second_moment = torch.zeros_like(merged)
+    for step in range(1, iterations + 1):
+        grad = gradient(merged)
+        first_moment.lerp_(grad, 1 - ADAM_BETA1)
+        second_moment.mul_(ADAM_BETA2).addcmul_(grad, grad, value=1 - ADAM_BETA2)
+        denominator = (second_moment.sqrt() / (1 - ADAM_BETA2**step) ** 0.5).add_(ADAM_EPS)
+        merged.addcdiv_(first_moment, denominator, value=-lr / (1 - ADAM_BETA1**step))
     return merged
 
 
