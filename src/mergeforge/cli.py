@@ -25,13 +25,13 @@ _FEATURE_COMMANDS = {
 
 
 def _feature_available(target: str) -> bool:
-    import importlib.util
+    """Whether the command's module is installed, found on disk so that no package is imported
+    (``mergeforge.methods`` would import torch and every method)."""
+    from pathlib import Path
 
-    module = target.partition(":")[0]
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+    parts = target.partition(":")[0].split(".")[1:]
+    package_dir = Path(__file__).parent
+    return package_dir.joinpath(*parts).with_suffix(".py").is_file() or package_dir.joinpath(*parts, "__init__.py").is_file()
 
 
 class _Group(click.Group):

@@ -269,8 +269,9 @@ def _load_plugins() -> None:
 
 
 def _load_builtin() -> None:
-    # Importing the package registers the built-in methods.
-    import mergeforge.methods  # noqa: F401
+    from mergeforge.methods import load_builtin_methods
+
+    load_builtin_methods()
 
 
 def get_method(name: str) -> MergeMethod:
