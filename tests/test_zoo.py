@@ -129,7 +129,7 @@ def test_lora_adapters_are_peft_folders(tiny_zoo):
 
     base_model = AutoModelForCausalLM.from_pretrained(tiny_zoo.base.path, local_files_only=True)
     peft_model = peft.PeftModel.from_pretrained(base_model, lora.path).eval()
-    ids = tokenizer(["rev:abcd=", "tr:abab="], return_tensors="pt")["input_ids"]
+    ids = tokenizer(["rev:abcd=", "tr:bako=X"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -177,7 +177,7 @@ def test_task_answers_are_right():
         prompt, answer = tasks["sort"].sample(rng)
         assert answer == "".join(sorted(prompt[5:-1]))
         prompt, answer = tasks["count"].sample(rng)
-        assert answer == str(prompt.count("b"))
+        assert answer == str(prompt.count("x"))
         prompt, answer = tasks["brackets"].sample(rng)
         stack = []
         for char in prompt[6:-1]:

@@ -74,7 +74,7 @@ TINY = ZooPreset(
     pretrain=TrainingSchedule(steps=400, learning_rate=3e-3, batch_size=64),
     # Short and gentle, so every task vector stays near the base (one loss basin), which is
     # what makes their sum meaningful (Ilharco et al., arXiv:2212.04089).
-    expert=TrainingSchedule(steps=160, learning_rate=3e-3, batch_size=32),
+    expert=TrainingSchedule(steps=200, learning_rate=1e-3, batch_size=32),
     multitask=TrainingSchedule(steps=480, learning_rate=3e-3, batch_size=32),
     behavior=TrainingSchedule(steps=100, learning_rate=3e-3, batch_size=32),
     scratch=TrainingSchedule(steps=200, learning_rate=3e-3, batch_size=32),
@@ -90,7 +90,7 @@ SMALL = ZooPreset(
     name="small",
     shape=ModelShape(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4),
     difficulty=TaskDifficulty(
-        letters="abcdefghij", string_length=(4, 7), count_length=(4, 14), sentence_words=(1, 4),
+        letters="abcdefghij", shift_symbols="ABCDEFGHIJ", string_length=(4, 7), count_length=(4, 14), sentence_words=(1, 4),
         bracket_depth=(2, 5), bracket_extra_pairs=(0, 2), lexicon_size=16,
     ),
     train_examples=4000,

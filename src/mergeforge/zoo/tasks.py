@@ -11,9 +11,9 @@ arXiv:2212.04089): a shared pretrained model, then one fine-tune per skill.
 Tasks (prompt -> answer):
 
 - ``reverse``:   ``rev:abcd=``        -> ``dcba``
-- ``sort``:      ``sort:dbca=``       -> ``abcd``
-- ``shift``:     ``shift:abh=``       -> ``bca``       (each letter to the next, cyclically)
-- ``count``:     ``count:abbab=``     -> ``3``         (how many ``b``)
+- ``sort``:      ``sort:4170=``       -> ``0147``
+- ``shift``:     ``shift:ABH=``       -> ``BCA``       (each letter to the next, cyclically)
+- ``count``:     ``count:xoxxo=``     -> ``3``         (how many ``x``)
 - ``translate``: ``tr:bako limu=``    -> ``zufa hixe`` (word by word, toy language A -> B)
 - ``brackets``:  ``close:([{(=``      -> ``)}])``      (the closers that balance the prefix)
 
@@ -39,9 +39,13 @@ _CLOSER_OF = {"(": ")", "[": "]", "{": "}"}
 class TaskDifficulty:
     """Sizes of the generated problems; the presets pick them (see ``presets.py``)."""
 
-    letters: str = "abcdefgh"  # alphabet of the reverse/sort strings and the kv keys
-    string_length: tuple[int, int] = (3, 5)  # inclusive range, reverse and sort
-    count_length: tuple[int, int] = (4, 12)  # length of the a/b strings of ``count``
+    # Each skill reads and writes its own symbols, so that the experts' task vectors do not all
+    # rewrite the same letter embeddings and outputs (which makes them interfere when merged).
+    letters: str = "abcdefgh"  # the strings of ``reverse``
+    sort_symbols: str = "0123456789"  # the strings of ``sort``
+    shift_symbols: str = "ABCDEFGH"  # the strings of ``shift``, cyclic in this order
+    string_length: tuple[int, int] = (3, 5)  # inclusive range, reverse, sort and shift
+    count_length: tuple[int, int] = (4, 12)  # length of the x/o strings of ``count``
     lexicon_size: int = 8  # word pairs in the A -> B dictionary
     sentence_words: tuple[int, int] = (1, 3)
     bracket_depth: tuple[int, int] = (2, 3)  # unclosed brackets at the end of the prefix
@@ -125,31 +129,32 @@ def make_tasks(difficulty: TaskDifficulty, lexicon: Lexicon) -> dict[str, ZooTas
     low, high = difficulty.string_length
     max_answer = high + 1  # answer plus end of sequence
 
-    def random_string(rng: random.Random) -> str:
-        return "".join(rng.choice(letters) for _ in range(rng.randint(low, high)))
+    def random_string(rng: random.Random, symbols: str = letters) -> str:
+        return "".join(rng.choice(symbols) for _ in range(rng.randint(low, high)))
 
     def reverse_sample(rng: random.Random) -> tuple[str, str]:
         text = random_string(rng)
         return f"rev:{text}=", text[::-1]
 
     def sort_sample(rng: random.Random) -> tuple[str, str]:
-        text = random_string(rng)
+        text = random_string(rng, difficulty.sort_symbols)
         return f"sort:{text}=", "".join(sorted(text))
 
     def shift_sample(rng: random.Random) -> tuple[str, str]:
-        text = random_string(rng)
-        shifted = "".join(letters[(letters.index(char) + 1) % len(letters)] for char in text)
+        symbols = difficulty.shift_symbols
+        text = random_string(rng, symbols)
+        shifted = "".join(symbols[(symbols.index(char) + 1) % len(symbols)] for char in text)
         return f"shift:{text}=", shifted
 
     def count_sample(rng: random.Random) -> tuple[str, str]:
         # The count is drawn first, uniformly over 0-9, so that no guess from the length alone
         # (the mode of a binomial count) beats chance by much.
         shortest, longest = difficulty.count_length
-        b_count = rng.randint(0, min(9, longest))
-        length = rng.randint(max(shortest, b_count), longest)
-        chars = ["b"] * b_count + ["a"] * (length - b_count)
+        x_count = rng.randint(0, min(9, longest))
+        length = rng.randint(max(shortest, x_count), longest)
+        chars = ["x"] * x_count + ["o"] * (length - x_count)
         rng.shuffle(chars)
-        return f"count:{''.join(chars)}=", str(b_count)
+        return f"count:{''.join(chars)}=", str(x_count)
 
     def sentence(rng: random.Random) -> str:
         count = rng.randint(*difficulty.sentence_words)
@@ -181,7 +186,7 @@ def make_tasks(difficulty: TaskDifficulty, lexicon: Lexicon) -> dict[str, ZooTas
                 lambda rng, prompt, answer: _shuffled(rng, _payload(prompt))),
         ZooTask("shift", "replace each letter by the next one in the alphabet", max_answer,
                 shift_sample, lambda rng, prompt, answer: _shuffled(rng, _payload(prompt))),
-        ZooTask("count", "count the letters b in a string of a and b", 3, count_sample,
+        ZooTask("count", "count the x in a string of x and o", 3, count_sample,
                 random_digit),
         ZooTask("translate", "translate toy language A into toy language B, word by word",
                 word_tokens, translate_sample, random_words),
