@@ -255,8 +255,10 @@ def task_vector_merge(
             divisor = np.zeros(hi - lo, dtype=np.float32)
             for delta, weight in zip(weighted, weights):
                 agrees = np.where(elected_positive, delta > 0, delta < 0)
-                merged += delta * agrees
-                divisor += agrees * np.float32(weight)
+                # Masked adds: one pass each, no product temporaries (merged is never -0.0, so
+                # skipping a disagreeing entry equals adding zero to it).
+                np.add(merged, delta, out=merged, where=agrees)
+                np.add(divisor, np.float32(weight), out=divisor, where=agrees)
             if normalize:
                 divisor[divisor == 0] = 1
                 merged /= divisor
