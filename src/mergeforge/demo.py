@@ -83,7 +83,8 @@ def run_demo(workdir: Path | None = None, size: str = "tiny", seed: int = 0, lim
     for index, label in enumerate(rows, start=2):
         lines[index] += f" {100 * normalised[label]:5.1f} |"
     table = "\n".join(lines)
-    split_size = limit if limit is not None else len(tasks[skills[0]].examples("test"))
+    available = len(tasks[skills[0]].examples("test"))
+    split_size = min(limit, available) if limit is not None else available
     echo("")
     echo(f"Exact-match accuracy (%) on the held-out test split ({split_size} examples per task), zoo {zoo.size} seed {zoo.seed}:")
     echo(table)
@@ -96,8 +97,9 @@ def run_demo(workdir: Path | None = None, size: str = "tiny", seed: int = 0, lim
               help="Where the merged models go (default: under ~/.cache/mergeforge/demo).")
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True, help="Zoo size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Zoo seed.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N test examples per task.")
-def demo_command(workdir: Path | None, size: str, seed: int, limit: int | None) -> None:
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Score the first N test examples per task (the tiny zoo has 200).")
+def demo_command(workdir: Path | None, size: str, seed: int, limit: int) -> None:
     """Build the tiny model zoo (cached), merge its experts three ways, evaluate, print the table."""
     run_demo(workdir, size, seed, limit, echo=lambda line: click.echo(line))
 
