@@ -1,22 +1,23 @@
 """Fast singular-value building blocks shared by the spectral methods (TSV-M, Iso-C, Iso-CTS).
 
 The methods are written in terms of the SVD, but a full ``torch.linalg.svd`` of a 4096 x 14336
-matrix takes about a minute on two CPU cores, and the methods need several per tensor. Two cheaper
-routes give the same quantities:
+matrix costs about two CPU-minutes, and TSV-M needs six per tensor. The same quantities come
+cheaper from the eigendecomposition of a Gram matrix on the short side (one matrix product plus a
+symmetric eigensolve of the short side, exact in exact arithmetic):
 
-- **Top-k singular triplets** (TSV-M's per-task low-rank factors, Iso-CTS's task-specific
-  directions) come from a randomized range finder with power iterations (Halko, Martinsson &
-  Tropp 2011, "Finding structure with randomness", arXiv:0909.4061, Alg. 4.4). Its sketch is
-  drawn from a generator with a fixed seed, so results are deterministic and do not depend on the
-  order of the inputs.
-- **All singular triplets** (Iso-C's flattened spectrum, Iso-CTS's common subspace) and the
-  **orthogonal polar factor** (the whitening step of TSV-M and Iso-CTS) come from an eigen-
-  decomposition of the Gram matrix on the short side, which is exact in exact arithmetic and costs
-  one matrix product plus a symmetric eigensolve of the short side.
+- **Truncated SVDs** (TSV-M's per-task factors, Iso-CTS's task-specific directions): the top
+  eigenvectors of ``A Aᵀ``; a randomized range finder (Halko, Martinsson & Tropp 2011,
+  arXiv:0909.4061, Alg. 4.4, power iterations, fixed sketch seed) only for ranks that are a tiny
+  share of the short side, since on the slowly decaying spectra of task matrices a sketch of a
+  large rank misses the exact directions.
+- **Full spectra** (Iso-C's flattened spectrum, Iso-CTS's common subspace): all eigenpairs of the
+  Gram matrix, Iso-C's polar factor refined by one Newton-Schulz step.
+- **Orthogonal polar factors** (the whitening of TSV-M and Iso-CTS): ``X (XᵀX)^(-1/2)``, and the
+  two whitenings of a reassembly are folded into one small core matrix.
 
 Matrices whose short side is at most :data:`EXACT_MAX_SIDE` always use ``torch.linalg.svd``
 (fast at that size), as does every matrix when a method is asked for ``exact_svd``.
-docs/methods.md reports the measured time and error of each route.
+docs/methods.md reports the measured time and error of the fast route.
 """
 
 from __future__ import annotations

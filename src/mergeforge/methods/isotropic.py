@@ -13,9 +13,8 @@ subspace, Δᵢ − U_k U_kᵀ Δᵢ. The stacked singular vectors are made orth
 Procrustes), and the spectrum is flattened to the mean of all the kept singular values.
 
 Both scale the result by α and add it to the base. Tensors that are not matrices get the mean
-task vector, as in the paper's implementation. Large matrices use the Gram-matrix SVD and
-randomized truncated SVD of :mod:`mergeforge.methods._spectral`; ``exact_svd: true`` uses full
-SVDs instead.
+task vector, as in the paper's implementation. Large matrices take the Gram-matrix route of
+:mod:`mergeforge.methods._spectral`; ``exact_svd: true`` uses full SVDs instead.
 """
 
 from __future__ import annotations

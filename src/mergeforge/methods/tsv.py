@@ -9,8 +9,8 @@ U = P S Qᵀ), which removes the interference between tasks' subspaces. The merg
 U⊥ diag(Σ₁ … Σ_T) V⊥ᵀ, scaled by α (the paper uses α = 1 throughout) and added to the base.
 
 Tensors that are not matrices (norms, biases) get the mean task vector, as in the paper's
-implementation. Large matrices use randomized truncated SVD and a Gram-matrix polar factor
-(see :mod:`mergeforge.methods._spectral`); ``exact_svd: true`` uses full SVDs instead.
+implementation. Large matrices take the Gram-matrix route of :mod:`mergeforge.methods._spectral`;
+``exact_svd: true`` uses full SVDs instead.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mergeforge.methods import _spectral
 from mergeforge.methods.registry import BaseUse, Param, register_method
 
 LAMBDA = Param("lambda", 1.0, help="scale α of the merged task vector (the paper uses 1.0)")
-EXACT_SVD = Param("exact_svd", False, kind="bool", help="full SVDs instead of the fast randomized/Gram route")
+EXACT_SVD = Param("exact_svd", False, kind="bool", help="full SVDs instead of the faster Gram-matrix route (see docs/methods.md)")
 
 
 def mean_task_vector(task_vectors: list[torch.Tensor]) -> torch.Tensor:
