@@ -111,30 +111,33 @@ def slerp(t: float, start: Source, end: Source) -> Blocks:
 class TopK:
     """Selects exactly ``k`` entries of largest ``keys`` (ties kept in order of position).
 
-    Built from the whole key array once (a linear-time selection); :meth:`mask` is then asked for
-    consecutive blocks, in order.
+    Keys are non-negative float32 (magnitudes). Built from the whole key array once (a linear-time
+    selection); :meth:`mask` is then asked for consecutive blocks, in order.
     """
 
     def __init__(self, keys: np.ndarray, k: int):
         n = keys.size
         self.keep_all = k >= n
         self.keep_none = k <= 0
-        self.threshold = np.float32(0)
+        self.threshold = np.uint32(0)
         self._equal_left = 0
         if self.keep_all or self.keep_none:
             return
         position = n - k
-        keys.partition(position)  # in place: the caller's array is scratch
-        self.threshold = keys[position]
-        above = int(np.count_nonzero(keys[position + 1:] > self.threshold))
+        # Non-negative float32 values order as their bit patterns, and integer selection is faster.
+        bits = keys.view(np.uint32)
+        bits.partition(position)  # in place: the caller's array is scratch
+        self.threshold = bits[position]
+        above = int(np.count_nonzero(bits[position + 1:] > self.threshold))
         self._equal_left = k - above
 
     def mask(self, keys: np.ndarray) -> np.ndarray:
-        """Keep mask of the next block, given its keys."""
+        """Keep mask of the next block, given its keys (non-negative float32)."""
         if self.keep_all:
             return np.ones(keys.shape, dtype=bool)
         if self.keep_none:
             return np.zeros(keys.shape, dtype=bool)
+        keys = keys.view(np.uint32)
         keep = keys > self.threshold
         if self._equal_left:
             equal = np.flatnonzero(keys == self.threshold)
@@ -172,6 +175,7 @@ class Sparsifier:
         n = tensor.size
         self._top: TopK | None = None
         self._bottom: TopK | None = None
+        self._packed: list[np.ndarray] | None = None  # DARE masks kept (1 bit each) by the rescale pass
         if kind == "magnitude":
             self._bottom = TopK(magnitudes(tensor, base), int(density * n))
         elif kind == "outliers":
@@ -189,7 +193,12 @@ class Sparsifier:
 
     def mask(self, delta: np.ndarray, start: int) -> np.ndarray:
         if self.kind == "bernoulli":
-            return bernoulli_keep(self.seed, start // BLOCK, delta.size, self.density)
+            if self._packed is not None and start // BLOCK < len(self._packed):
+                return np.unpackbits(self._packed[start // BLOCK], count=delta.size).view(bool)
+            keep = bernoulli_keep(self.seed, start // BLOCK, delta.size, self.density)
+            if self._packed is not None:
+                self._packed.append(np.packbits(keep))  # drawn once, reused by the merge pass
+            return keep
         keys = np.abs(delta)
         keep = self._bottom.mask(keys)  # type: ignore[union-attr]
         if self._top is not None:
@@ -251,14 +260,15 @@ def task_vector_merge(
             total = weighted[0].copy()
             for delta in weighted[1:]:
                 total += delta
-            elected_positive = total >= 0
-            elected_negative = ~elected_positive
+            # +1 where the elected sign is positive (a zero sum counts as positive), else -1.
+            elected_sign = (total >= 0).astype(np.float32)
+            elected_sign *= 2
+            elected_sign -= 1
             divisor = np.zeros(hi - lo, dtype=np.float32)
             for delta, weight in zip(weighted, weights):
-                # Sign agreement with plain boolean algebra, applied as a 0/1 float factor: NumPy's
-                # where= and np.where on booleans take slow scalar loops (10-20x slower here).
-                agrees = ((delta > 0) & elected_positive) | ((delta < 0) & elected_negative)
-                factor = agrees.astype(np.float32)
+                # δ agrees when δ·sign > 0 (exact: sign is ±1), applied as a 0/1 float factor:
+                # NumPy's where= and np.where on booleans take slow scalar loops (10-20x slower).
+                factor = ((delta * elected_sign) > 0).astype(np.float32)
                 delta *= factor
                 merged += delta
                 factor *= np.float32(weight)
@@ -288,6 +298,8 @@ def _rescale_factors(tensors: Sequence[Source], base: Source, sparsifiers: Seque
         if sparsifier is None:
             factors.append(1.0)
             continue
+        if sparsifier.kind == "bernoulli":
+            sparsifier._packed = []
         probe = Sparsifier.__new__(Sparsifier)
         probe.__dict__.update(sparsifier.__dict__)
         probe._top = _copy_topk(sparsifier._top)
