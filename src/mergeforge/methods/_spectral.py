@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-# At or below this short side an exact SVD takes well under a second on two cores.
+# At or below this short side a full SVD costs seconds at most (1024 x 3584: about 2 s on one core).
 EXACT_MAX_SIDE = 1024
 # Extra sketch columns and power iterations of the randomized range finder (Halko et al. 2011).
 OVERSAMPLE = 16
@@ -91,8 +91,7 @@ def top_singular_triplets(matrix: torch.Tensor, rank: int, exact: bool) -> tuple
         return u[:, :rank], s[:rank], vh[:rank]
     if rank + OVERSAMPLE <= short_side // RANDOMIZED_MAX_SHARE:
         return randomized_svd(matrix, rank)
-    u, s, vh = gram_svd(matrix)
-    return u[:, :rank], s[:rank], vh[:rank]
+    return gram_svd(matrix, rank)
 
 
 def inverse_root(eigenvalues: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,7 +105,7 @@ def inverse_root(eigenvalues: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return eigenvalues.clamp_min(largest * GRAM_FLOOR * torch.finfo(dtype).eps).rsqrt()
 
 
-def gram_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gram_svd(matrix: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The thin SVD ``(U, S, Vh)`` of ``matrix`` through the eigendecomposition of its Gram matrix
     on the short side, singular values in descending order. Directions whose singular value is
     below float32's resolution of the Gram matrix are damped (see :func:`inverse_root`)."""
@@ -115,7 +114,8 @@ def gram_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     # float32 throughout: float64 products and eigensolves cost 5-10x more on CPU; the error this
     # leaves is measured in docs/methods.md.
     eigenvalues, eigenvectors = torch.linalg.eigh(wide @ wide.mT)
-    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    # Descending, and only the top ``rank``: the product for the other side costs rank rows.
+    eigenvalues, eigenvectors = eigenvalues.flip(0)[:rank], eigenvectors.flip(1)[:, :rank]
     singular_values = eigenvalues.clamp_min(0).sqrt()
     left = eigenvectors
     right_h = (inverse_root(eigenvalues, matrix.dtype)[:, None] * left.mT) @ wide

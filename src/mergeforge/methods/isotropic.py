@@ -58,9 +58,8 @@ def isotropic_common_and_task_specific(task_vectors: list[torch.Tensor], fractio
     """Iso-CTS for one weight matrix."""
     rank = min(task_vectors[0].shape)
     common, per_task = split_rank(rank, fraction, len(task_vectors))
-    u, s, vh = _spectral.svd(summed(task_vectors), exact_svd)
-    lefts, singular_values, rights_h = [u[:, :common]], [s[:common]], [vh[:common]]
-    del u, s, vh
+    u, s, vh = _spectral.top_singular_triplets(summed(task_vectors), common, exact_svd)
+    lefts, singular_values, rights_h = [u], [s], [vh]
     if per_task > 0:
         common_left = lefts[0]
         for task_vector in task_vectors:
