@@ -22,8 +22,11 @@ import click
 @click.option("--no-loss", is_flag=True, help="Skip the answer loss / perplexity (one forward pass fewer).")
 @click.option("--predictions", is_flag=True, help="Include every prompt, answer and output in the JSON.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: 1 for models under 100M parameters, else torch's default).")
 def eval_command(model_dir: Path, task_names: str, task_root: Path | None, split: str, json_out: Path | None,
-                 limit: int | None, batch_size: int, no_loss: bool, predictions: bool, device: str) -> None:
+                 limit: int | None, batch_size: int, no_loss: bool, predictions: bool, device: str,
+                 threads: int | None) -> None:
     """Score MODEL_DIR (a Hugging Face folder or a PEFT LoRA adapter folder) by exact match with
     greedy generation, and by the loss of the reference answers."""
     from transformers.utils import logging as transformers_logging
@@ -37,7 +40,7 @@ def eval_command(model_dir: Path, task_names: str, task_root: Path | None, split
     tasks = resolve_tasks(task_names, task_root, model_dir)
     model, tokenizer = load_model_and_tokenizer(model_dir, device=device)
     result = evaluate_model(model, tasks, split=split, batch_size=batch_size, max_examples=limit, tokenizer=tokenizer,
-                            return_predictions=predictions, with_loss=not no_loss)
+                            return_predictions=predictions, with_loss=not no_loss, threads=threads)
     result["model"] = str(model_dir)
     click.echo(format_result(result))
     if json_out is not None:
