@@ -184,6 +184,9 @@ def job_peak_bytes(job: FastJob, method: Any) -> int:
     temporaries = BLOCK_TEMPORARIES.get(method.name, TASK_VECTOR_TEMPORARIES) + len(job.inputs)
     peak = block * 4 * temporaries
     numel = job.nbytes // STORAGE[job.out_dtype].itemsize
+    cached = numel * 4 * (len(job.inputs) + 1)
+    if method.sparsify is not None and cached <= kernels.CACHE_BYTES:
+        peak += cached  # task vectors widened once and held (see kernels.CACHE_BYTES)
     if method.sparsify == "magnitude":
         peak += numel * 4  # the magnitudes whose k-th largest is the threshold
     elif method.sparsify == "outliers":
