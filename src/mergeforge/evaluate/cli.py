@@ -29,15 +29,23 @@ def eval_command(model_dir: Path, task_names: str, task_root: Path | None, split
                  threads: int | None) -> None:
     """Score MODEL_DIR (a Hugging Face folder or a PEFT LoRA adapter folder) by exact match with
     greedy generation, and by the loss of the reference answers."""
+    from mergeforge.errors import CheckpointError
+    from mergeforge.evaluate.tasks import resolve_tasks
+
+    # Check every input before torch and transformers load, so mistakes fail in a moment.
+    tasks = resolve_tasks(task_names, task_root, model_dir)
+    for task in tasks:
+        task.examples(split, limit)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: model folder not found")
+
     from transformers.utils import logging as transformers_logging
 
     from mergeforge.evaluate.api import evaluate_model, load_model_and_tokenizer
     from mergeforge.evaluate.report import format_result
-    from mergeforge.evaluate.tasks import resolve_tasks
 
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
-    tasks = resolve_tasks(task_names, task_root, model_dir)
     model, tokenizer = load_model_and_tokenizer(model_dir, device=device)
     result = evaluate_model(model, tasks, split=split, batch_size=batch_size, max_examples=limit, tokenizer=tokenizer,
                             return_predictions=predictions, with_loss=not no_loss, threads=threads)
