@@ -45,13 +45,14 @@ TORCH_NAMES = {**CONFIG_DTYPES, "I64": "int64", "I32": "int32", "I16": "int16", 
                "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
 
 # Resident memory of the process before any tensor work: the interpreter with NumPy, pydantic,
-# PyYAML and click (measured: 55-60 MB on Linux x86-64, Python 3.11, NumPy 2.4).
-BASELINE_BYTES = 60 * 1024**2
-# float32 block-sized temporaries a worker holds at once, beyond one per input: the running sum,
-# a term, the widened input, the rounding scratch (elementwise) and, for the task-vector family,
-# the base block, the weighted deltas, the sign election and the divisor.
-BLOCK_TEMPORARIES = {"linear": 5, "slerp": 5}
-TASK_VECTOR_TEMPORARIES = 9
+# PyYAML and click (measured: 46 MB on Linux x86-64, Python 3.11, NumPy 2.4), plus allocator slack.
+BASELINE_BYTES = 50 * 1024**2
+# float32 block-sized temporaries a worker holds at once beyond one per input, calibrated on the
+# benchmark's measured peaks (docs/performance.md): linear keeps the sum and a term, slerp also a
+# scaled copy, the task-vector family the base block, the sum for the sign election, the merged
+# block and the divisor.
+BLOCK_TEMPORARIES = {"linear": 2, "slerp": 3}
+TASK_VECTOR_TEMPORARIES = 4
 
 
 @dataclass
@@ -191,7 +192,9 @@ def job_peak_bytes(job: FastJob, method: Any) -> int:
         peak += numel * 4  # the magnitudes whose k-th largest is the threshold
     elif method.sparsify == "outliers":
         peak += numel * 8  # two thresholds: two copies of the magnitudes
-    return peak  # DARE's masks are drawn per block
+    elif method.sparsify == "bernoulli":
+        peak += numel // 8 * len(job.inputs)  # DARE's masks, kept as bits between the two passes
+    return peak
 
 
 def estimate_peak_bytes(plan: FastPlan, workers: int) -> int:
