@@ -42,6 +42,8 @@ def recipe(method: str, folders: list[Path], dtype: str = "float32") -> dict:
         "dare_ties": {"weight": 0.4, "density": 0.5},
         "breadcrumbs": {"weight": 0.4, "density": 0.5, "gamma": 0.01},
     }
+    if method in SVD_CANDIDATES:  # no per-model parameters; the defaults (lambda) apply
+        return {**head, "base_model": base, "models": [{"model": m} for m in tuned]}
     parameters = per_model.get(method, {"weight": 1.0})
     models = [{"model": m, "parameters": dict(parameters)} for m in tuned]
     return {**head, "base_model": base, "models": models}
