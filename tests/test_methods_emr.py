@@ -169,3 +169,19 @@ def test_materialize_works_for_tall_masks(llama_family, tmp_path):
     multi = delta1 + delta2
     keep = delta2.abs() >= 0.5 * (multi - delta2).abs()
     torch.testing.assert_close(load_state(out)[name], base[name] + keep * multi, rtol=1e-5, atol=1e-6)
+
+
+def test_emr_in_memory_returns_the_unified_model_and_its_side_outputs():
+    import torch
+
+    from mergeforge import merge_state_dicts
+
+    generator = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4, 6, generator=generator)}
+    models = [{"w": base["w"] + 0.1 * torch.randn(4, 6, generator=generator)} for _ in range(3)]
+    side: dict[str, torch.Tensor] = {}
+    merged = merge_state_dicts("emr", models, base, side_outputs=side)
+    assert set(merged) == {"w"}
+    assert {name.split("::")[0] for name in side} == {"w"} and len(side) >= 2
+    # Without a dict the side outputs are simply not returned.
+    assert torch.equal(merge_state_dicts("emr", models, base)["w"], merged["w"])

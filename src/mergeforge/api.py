@@ -310,8 +310,12 @@ def merge_state_dicts(
     calibration: Mapping[str, Any] | None = None,
     calibration_model: torch.nn.Module | None = None,
     tokenizer: Any = None,
+    side_outputs: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with any registered method, without touching disk.
+
+    Methods with per-task side outputs (``emr``, ``tall_mask``) put them into ``side_outputs``
+    when a dict is given, keyed ``<tensor>::<suffix>`` as in a merge's ``mergeforge_side/``.
 
     Parameter values follow recipe rules (scalars, gradients, filter lists); ``parameters`` are the
     top-level ones, ``model_parameters[i]`` those of ``models[i]``.
@@ -357,9 +361,11 @@ def merge_state_dicts(
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         states = {ref: checkpoint._state for ref, checkpoint in checkpoints.items()}
         run_calibration(plan, device=device, progress=False, loader=state_dict_loader(calibration_model, states), tokenizer=tokenizer)
-    writer = _MemoryWriter()
+    writer, side_writer = _MemoryWriter(), _MemoryWriter()
     options = EngineOptions(device=device, threads=threads or 1, progress=False, block_bytes=1 << 62)
-    Engine(plan, writer, options).run()  # type: ignore[arg-type]
+    Engine(plan, writer, options, side_writer).run()  # type: ignore[arg-type]
+    if side_outputs is not None:
+        side_outputs.update(side_writer.state)
     return {job.output.name: writer.state[job.output.name] for job in plan.jobs}
 
 

@@ -187,9 +187,9 @@ def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], b
               expert_states: list[dict[str, torch.Tensor]], seed: int) -> dict[str, Any] | None:
     """Task negation (Ilharco et al. 2023, §3): subtract the behaviour vector and measure.
 
-    The starting point is a model that shows the behaviour and has the skills: the task-arithmetic
-    merge of the experts and the behaviour expert. Subtracting λ·(behaviour − base) for a few λ
-    gives the behaviour rate and the retained task accuracy.
+    The starting point is a model that has the skills and shows the behaviour: the experts' task
+    vectors at a modest scale (0.3 each) plus the whole behaviour vector. Subtracting
+    λ·(behaviour − base) for a few λ gives the behaviour rate and the retained task accuracy.
     """
     if suite.behaviour is None or suite.behaviour_task is None:
         return None
@@ -202,22 +202,23 @@ def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], b
 
     def measure(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         model = evaluator.model_with(state)
-        rate = evaluate_model(model, [probe], split="test", batch_size=evaluator.batch_size, max_examples=evaluator.max_examples,
-                              tokenizer=evaluator.tokenizer, with_loss=False)["tasks"][probe.name]["score"]
+        with _threads_for(model):
+            rate = evaluate_model(model, [probe], split="test", batch_size=evaluator.batch_size, max_examples=evaluator.max_examples,
+                                  tokenizer=evaluator.tokenizer, with_loss=False)["tasks"][probe.name]["score"]
         tasks = evaluator.score(model, "test", task_names)
         return {"behaviour_rate": rate, "tasks": tasks, "mean_accuracy": _mean(list(tasks.values()))}
 
-    contaminated = merge_state_dicts("task_arithmetic", [*expert_states, behaviour_state], base_state,
-                                     parameters={"lambda": 0.5}, model_parameters=[{"weight": 1.0}] * (len(expert_states) + 1))
+    weights = [{"weight": NEGATION_EXPERT_WEIGHT}] * len(expert_states) + [{"weight": 1.0}]
+    contaminated = merge_state_dicts("task_arithmetic", [*expert_states, behaviour_state], base_state, model_parameters=weights)
     rows = [{"model": "base", **measure(base_state)},
             {"model": "behaviour expert", **measure(behaviour_state)},
-            {"model": "experts + behaviour (task arithmetic, λ=0.5)", **measure(contaminated)}]
+            {"model": f"start: base + {NEGATION_EXPERT_WEIGHT:g}·Σ expert vectors + behaviour vector", **measure(contaminated)}]
     for scale in (0.5, 1.0, 1.5):
         negated = merge_state_dicts("task_arithmetic", [contaminated, behaviour_state], base_state,
                                     model_parameters=[{"weight": 1.0}, {"weight": -scale}], seed=seed)
-        # The contaminated model's own delta is kept whole (weight 1), the behaviour vector subtracted.
-        rows.append({"model": f"… minus {scale:g} × behaviour vector", **measure(negated)})
-    return {"start": "experts + behaviour", "rows": rows}
+        # The starting model's own delta is kept whole (weight 1), the behaviour vector subtracted.
+        rows.append({"model": f"start − {scale:g} × behaviour vector", **measure(negated)})
+    return {"start": f"base + {NEGATION_EXPERT_WEIGHT:g}·Σ expert vectors + behaviour vector", "rows": rows}
 
 
 def _curve(chosen: dict[str, MethodResult], evaluator: _Evaluator, merger: _Merger, task_names: list[str], experts: Scores,
@@ -244,6 +245,7 @@ def _curve(chosen: dict[str, MethodResult], evaluator: _Evaluator, merger: _Merg
     return curve
 
 
+NEGATION_EXPERT_WEIGHT = 0.3
 DEFAULT_CURVE_METHODS = ("task_arithmetic", "ties", "dare_ties", "tsv", "iso_cts", "linear")
 
 
