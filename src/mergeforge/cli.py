@@ -118,15 +118,21 @@ def merge_command(config: str, out_dir: str | None, device: str, dtype: str | No
                   threads: int | None, memory_budget: str | None, copy_tokenizer: bool, dry_run: bool, overwrite: bool,
                   seed: int, quiet: bool) -> None:
     """Merge the models of a mergekit-style YAML recipe CONFIG into OUT_DIR."""
-    from mergeforge.api import merge
     from mergeforge.errors import OutputError
+    from mergeforge.fastpath.run import try_fast_merge
 
     _setup_logging(quiet)
     if out_dir is None and not dry_run:
         raise OutputError("OUT_DIR is required (or pass --dry-run)")
-    result = merge(config, out_dir, device=device, dtype=dtype, out_dtype=out_dtype, out_shard_size=out_shard_size,
-                   threads=threads, memory_budget=memory_budget, copy_tokenizer=copy_tokenizer, dry_run=dry_run,
-                   overwrite=overwrite, seed=seed, quiet=quiet)
+    options = dict(device=device, dtype=dtype, out_dtype=out_dtype, out_shard_size=out_shard_size, threads=threads,
+                   memory_budget=memory_budget, copy_tokenizer=copy_tokenizer, dry_run=dry_run, overwrite=overwrite,
+                   seed=seed, quiet=quiet)
+    # The torch-free fast path takes the recipes it runs byte-identically; it hands back the rest.
+    result = try_fast_merge(config, out_dir, **options)
+    if result is None:
+        from mergeforge.api import merge
+
+        result = merge(config, out_dir, **options)
     if dry_run:
         click.echo("\n".join(result.plan_lines))
         return

@@ -21,11 +21,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mergeforge.errors import OutputError, RecipeError
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 NOT_CARRIED = {"README.md", "config.json", "mergekit_config.yml", "mergeforge_config.yml", ".git", ".gitattributes", ".cache"}
