@@ -101,6 +101,10 @@ def run_demo(workdir: Path | None = None, size: str = "tiny", seed: int = 0, lim
               help="Score the first N test examples per task (the tiny zoo has 200).")
 def demo_command(workdir: Path | None, size: str, seed: int, limit: int) -> None:
     """Build the tiny model zoo (cached), merge its experts three ways, evaluate, print the table."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the demo prints its own lines, not a bar per model load
+    transformers_logging.set_verbosity_error()
     run_demo(workdir, size, seed, limit, echo=lambda line: click.echo(line))
 
 

@@ -24,6 +24,8 @@ def bench_command(zoo_dir: Path, size: str, out_dir: Path, methods: str | None, 
     """Benchmark every merge method on the zoo: tune on validation, score on test, write the tables."""
     import logging
 
+    from transformers.utils import logging as transformers_logging
+
     from mergeforge.bench.report import markdown, write_report
     from mergeforge.bench.runner import DEFAULT_CURVE_METHODS, run_bench
     from mergeforge.bench.suite import suite_from_zoo
@@ -31,6 +33,8 @@ def bench_command(zoo_dir: Path, size: str, out_dir: Path, methods: str | None, 
     from mergeforge.zoo import build_zoo
 
     logging.getLogger("mergeforge").setLevel(logging.ERROR)
+    transformers_logging.disable_progress_bar()  # one line per method instead of a bar per model load
+    transformers_logging.set_verbosity_error()
     chosen = [name.strip() for name in methods.split(",") if name.strip()] if methods else None
     for name in chosen or []:
         get_method(name)  # an unknown name fails now, not after the zoo is built
