@@ -27,7 +27,7 @@ from mergeforge.checkpoint.safetensors_format import (
     resolve_model_path,
     weights_layout,
 )
-from mergeforge.errors import MergeforgeError
+from mergeforge.errors import MergeforgeError, RecipeError
 from mergeforge.fastpath.arrays import RECIPE_DTYPES, STORAGE
 from mergeforge.fastpath.methods import FAST_METHODS, REQUIRED, FastMethod
 from mergeforge.recipe import Recipe, resolve_value
@@ -144,10 +144,10 @@ def _value(param, levels, name: str, t: float) -> Any:
         if parameters and param.name in parameters:
             value = resolve_value(parameters[param.name], name, t)
             if value is not None:
-                ok, coerced = param.accept(value)
-                if not ok:
-                    raise NotEligible(f"parameter {param.name}")
-                return coerced
+                try:
+                    return param.check(value, name)
+                except RecipeError:  # the full path reports it in its own words
+                    raise NotEligible(f"parameter {param.name}") from None
     if param.default is REQUIRED:
         raise NotEligible(f"parameter {param.name} missing")
     return param.default
