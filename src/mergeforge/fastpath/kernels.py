@@ -193,6 +193,17 @@ def bernoulli_keep(seed: int, block_index: int, count: int, density: float) -> n
     return draws < np.uint32(min(int(density * 2**32), 2**32 - 1))
 
 
+def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Model Breadcrumbs' cut: how many of ``n`` entries to drop from the top (the ``gamma``
+    fraction of largest magnitudes) and from the bottom, so that ``density`` remains. When
+    ``gamma + density > 1`` fewer large ones are dropped."""
+    n_top = int(gamma * n)
+    n_bottom = n - int(density * n) - n_top
+    if n_bottom < 0:
+        return n_top + n_bottom, 0
+    return n_top, n_bottom
+
+
 class Sparsifier:
     """One task vector's keep mask, block by block: ``magnitude`` (TIES), ``bernoulli`` (DARE) or
     ``outliers`` (Breadcrumbs: drop the top ``gamma`` and the smallest, keeping ``density``)."""
@@ -208,12 +219,7 @@ class Sparsifier:
         if kind == "magnitude":
             self._bottom = TopK(magnitudes(vector), int(density * n))
         elif kind == "outliers":
-            keep = int(density * n)
-            n_top = int(gamma * n)
-            n_bottom = n - keep - n_top
-            if n_bottom < 0:
-                n_top += n_bottom
-                n_bottom = 0
+            n_top, n_bottom = outlier_counts(n, density, gamma)
             keys = magnitudes(vector)
             self._top = TopK(keys.copy(), n_top)
             self._bottom = TopK(keys, n - n_bottom)

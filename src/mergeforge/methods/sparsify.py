@@ -57,13 +57,10 @@ def bernoulli_mask(delta: torch.Tensor, density: float, seed: int) -> torch.Tens
 def outlier_trimmed_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Drop the ``gamma`` fraction of largest magnitudes, then the smallest, so that ``density``
     remains (Model Breadcrumbs). When ``gamma + density > 1`` fewer large ones are dropped."""
+    from mergeforge.fastpath.kernels import outlier_counts
+
     n = delta.numel()
-    keep = int(density * n)
-    n_top = int(gamma * n)
-    n_bottom = n - keep - n_top
-    if n_bottom < 0:
-        n_top += n_bottom
-        n_bottom = 0
+    n_top, n_bottom = outlier_counts(n, density, gamma)
     magnitude = delta.abs()
     below_top = ~topk_mask(magnitude, n_top)
     above_bottom = topk_mask(magnitude, n - n_bottom)
