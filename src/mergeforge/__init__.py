@@ -6,7 +6,9 @@ stays fast.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mergeforge._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -46,11 +48,4 @@ if TYPE_CHECKING:
     from mergeforge.recipe import load_recipe
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mergeforge' has no attribute {name!r}")
+__getattr__ = lazy_exports(globals(), _LAZY)

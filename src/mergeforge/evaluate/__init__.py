@@ -11,7 +11,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mergeforge._lazy import lazy_exports
 
 __all__ = [
     "evaluate_model",
@@ -59,11 +61,4 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mergeforge.evaluate' has no attribute {name!r}")
+__getattr__ = lazy_exports(globals(), _LAZY)

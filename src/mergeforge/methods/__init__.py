@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any
+
+from mergeforge._lazy import lazy_exports
 
 __all__ = ["REQUIRED", "BaseUse", "MergeMethod", "Param", "all_methods", "get_method", "register_method", "load_builtin_methods"]
 
@@ -29,9 +30,4 @@ def load_builtin_methods() -> None:
             importlib.import_module(f"{__name__}.{module.name}")
 
 
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from mergeforge.methods import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(globals(), {name: "mergeforge.methods.registry" for name in __all__ if name != "load_builtin_methods"})

@@ -14,7 +14,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mergeforge._lazy import lazy_exports
 
 __all__ = ["build_zoo", "load_zoo", "default_zoo_dir", "zoo_content_hash", "Zoo", "ZooModel", "ZooTaskEntry", "ZooError"]
 
@@ -34,11 +36,4 @@ if TYPE_CHECKING:
     from mergeforge.zoo.manifest import Zoo, ZooError, ZooModel, ZooTaskEntry, load_zoo
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mergeforge.zoo' has no attribute {name!r}")
+__getattr__ = lazy_exports(globals(), _LAZY)
