@@ -308,6 +308,13 @@ def test_malformed_calibration_lines_name_the_file_and_line(tmp_path: Path, line
     assert isinstance(raised.value, MergeforgeError)
 
 
+def test_non_utf8_calibration_file_names_the_line(tmp_path: Path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(CalibrationError, match=r"latin1.jsonl:2: not UTF-8"):
+        read_jsonl(path, samples=10)
+
+
 def test_calibration_data_from_a_task_folder_and_per_model_files(tmp_path: Path):
     task = tmp_path / "rev"
     task.mkdir()

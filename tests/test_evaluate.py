@@ -179,6 +179,18 @@ def test_malformed_jsonl_names_file_and_line(hand_model_dir, tmp_path):
     assert f"{folder / 'test.jsonl'}:3:" in line and "not valid JSON" in line
 
 
+def test_non_utf8_jsonl_and_spec_name_the_file(hand_model_dir, tmp_path):
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    (folder / "spec.json").write_text(json.dumps({"name": "latin1"}))
+    (folder / "test.jsonl").write_bytes(b'{"prompt": "a=", "answer": "x"}\n{"prompt": "caf\xe9=", "answer": "x"}\n')
+    line = one_line_error(run_cli("eval", hand_model_dir, "--tasks", folder))
+    assert f"{folder / 'test.jsonl'}:2:" in line and "not UTF-8" in line
+    (folder / "spec.json").write_bytes(b'{"name": "caf\xe9"}')
+    line = one_line_error(run_cli("eval", hand_model_dir, "--tasks", folder))
+    assert str(folder / "spec.json") in line and "not UTF-8" in line
+
+
 def test_jsonl_line_missing_a_field(hand_model_dir, tmp_path):
     folder = tmp_path / "nofield"
     folder.mkdir()

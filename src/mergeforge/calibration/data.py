@@ -12,7 +12,6 @@ without them and followed by end-of-sequence.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from mergeforge.errors import MergeforgeError, RecipeError
+from mergeforge.jsonl import json_records
 from mergeforge.recipe import CalibrationConfig
 
 
@@ -60,26 +60,10 @@ class Batch:
 def read_jsonl(path: Path, samples: int) -> list[CalibrationExample]:
     """The first ``samples`` examples of a calibration JSONL file; errors name the file and line."""
     examples: list[CalibrationExample] = []
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise CalibrationError(f"{path}: cannot read calibration data ({exc.strerror})") from None
-    with handle:
-        for line_number, line in enumerate(handle, start=1):
-            if len(examples) >= samples:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CalibrationError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from None
-            except UnicodeDecodeError:
-                raise CalibrationError(f"{where}: not UTF-8 text") from None
-            if not isinstance(record, dict):
-                raise CalibrationError(f"{where}: expected a JSON object with 'text' or 'prompt', got {type(record).__name__}")
-            examples.append(_example_from(record, where))
+    for where, record in json_records(path, CalibrationError, "calibration data"):
+        if len(examples) >= samples:
+            break
+        examples.append(_example_from(record, where))
     if not examples:
         raise CalibrationError(f"{path}: no calibration examples; add JSON lines with a 'text' or 'prompt' field")
     return examples

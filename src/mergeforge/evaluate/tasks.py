@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergeforge.errors import MergeforgeError
+from mergeforge.jsonl import json_records
 
 SPLITS = ("train", "val", "test")
 
@@ -82,27 +83,17 @@ class Task:
 def read_examples(path: Path, spec: TaskSpec, max_examples: int | None = None) -> list[Example]:
     """Parse a JSONL file; every error names the file and line."""
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if max_examples is not None and len(examples) >= max_examples:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskError(f"{where}: not valid JSON ({exc.msg}); write one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise TaskError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            fields = []
-            for key in (spec.prompt_key, spec.answer_key):
-                if key not in record:
-                    raise TaskError(f"{where}: missing field '{key}' (spec.json of task '{spec.name}' names it)")
-                if not isinstance(record[key], str):
-                    raise TaskError(f"{where}: field '{key}' must be a string, got {type(record[key]).__name__}")
-                fields.append(record[key])
-            examples.append(Example(*fields))
+    for where, record in json_records(path, TaskError, f"the examples of task '{spec.name}'"):
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+        fields = []
+        for key in (spec.prompt_key, spec.answer_key):
+            if key not in record:
+                raise TaskError(f"{where}: missing field '{key}' (spec.json of task '{spec.name}' names it)")
+            if not isinstance(record[key], str):
+                raise TaskError(f"{where}: field '{key}' must be a string, got {type(record[key]).__name__}")
+            fields.append(record[key])
+        examples.append(Example(*fields))
     if not examples:
         raise TaskError(f"{path}: no examples; add JSON lines with '{spec.prompt_key}' and '{spec.answer_key}'")
     return examples
@@ -120,6 +111,8 @@ def load_task(folder: str | Path) -> Task:
         raw = json.loads(spec_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise TaskError(f"{spec_path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise TaskError(f"{spec_path}: not UTF-8 text") from None
     if not isinstance(raw, dict):
         raise TaskError(f"{spec_path}: expected a JSON object")
     try:
