@@ -1,8 +1,8 @@
 """``build_zoo``: generate the data, pretrain the base, fine-tune every other model, write the zoo.
 
-The build is a list of training jobs. The base is trained first; every other job starts from the
-base (or from its own random initialisation) and is independent of the others, so those run in
-parallel worker processes, one thread each. Each job seeds its own generators from
+The build is a list of training jobs, run in parallel worker processes, one thread each. The
+fine-tunes start from the base, so they wait for it; the models trained from their own random
+initialisation run beside the base. Each job seeds its own generators from
 ``(zoo seed, job name)``, so the bytes of a model do not depend on the number of workers.
 
 A zoo is cached by its content hash: a hash of the zoo's source code, the size and the seed.
@@ -229,18 +229,24 @@ def _model_entry(job: TrainJob, staging: Path, seed: int) -> ZooModel:
     )
 
 
-def _run_all(jobs: list[TrainJob], size: str, seed: int, staging: Path, workers: int, log: Log,
-             started: float) -> list[dict[str, Any]]:
+def _run_all(base_job: TrainJob, jobs: list[TrainJob], size: str, seed: int, staging: Path, workers: int,
+             log: Log, started: float) -> list[dict[str, Any]]:
+    """Train every model. The jobs that start from their own random initialisation run beside the
+    base; the fine-tunes of the base start once it is saved."""
+
     def report(record: dict[str, Any]) -> None:
         scores = ", ".join(f"{task} {score:.0%}" for task, score in record["validation"].items())
         log(f"[{time.perf_counter() - started:6.1f}s] {record['name']}: {record['steps']} steps, "
             f"loss {record['final_loss']:.3f}; val {scores}")
 
-    # Longest first, so the workers finish at about the same time.
-    jobs = sorted(jobs, key=lambda job: -job.schedule.steps * job.schedule.batch_size)
+    def longest_first(selected: list[TrainJob]) -> list[TrainJob]:  # so the workers end together
+        return sorted(selected, key=lambda job: -job.schedule.steps * job.schedule.batch_size)
+
+    independent = longest_first([job for job in jobs if not job.from_base])
+    fine_tunes = longest_first([job for job in jobs if job.from_base])
     records: list[dict[str, Any]] = []
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
+    if workers <= 1:
+        for job in (base_job, *independent, *fine_tunes):
             records.append(run_job(job, size, seed, str(staging)))
             report(records[-1])
         return records
@@ -248,7 +254,11 @@ def _run_all(jobs: list[TrainJob], size: str, seed: int, staging: Path, workers:
 
     # spawn, not fork: the parent has torch's thread pools running.
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_job, job, size, seed, str(staging)) for job in jobs]
+        base_future = pool.submit(run_job, base_job, size, seed, str(staging))
+        futures = [pool.submit(run_job, job, size, seed, str(staging)) for job in independent]
+        records.append(base_future.result())
+        report(records[-1])
+        futures += [pool.submit(run_job, job, size, seed, str(staging)) for job in fine_tunes]
         for future in futures:
             records.append(future.result())
             report(records[-1])
@@ -321,8 +331,7 @@ def build_zoo(
         skills = [name for name, entry in tasks.items() if entry.role == "skill"]
         base_job, jobs = plan_jobs(preset, skills, seed)
         log(f"building zoo {size} (seed {seed}, {len(jobs) + 1} models, {workers} worker(s)) in {root}")
-        records = _run_all([base_job], size, seed, staging, 1, log, started)
-        records += _run_all(jobs, size, seed, staging, workers, log, started)
+        records = _run_all(base_job, jobs, size, seed, staging, workers, log, started)
         by_name = {record["name"]: record for record in records}
         ordered = [base_job, *jobs]
         models = {job.name: _model_entry(job, staging, seed) for job in ordered}

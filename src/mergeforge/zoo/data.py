@@ -1,7 +1,7 @@
 """The zoo's data: held-out splits of every task, and the corpus the base model is pretrained on.
 
-Splits are disjoint by prompt (test first, then validation, then train), drawn from generators
-seeded by ``(seed, task)``, so a task's data does not change when another task is added.
+Splits are disjoint by prompt (a shuffled pool of distinct prompts cut into test, validation and
+train), drawn from generators seeded by ``(seed, task)``, so a task's data does not change when another task is added.
 
 The pretraining corpus is the set-up of the task-vector literature (Ilharco et al., "Editing
 Models with Task Arithmetic", arXiv:2212.04089): one shared model that knows the *formats* but
@@ -57,7 +57,12 @@ def make_task_data(preset: ZooPreset, seed: int) -> tuple[dict[str, TaskData], L
         shrink = 2 if role == "behavior" else 1
         n_test, n_val = preset.test_examples // shrink, preset.val_examples // shrink
         held_out = n_test + n_val
-        pool = sample_unique(task, random.Random(f"{seed}-{task.name}"), held_out + preset.train_examples)
+        rng = random.Random(f"{seed}-{task.name}")
+        pool = sample_unique(task, rng, held_out + preset.train_examples)
+        # Split a shuffled pool: the first draws of a task are its most frequent prompts (short
+        # strings, one-word sentences), and a test split of the first draws would leave none of
+        # them for training, so the experts would never learn to stop after one word.
+        rng.shuffle(pool)
         # Keep at least as many training as held-out examples when a task has few prompts.
         if len(pool) < 2 * held_out:
             raise ValueError(f"zoo preset {preset.name}: task {task.name} has only {len(pool)} distinct prompts")
