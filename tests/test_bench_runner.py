@@ -78,8 +78,53 @@ def test_identical_experts_come_back_from_every_averaging_method(twin_suite, tmp
     assert paths["chart"].stat().st_size > 10_000
 
 
-def test_methods_that_cannot_take_the_suite_are_reported_not_run(twin_suite):
-    result = run_bench(twin_suite, ["passthrough", "slerp"], curve_methods=[], progress=lambda _: None)
-    reasons = {m.method: (m.status, m.reason) for m in result.methods}
-    assert reasons["passthrough"][0] == "skipped"
-    assert reasons["slerp"][0] == "skipped" and "exactly 1 model(s) besides the base, not 2" in reasons["slerp"][1]
+def test_two_model_and_per_task_methods_run_under_their_own_protocols(twin_suite, tmp_path):
+    result = run_bench(twin_suite, ["passthrough", "slerp", "nearswap", "emr", "tall_mask"], curve_methods=["emr"],
+                       negation=False, progress=lambda _: None)
+    by_name = {m.method: m for m in result.methods}
+    assert by_name["passthrough"].status == "skipped"
+    # slerp and nearswap blend expert a (in the base's place) with expert b: identical twins give the expert back.
+    assert by_name["slerp"].protocol == by_name["nearswap"].protocol == "pairwise"
+    assert [v["params"] for v in by_name["slerp"].validation] == [{"t": 0.3}, {"t": 0.5}, {"t": 0.7}]
+    assert by_name["slerp"].test == by_name["nearswap"].test == {"a": 1.0, "b": 1.0}
+    # EMR on identical task vectors: the unified vector is that vector, every mask is all ones and
+    # every rescaler 1, so each task's rebuilt model is the expert.
+    assert by_name["emr"].protocol == by_name["tall_mask"].protocol == "per_task"
+    assert by_name["emr"].test == {"a": 1.0, "b": 1.0}
+    assert by_name["tall_mask"].status == "ok" and len(by_name["tall_mask"].validation) == 3
+    assert "emr" not in result.curve  # the curve is for single multi-task models only
+    # Multi-model methods are also run on the same pairs, as the reference for the two-model ones.
+    reference = {m.method: m for m in result.pairwise_reference}
+    assert set(reference) == {"linear", "task_arithmetic", "ties"}
+    assert reference["linear"].protocol == "pairwise" and reference["linear"].test == {"a": 1.0, "b": 1.0}
+
+    table = write_report(result, tmp_path / "out")["markdown"].read_text()
+    assert "### One model per task" in table and "### Two experts at a time" in table
+    assert "| `emr` | 100.0 | 100.0 |" in table and "| `slerp` | 100.0 | 100.0 |" in table
+    assert "`passthrough` (skipped)" in table
+
+
+def test_per_task_state_matches_materialize_on_disk(tmp_path, llama_family):
+    """The bench's in-memory per-task model equals what `mergeforge emr materialize` writes."""
+    import yaml
+    from conftest import load_state
+    from safetensors.torch import load_file
+
+    from mergeforge import merge
+    from mergeforge.api import merge_state_dicts
+    from mergeforge.bench.runner import per_task_state
+    from mergeforge.methods._materialize import materialize_task
+
+    base, models = llama_family["base"], [llama_family["ft1"], llama_family["ft2"]]
+    recipe = tmp_path / "emr.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "emr", "base_model": str(base), "models": [{"model": str(m)} for m in models],
+                                      "dtype": "float32"}))
+    merge(recipe, tmp_path / "merged")
+    materialize_task(tmp_path / "merged", 1, tmp_path / "task1")
+    side: dict = {}
+    merged = merge_state_dicts("emr", [load_state(m) for m in models], load_state(base), side_outputs=side)
+    in_memory = per_task_state(merged, load_state(base), side, 1)
+    on_disk = load_file(str(tmp_path / "task1" / "model.safetensors"))
+    assert set(in_memory) == set(on_disk)
+    for name, tensor in on_disk.items():
+        torch.testing.assert_close(in_memory[name], tensor, rtol=0, atol=1e-6)

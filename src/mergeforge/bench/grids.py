@@ -40,13 +40,23 @@ SPECIFIC_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "fisher_merging": {},
     "regmean": {"alpha": (0.5, 0.9)},
     "adamerging": {"layer_wise": (False, True)},
+    # Two-model methods (run on pairs of experts, see PAIRWISE): the interpolation factor, and
+    # nearswap's sameness threshold around the size of a typical fine-tuning difference.
+    "slerp": {"t": (0.3, 0.5, 0.7)},
+    "nearswap": {"t": (1e-3, 1e-2, 1e-1)},
+    "tall_mask": {"tall_lambda": (0.2, 0.4, 0.6)},
 }
 
-# Methods that do not produce one multi-task model from N experts.
+# Protocols: how a method's output is scored.
+MULTITASK = "multitask"  # one model from all N experts, scored on every task
+PER_TASK = "per_task"  # one model per task rebuilt from stored masks, each scored on its own task (the task id is known)
+PAIRWISE = "pairwise"  # experts merged two at a time (disjoint pairs), each pair's model scored on its two tasks
+# Methods that can merge N experts but are also run pairwise, as the reference for two-model methods.
+PAIRWISE_REFERENCE = ("linear", "task_arithmetic", "ties")
+
+# Methods that merge no skills at all.
 NOT_BENCHMARKED = {
-    "passthrough": "stacks layer ranges; not a multi-task merge",
-    "emr": "one model per task (needs the task id at inference); see `mergeforge emr materialize`",
-    "tall_mask": "one model per task (needs the task id at inference); its merged output is task arithmetic",
+    "passthrough": "stacks layer ranges; not a merge of skills",
 }
 
 
@@ -61,15 +71,32 @@ class MethodPlan:
     model_fixed: dict[str, Any] = field(default_factory=dict)
     grid: list[dict[str, Any]] = field(default_factory=lambda: [{}])
     skip_reason: str | None = None
+    protocol: str = MULTITASK
+    # Pairwise only: the first expert of a pair takes the base's place (slerp, nearswap and
+    # arcee_fusion blend "the base" with one other model; merging two fine-tunes, the base is one of them).
+    first_as_base: bool = False
 
 
-def plan_method(method: MergeMethod, n_experts: int) -> MethodPlan:
-    """The benchmark plan for ``method`` merging ``n_experts`` experts (plus the base when used)."""
+def plan_method(method: MergeMethod, n_experts: int, protocol: str | None = None) -> MethodPlan:
+    """The benchmark plan for ``method`` merging ``n_experts`` experts (plus the base when used).
+
+    The protocol is ``protocol`` when given, else the method's own: per-task for methods that
+    store per-task masks, pairwise for methods that merge at most two models, else multi-task.
+    """
     plan = MethodPlan(method.name, uses_base=method.base is not BaseUse.NONE)
     if method.name in NOT_BENCHMARKED:
         plan.skip_reason = NOT_BENCHMARKED[method.name]
         return plan
     plan.data_aware = method.calibrate is not None
+    if protocol is None:
+        protocol = PER_TASK if method.extra_outputs is not None else MULTITASK
+        if method.max_models is not None and method.max_models < n_experts and method.max_models <= 2 and n_experts >= 2:
+            protocol = PAIRWISE
+    plan.protocol = protocol
+    if protocol == PAIRWISE:
+        n_experts = 2
+        if method.max_models == 1 and method.base is BaseUse.REQUIRED:
+            plan.first_as_base, n_experts = True, 1
     if n_experts < method.min_models or (method.max_models is not None and n_experts > method.max_models):
         if method.max_models == method.min_models:
             accepted = f"exactly {method.min_models}"

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mergeforge.bench.grids import describe
+from mergeforge.bench.grids import MULTITASK, PAIRWISE, PER_TASK, describe
 from mergeforge.bench.runner import BenchResult
 
 
@@ -20,17 +20,26 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def ranked_rows(result: BenchResult) -> list[dict[str, Any]]:
-    """One row per baseline and per method that ran: absolute and normalised test accuracy."""
+PROTOCOL_TITLES = {
+    PER_TASK: "One model per task (the task id picks the model at inference)",
+    PAIRWISE: "Two experts at a time (disjoint pairs; each pair's model scored on its two tasks)",
+}
+PROTOCOL_LABELS = {MULTITASK: "", PER_TASK: " (per task)", PAIRWISE: " (pairs)"}
+
+
+def ranked_rows(result: BenchResult, protocol: str | None = None) -> list[dict[str, Any]]:
+    """Rows of absolute and normalised test accuracy: the baselines, then the methods that ran,
+    best first; ``protocol`` keeps only the methods scored that way (and, for it, no baselines)."""
     rows = []
-    for name, scores in result.baselines.items():
-        if name.startswith("expert: "):
-            continue  # each expert's row is summarised by "individual experts"
-        rows.append({"name": name, "kind": "baseline", "scores": scores, "settings": ""})
-    for method in result.methods:
-        if method.status == "ok":
-            rows.append({"name": method.method, "kind": "method", "scores": method.test, "settings": describe(method.chosen),
-                         "merge_seconds": method.merge_seconds})
+    if protocol in (None, MULTITASK):
+        for name, scores in result.baselines.items():
+            if name.startswith("expert: "):
+                continue  # each expert's row is summarised by "individual experts"
+            rows.append({"name": name, "kind": "baseline", "protocol": MULTITASK, "scores": scores, "settings": ""})
+    for method in [*result.methods, *result.pairwise_reference]:
+        if method.status == "ok" and protocol in (None, method.protocol):
+            rows.append({"name": method.method, "kind": "method", "protocol": method.protocol, "scores": method.test,
+                         "settings": describe(method.chosen), "merge_seconds": method.merge_seconds})
     for row in rows:
         row["mean"] = _mean([row["scores"][t] for t in result.tasks])
         row["normalised"] = _mean(list(result.normalised(row["scores"]).values()))
@@ -39,21 +48,33 @@ def ranked_rows(result: BenchResult) -> list[dict[str, Any]]:
     return baselines + methods
 
 
-def markdown(result: BenchResult) -> str:
-    tasks = result.tasks
+def _table(rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
     lines = [
         "| model / method | " + " | ".join(tasks) + " | mean acc. | mean norm. | chosen on validation | merge s |",
         "| --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: | --- | ---: |",
     ]
-    for row in ranked_rows(result):
+    for row in rows:
         name = f"*{row['name']}*" if row["kind"] == "baseline" else f"`{row['name']}`"
         seconds = f"{row['merge_seconds']:.2f}" if "merge_seconds" in row else ""
         lines.append(f"| {name} | " + " | ".join(_pct(row["scores"][t]) for t in tasks)
                      + f" | {_pct(row['mean'])} | {_pct(row['normalised'])} | {row['settings']} | {seconds} |")
+    return lines
+
+
+def markdown(result: BenchResult) -> str:
+    tasks = result.tasks
+    lines = _table(ranked_rows(result, MULTITASK), tasks)
     skipped = [m for m in result.methods if m.status != "ok"]
     if skipped:
-        lines += ["", "Not in the table:", ""]
+        lines += ["", "Not in the tables:", ""]
         lines += [f"- `{m.method}` ({m.status}): {m.reason}" for m in skipped]
+    for protocol, title in PROTOCOL_TITLES.items():
+        rows = ranked_rows(result, protocol)
+        if rows:
+            lines += ["", f"### {title}", "", *_table(rows, tasks)]
+            if protocol == PAIRWISE and result.pairwise_reference:
+                reference = ", ".join(f"`{m.method}`" for m in result.pairwise_reference)
+                lines += ["", f"{reference}: multi-model methods run on the same pairs, for comparison."]
     if result.negation:
         lines += ["", "### Task negation", "",
                   "| model | behaviour rate | mean task acc. |", "| --- | ---: | ---: |"]
@@ -66,11 +87,12 @@ def markdown(result: BenchResult) -> str:
             by_k = {p["experts"]: p["normalised"] for p in points}
             lines.append(f"| `{name}` | " + " | ".join(_pct(by_k[k]) if k in by_k else "" for k in counts) + " |")
     lines += ["", "Hyperparameter grid searched per method (validation mean accuracy):", ""]
-    for method in result.methods:
+    for method in [*result.methods, *result.pairwise_reference]:
         if method.status == "ok" and len(method.validation) > 1:
+            label = method.method + PROTOCOL_LABELS[method.protocol]
             tried = ", ".join(f"{describe(v['params'])}: {_pct(v['mean'])}" if "mean" in v else f"{describe(v['params'])}: error"
                               for v in method.validation)
-            lines.append(f"- `{method.method}`: {tried}")
+            lines.append(f"- `{label}`: {tried}")
     return "\n".join(lines) + "\n"
 
 
@@ -81,16 +103,18 @@ def chart(result: BenchResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = ranked_rows(result)
-    figure, axes = plt.subplots(1, 2 if result.curve else 1, figsize=(15 if result.curve else 10, 6), squeeze=False)
+    height = max(6.0, 0.2 * len(rows))
+    figure, axes = plt.subplots(1, 2 if result.curve else 1, figsize=(15 if result.curve else 10, height), squeeze=False)
     bars = axes[0][0]
-    names = [r["name"] for r in rows]
+    names = [r["name"] + PROTOCOL_LABELS[r["protocol"]] for r in rows]
     values = [100 * r["normalised"] for r in rows]
-    colours = ["#888888" if r["kind"] == "baseline" else "#3b75af" for r in rows]
+    palette = {MULTITASK: "#3b75af", PER_TASK: "#c0504d", PAIRWISE: "#9bbb59"}
+    colours = ["#888888" if r["kind"] == "baseline" else palette[r["protocol"]] for r in rows]
     bars.barh(range(len(rows)), values, color=colours)
     bars.set_yticks(range(len(rows)), names, fontsize=8)
     bars.invert_yaxis()
     bars.set_xlabel("mean normalised test accuracy (%)")
-    bars.set_title("Merging the zoo's experts (grey: baselines)")
+    bars.set_title("Merging the zoo's experts (grey: baselines; red: one model per task; green: pairs)")
     if result.curve:
         lines = axes[0][1]
         for name, points in result.curve.items():

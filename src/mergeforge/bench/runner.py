@@ -22,7 +22,15 @@ from typing import Any
 
 import torch
 
-from mergeforge.bench.grids import MethodPlan, describe, plan_method
+from mergeforge.bench.grids import (
+    MULTITASK,
+    PAIRWISE,
+    PAIRWISE_REFERENCE,
+    PER_TASK,
+    MethodPlan,
+    describe,
+    plan_method,
+)
 
 Scores = dict[str, float]
 
@@ -48,6 +56,7 @@ class MethodResult:
     validation: list[dict[str, Any]] = field(default_factory=list)  # one entry per grid point
     test: Scores = field(default_factory=dict)
     merge_seconds: float = 0.0
+    protocol: str = MULTITASK  # see mergeforge.bench.grids
 
 
 @dataclass
@@ -55,7 +64,8 @@ class BenchResult:
     tasks: list[str]
     baselines: dict[str, Scores]  # row name -> per-task test accuracy
     experts: Scores  # each task's own expert's test accuracy (the normaliser)
-    methods: list[MethodResult]
+    methods: list[MethodResult]  # every method once, under its own protocol (see grids.plan_method)
+    pairwise_reference: list[MethodResult]  # multi-model methods run two experts at a time too, for comparison
     negation: dict[str, Any] | None
     curve: dict[str, list[dict[str, Any]]]
     settings: dict[str, Any]
@@ -125,8 +135,8 @@ SMALL_MODEL_PARAMS = 50_000_000
 
 
 class _Merger:
-    """Merges the first k experts in memory with one method setting (data-aware methods calibrate
-    on each expert's own training prompts, as Fisher merging and RegMean do)."""
+    """Merges chosen experts in memory with one method setting (data-aware methods calibrate on
+    each expert's own training prompts, as Fisher merging and RegMean do)."""
 
     CALIBRATION_SAMPLES = 64
 
@@ -135,50 +145,111 @@ class _Merger:
         self.evaluator, self.base_state, self.expert_states, self.seed = evaluator, base_state, expert_states, seed
         self.task_dirs = [str(suite.tasks[task]) for task in suite.experts]
 
-    def __call__(self, plan: MethodPlan, params: dict[str, Any], k: int | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, plan: MethodPlan, params: dict[str, Any], experts: Sequence[int],
+                 side_outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         from mergeforge.api import merge_state_dicts
 
-        k = k or len(self.expert_states)
+        models = [self.expert_states[i] for i in experts]
+        base = self.base_state if plan.uses_base else None
+        if plan.first_as_base:
+            base, models = models[0], models[1:]
         extra: dict[str, Any] = {}
         if plan.data_aware:
-            extra = {"calibration": {"data": self.task_dirs[:k], "split": "train", "samples": self.CALIBRATION_SAMPLES},
+            extra = {"calibration": {"data": [self.task_dirs[i] for i in experts], "split": "train",
+                                     "samples": self.CALIBRATION_SAMPLES},
                      "calibration_model": self.evaluator.skeleton, "tokenizer": self.evaluator.tokenizer}
         with _threads_for(self.evaluator.skeleton) if plan.data_aware else contextlib.nullcontext():
             return merge_state_dicts(
-                plan.method, self.expert_states[:k], self.base_state if plan.uses_base else None, parameters=params,
-                model_parameters=[dict(plan.model_fixed)] * k, seed=self.seed, threads=2, **extra,
+                plan.method, models, base, parameters=params, model_parameters=[dict(plan.model_fixed)] * len(models),
+                seed=self.seed, threads=2, side_outputs=side_outputs, **extra,
             )
+
+
+def _pairs(n_tasks: int) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
+    """Disjoint expert pairs covering every task, each with the tasks it is scored on: (0, 1),
+    (2, 3), ...; an odd last task is paired with the first and scored alone."""
+    pairs: list[tuple[tuple[int, int], tuple[int, ...]]] = [((i, i + 1), (i, i + 1)) for i in range(0, n_tasks - 1, 2)]
+    if n_tasks % 2:
+        pairs.append(((n_tasks - 1, 0), (n_tasks - 1,)))
+    return pairs
+
+
+def per_task_state(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor], side_outputs: dict[str, torch.Tensor],
+                   task: int) -> dict[str, torch.Tensor]:
+    """Task ``task``'s model of an EMR / TALL-mask merge, in memory (what ``mergeforge emr materialize`` writes)."""
+    from mergeforge.methods import _task_masks
+    from mergeforge.methods._materialize import SIDE_SEPARATOR
+
+    state = {}
+    for name, tensor in merged.items():
+        packed = side_outputs.get(name + SIDE_SEPARATOR + _task_masks.MASKS)
+        scales = side_outputs.get(name + SIDE_SEPARATOR + _task_masks.SCALES)
+        state[name] = tensor if packed is None or scales is None else _task_masks.task_tensor(tensor, base[name], packed, scales, task)
+    return state
+
+
+class _Setting:
+    """Merges one method setting and scores the result, under the plan's protocol."""
+
+    def __init__(self, plan: MethodPlan, evaluator: _Evaluator, merger: _Merger, task_names: list[str]):
+        self.plan, self.evaluator, self.merger, self.task_names = plan, evaluator, merger, task_names
+
+    def merge(self, params: dict[str, Any]) -> Any:
+        everyone = range(len(self.task_names))
+        if self.plan.protocol == PAIRWISE:
+            return [(scored, self.merger(self.plan, params, pair)) for pair, scored in _pairs(len(self.task_names))]
+        if self.plan.protocol == PER_TASK:
+            side: dict[str, torch.Tensor] = {}
+            return self.merger(self.plan, params, everyone, side), side
+        return self.merger(self.plan, params, everyone)
+
+    def score(self, merged: Any, split: str) -> Scores:
+        names = self.task_names
+        if self.plan.protocol == PAIRWISE:
+            scores: Scores = {}
+            for scored, state in merged:
+                scores.update(self.evaluator.score_state(state, split, [names[i] for i in scored]))
+            return scores
+        if self.plan.protocol == PER_TASK:
+            state, side = merged
+            scores = {}
+            for i, task in enumerate(names):
+                scores.update(self.evaluator.score_state(per_task_state(state, self.merger.base_state, side, i), split, [task]))
+            return scores
+        return self.evaluator.score_state(merged, split, names)
 
 
 def _tune_and_test(plan: MethodPlan, evaluator: _Evaluator, merger: _Merger, task_names: list[str],
                    progress: Callable[[str], None]) -> MethodResult:
     from mergeforge.errors import MergeforgeError
 
-    result = MethodResult(plan.method, "ok")
-    best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
+    setting = _Setting(plan, evaluator, merger, task_names)
+    result = MethodResult(plan.method, "ok", protocol=plan.protocol)
+    best: tuple[float, dict[str, Any], Any] | None = None
     started = time.perf_counter()
     merges = 0
     for params in plan.grid:
         try:
             merge_started = time.perf_counter()
-            state = merger(plan, params)
+            merged = setting.merge(params)
             result.merge_seconds += time.perf_counter() - merge_started
             merges += 1
         except MergeforgeError as exc:
             result.validation.append({"params": params, "error": str(exc)})
             continue
-        validation = evaluator.score_state(state, "val", task_names)
+        validation = setting.score(merged, "val")
         mean = _mean(list(validation.values()))
         result.validation.append({"params": params, "mean": mean, "scores": validation})
         if best is None or mean > best[0]:
-            best = (mean, params, state)
+            best = (mean, params, merged)
     if best is None:
         result.status, result.reason = "failed", "; ".join(v.get("error", "") for v in result.validation)
         return result
     result.chosen = best[1]
-    result.test = evaluator.score_state(best[2], "test", task_names)
+    result.test = setting.score(best[2], "test")
     result.merge_seconds /= max(1, merges)
-    progress(f"{plan.method:<16} {describe(best[1]):<28} val {best[0]:.3f}  test {_mean(list(result.test.values())):.3f}"
+    label = plan.method if plan.protocol == MULTITASK else f"{plan.method} ({plan.protocol})"
+    progress(f"{label:<26} {describe(best[1]):<28} val {best[0]:.3f}  test {_mean(list(result.test.values())):.3f}"
              f"  ({time.perf_counter() - started:.0f} s)")
     return result
 
@@ -229,7 +300,7 @@ def _curve(chosen: dict[str, MethodResult], evaluator: _Evaluator, merger: _Merg
 
     curve: dict[str, list[dict[str, Any]]] = {}
     for name in methods:
-        if name not in chosen or chosen[name].status != "ok":
+        if name not in chosen or chosen[name].status != "ok" or chosen[name].protocol != MULTITASK:
             continue
         method = get_method(name)
         points = []
@@ -237,7 +308,7 @@ def _curve(chosen: dict[str, MethodResult], evaluator: _Evaluator, merger: _Merg
             plan = plan_method(method, k)
             if plan.skip_reason:
                 continue
-            state = merger(plan, chosen[name].chosen, k)
+            state = merger(plan, chosen[name].chosen, range(k))
             scores = evaluator.score_state(state, "test", task_names[:k])
             normalised = [scores[t] / experts[t] if experts[t] > 0 else 0.0 for t in task_names[:k]]
             points.append({"experts": k, "mean_accuracy": _mean(list(scores.values())), "normalised": _mean(normalised)})
@@ -302,6 +373,11 @@ def run_bench(
             progress(f"{method.name:<16} skipped: {plan.skip_reason}")
             continue
         results.append(_tune_and_test(plan, evaluator, merger, task_names, progress))
+    pairwise_reference = []
+    if any(r.protocol == PAIRWISE and r.status == "ok" for r in results):
+        for name in PAIRWISE_REFERENCE:
+            plan = plan_method(get_method(name), len(task_names), protocol=PAIRWISE)
+            pairwise_reference.append(_tune_and_test(plan, evaluator, merger, task_names, progress))
 
     by_name = {r.method: r for r in results}
     negation_result = _negation(suite, evaluator, task_names, base_state, expert_states, seed) if negation else None
@@ -312,7 +388,7 @@ def run_bench(
         "torch": torch.__version__, "python": platform.python_version(),
         "base": str(suite.base), "experts": {t: str(p) for t, p in suite.experts.items()},
     }
-    return BenchResult(task_names, baselines, experts, results, negation_result, curve, settings)
+    return BenchResult(task_names, baselines, experts, results, pairwise_reference, negation_result, curve, settings)
 
 
 def _cpu_count() -> int:

@@ -189,7 +189,4 @@ def _task_tensor(name: str, task: int, merged: Checkpoint, base: Checkpoint, sid
         )
     if packed.shape[1] != _task_masks.packed_length(merged_tensor.numel()):
         raise CheckpointError(f"side tensor '{name}{SIDE_SEPARATOR}{_task_masks.MASKS}' does not match the tensor's size; the merged folder is damaged")
-    base_float = base_tensor.to(torch.float32)
-    unified = merged_tensor.to(torch.float32) - base_float
-    keep = _task_masks.unpack(packed[task], tuple(merged_tensor.shape))
-    return (base_float + unified.mul_(keep).mul_(float(scales[task]))).to(merged_tensor.dtype)
+    return _task_masks.task_tensor(merged_tensor, base_tensor, packed, scales, task)

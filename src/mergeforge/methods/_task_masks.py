@@ -45,3 +45,11 @@ def unpack(packed_row: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         numel *= size
     bits = packed_row.reshape(-1, 1).bitwise_and(_BIT_VALUES.to(packed_row.device)) != 0
     return bits.reshape(-1)[:numel].reshape(shape)
+
+
+def task_tensor(merged: torch.Tensor, base: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, task: int) -> torch.Tensor:
+    """Task ``task``'s tensor: θ_base + scale_task · mask_task ⊙ (θ_merged − θ_base), in the merged dtype."""
+    base_float = base.to(torch.float32)
+    unified = merged.to(torch.float32) - base_float
+    keep = unpack(packed[task], tuple(merged.shape))
+    return (base_float + unified.mul_(keep).mul_(float(scales[task]))).to(merged.dtype)
