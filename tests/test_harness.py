@@ -148,16 +148,19 @@ def _spam_mixed_task(folder: Path, zoo_tasks: Path) -> Path:
 
 
 @needs_lm_eval
-@pytest.mark.parametrize(("model", "limit", "batch_size"), [("multitask", 50, 64), ("behavior_spam", 60, 7)])
+@pytest.mark.parametrize(("model", "limit", "batch_size"),
+                         [("multitask", 50, 64), ("behavior_spam", 60, 7), ("lora_reverse", 30, 16)])
 def test_harness_matches_evaluate_model_on_every_example(zoo, no_network, tmp_path, model, limit, batch_size):
     """The important one: the exported task scored by lm-eval gives, on every example, the very
     output and verdict of mergeforge's own evaluator (exact_match and contains; batch 64 and an
-    odd batch size)."""
+    odd batch size; a LoRA adapter folder, which mergeforge merges and hands to HFLM as a model)."""
     from mergeforge.evaluate import evaluate_model
 
     tasks = zoo.root / "tasks"
     if model == "multitask":
         folders = [tasks / name for name in SKILLS]
+    elif model == "lora_reverse":
+        folders = [tasks / "reverse", tasks / "sort", tasks / "count"]
     else:
         folders = [_spam_mixed_task(tmp_path / "spam_mixed", tasks), tasks / "echo", tasks / "count"]
     names = [load_task(folder).name for folder in folders]
