@@ -437,7 +437,8 @@ def _run_simple_evaluate(model_path: Path, adapter: bool, task_names: list[str],
 
 def format_harness_result(result: dict[str, Any]) -> str:
     """One line per task, in the look of the native evaluator's output."""
-    lines = [f"{result['model']} with lm-evaluation-harness {result.get('lm_eval_version', '')}:".replace(" :", ":")]
+    version = result.get("lm_eval_version")
+    lines = [f"{result['model']} with lm-evaluation-harness{' ' + version if version else ''}:"]
     width = max((len(name) for name in result["tasks"]), default=0)
     for name, entry in result["tasks"].items():
         text = f"  {name.ljust(width)}  {entry['metric']} {100 * entry['score']:5.1f}%"
