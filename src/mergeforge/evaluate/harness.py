@@ -44,6 +44,8 @@ from mergeforge.evaluate.tasks import (
 )
 
 INSTALL_HINT = "pip install 'mergeforge[lmeval]'"
+# The oldest lm_eval the tests pass with under transformers 5 (0.4.9.2 fails to import HFLM).
+MIN_LM_EVAL = "0.4.10"
 # Models under this many parameters are scored on one torch thread, as evaluate_model does.
 SMALL_MODEL_PARAMETERS = 100_000_000
 # Leading and trailing whitespace, removed from generation and reference alike: the same as
@@ -208,19 +210,22 @@ def _resolve_harness_tasks(
     yaml_names: set[str],
     task_root: str | Path | None,
     model_dir: Path,
-) -> tuple[list[Task], list[str]]:
-    """Split the requested tasks into mergeforge tasks (to export) and lm-eval YAML task names."""
+) -> tuple[list[Task], list[str], list[str]]:
+    """Split the requested tasks into mergeforge tasks (to export) and lm-eval YAML task names;
+    also returns every lm-eval task name in the order asked for."""
     items = _split_names(tasks)
     if not items:
         raise HarnessError("no harness task given; pass task folders, zoo task names or lm-eval task names")
     mergeforge_tasks: list[Task] = []
     yaml_tasks: list[str] = []
+    order: list[str] = []
     for item in items:
         if isinstance(item, Task):
             found = [item]
         elif isinstance(item, str) and item in yaml_names:
             if item not in yaml_tasks:
                 yaml_tasks.append(item)
+                order.append(item)
             continue
         elif Path(item).is_dir():
             found = discover_tasks(item)
@@ -231,12 +236,15 @@ def _resolve_harness_tasks(
                 yaml_known = ", ".join(sorted(yaml_names)) or "none"
                 raise HarnessError(f"{exc}; lm-eval tasks under --include-path: {yaml_known} "
                                    "(lm-eval's built-in tasks are not offered: they download their data)") from None
-        mergeforge_tasks.extend(task for task in found if task not in mergeforge_tasks)
+        for task in found:
+            if task not in mergeforge_tasks:
+                mergeforge_tasks.append(task)
+                order.append(lm_eval_task_name(task))
     names = [lm_eval_task_name(task) for task in mergeforge_tasks]
     clashes = sorted({name for name in names if names.count(name) > 1} | (set(names) & set(yaml_tasks)))
     if clashes:
         raise HarnessError(f"two harness tasks are named {', '.join(repr(n) for n in clashes)}; lm-eval needs unique names")
-    return mergeforge_tasks, yaml_tasks
+    return mergeforge_tasks, yaml_tasks, order
 
 
 def _check_model_folder(model_dir: Path) -> bool:
@@ -286,12 +294,19 @@ def _primary_metric(entry: dict[str, Any], config: dict[str, Any] | None) -> tup
     return None
 
 
-def _summarise(raw: dict[str, Any], exported: dict[str, Task], return_predictions: bool) -> dict[str, Any]:
+def _summarise(raw: dict[str, Any], exported: dict[str, Task], order: list[str],
+               return_predictions: bool) -> dict[str, Any]:
+    """Per task (in the order asked for; then any group or subtask lm-eval added): the primary
+    metric, its score, the count of correct documents when the metric is 0/1 per document."""
     summary: dict[str, Any] = {}
     configs = raw.get("configs", {})
     n_samples = raw.get("n-samples", {})
     samples = raw.get("samples", {})
-    for name, entry in raw.get("results", {}).items():
+    results = raw.get("results", {})
+    # lm-eval's own order of results changed between releases (0.4.10 sorts by name).
+    names = [name for name in order if name in results] + [name for name in results if name not in order]
+    for name in names:
+        entry = results[name]
         chosen = _primary_metric(entry, configs.get(name))
         if chosen is None:
             continue
@@ -370,7 +385,7 @@ def evaluate_with_harness(
     if limit is not None and limit < 1:
         raise HarnessError(f"limit must be at least 1, got {limit}")
     yaml_names = _yaml_task_names(include_paths)
-    mergeforge_tasks, yaml_tasks = _resolve_harness_tasks(tasks, yaml_names, task_root, model_path)
+    mergeforge_tasks, yaml_tasks, order = _resolve_harness_tasks(tasks, yaml_names, task_root, model_path)
     for task in mergeforge_tasks:
         task.examples(split, 1)  # a missing split fails now, not inside lm-eval
     adapter = _check_model_folder(model_path)
@@ -387,7 +402,7 @@ def evaluate_with_harness(
             exported[lm_eval_task_name(task)] = task
         raw = _run_simple_evaluate(model_path, adapter, [*exported, *yaml_tasks],
                                    [Path(export_dir), *include_paths], limit, batch_size, device, threads)
-    summary = _summarise(raw, exported, return_predictions)
+    summary = _summarise(raw, exported, order, return_predictions)
     scores = [entry["score"] for entry in summary.values()]
     return {
         "model": str(model_dir),
@@ -404,9 +419,19 @@ def evaluate_with_harness(
 def _run_simple_evaluate(model_path: Path, adapter: bool, task_names: list[str], include_paths: list[Path],
                          limit: int | None, batch_size: int, device: str, threads: int | None) -> dict[str, Any]:
     import torch
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    import transformers
+
+    try:
+        from lm_eval.evaluator import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except (ImportError, AttributeError) as exc:
+        # e.g. lm_eval <= 0.4.9 with transformers 5 (AutoModelForVision2Seq is gone).
+        import lm_eval
+
+        version = getattr(lm_eval, "__version__", "?")
+        raise HarnessError(f"lm_eval {version} does not load with transformers {transformers.__version__} ({exc}); "
+                           f"pip install -U 'lm_eval>={MIN_LM_EVAL}'") from None
 
     dtype = "float32" if device == "cpu" else "auto"
     try:
