@@ -17,6 +17,8 @@ from mergeforge._lazy import lazy_exports
 
 __all__ = [
     "evaluate_model",
+    "evaluate_with_harness",
+    "export_lm_eval_task",
     "load_model_and_tokenizer",
     "format_table",
     "Example",
@@ -32,6 +34,8 @@ __all__ = [
 
 _LAZY = {
     "evaluate_model": "mergeforge.evaluate.api",
+    "evaluate_with_harness": "mergeforge.evaluate.harness",
+    "export_lm_eval_task": "mergeforge.evaluate.harness",
     "load_model_and_tokenizer": "mergeforge.evaluate.api",
     "format_table": "mergeforge.evaluate.report",
     "Example": "mergeforge.evaluate.tasks",
@@ -47,6 +51,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from mergeforge.evaluate.api import evaluate_model, load_model_and_tokenizer
+    from mergeforge.evaluate.harness import evaluate_with_harness, export_lm_eval_task
     from mergeforge.evaluate.report import format_table
     from mergeforge.evaluate.tasks import (
         Example,
