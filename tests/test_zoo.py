@@ -164,6 +164,19 @@ def test_data_and_hash_follow_the_seed():
     assert len({zoo_content_hash("tiny", 0), zoo_content_hash("tiny", 1), zoo_content_hash("small", 0)}) == 3
 
 
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_training_split_holds_every_prompt_length_the_tests_use(size):
+    """The held-out splits are a random cut of the prompt pool, not its first draws: cutting the
+    first draws gave the test split every one-word sentence and the training split none, so the
+    experts never learnt to stop after one word."""
+    from mergeforge.zoo.data import make_task_data
+    from mergeforge.zoo.presets import PRESETS
+
+    for name, data in make_task_data(PRESETS[size], 0)[0].items():
+        lengths = {split: {len(prompt) for prompt, _ in pairs} for split, pairs in data.splits.items()}
+        assert lengths["test"] <= lengths["train"], (name, sorted(lengths["test"] - lengths["train"]))
+
+
 def test_task_answers_are_right():
     from mergeforge.zoo.presets import PRESETS
     from mergeforge.zoo.tasks import make_lexicon, make_tasks
