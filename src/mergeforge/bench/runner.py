@@ -5,6 +5,9 @@ Ilharco et al. 2023, arXiv 2212.04089): experts fine-tuned from one base are mer
 model, which is scored on every expert's task; a method's hyperparameters are picked on the
 validation split from a small grid (``grids.py``) and only the chosen setting is scored on test.
 Normalised accuracy is the merged model's accuracy on a task divided by that task's expert's.
+Methods that cannot make one model from N experts run under another protocol (``grids.py``):
+per-task models rebuilt from stored masks (EMR, TALL masks; the task id is known), or disjoint
+pairs of experts (slerp, nearswap, ...), with a few multi-model methods on the same pairs.
 
 Merges run in memory through the same planner and engine as ``mergeforge merge``
 (:func:`mergeforge.merge_state_dicts`), so no checkpoint is written per grid point.
