@@ -15,16 +15,12 @@ import pytest
 import torch
 
 import mergeforge
-from mergeforge.api import parse_size as api_parse_size
 from mergeforge.fastpath import kernels
 from mergeforge.fastpath.arrays import bf16_to_f32, f32_to_bf16
 from mergeforge.fastpath.methods import FAST_METHODS, REQUIRED
-from mergeforge.fastpath.plan import LAYER_PATTERN, job_seed
-from mergeforge.fastpath.run import parse_size, try_fast_merge
+from mergeforge.fastpath.run import try_fast_merge
 from mergeforge.methods.registry import get_method
 from mergeforge.methods.sparsify import topk_mask
-from mergeforge.plan import LAYER_PATTERN as PLAN_LAYER_PATTERN
-from mergeforge.plan import _job_seed
 
 # ---------------------------------------------------------------- conversions
 
@@ -98,15 +94,6 @@ def test_fast_methods_mirror_the_registry():
             assert not param.high_open
         assert fast.uses_base == (method.base.value == "required"), name
         assert fast.random == method.random and fast.max_models == method.max_models, name
-
-
-def test_planning_helpers_mirror_the_full_planner():
-    assert LAYER_PATTERN.pattern == PLAN_LAYER_PATTERN.pattern
-    for name in ("model.layers.3.mlp.up_proj.weight", "lm_head.weight"):
-        assert job_seed(7, name) == _job_seed(7, name)
-    for text in ("5GB", "500MB", "1.5GiB", "123", 4096, "2k"):
-        assert parse_size(text) == api_parse_size(text)
-    assert parse_size("lots") is None
 
 
 # ---------------------------------------------------------------- same bytes as the full path

@@ -31,7 +31,8 @@ from mergeforge.engine import (
 )
 from mergeforge.errors import MergeforgeError, OutputError, RecipeError
 from mergeforge.methods.registry import get_method
-from mergeforge.plan import MergePlan, build_plan, layer_index
+from mergeforge.plan import MergePlan, build_plan
+from mergeforge.plan_rules import layer_index, parse_size
 from mergeforge.recipe import Recipe, load_recipe
 
 log = logging.getLogger("mergeforge")
@@ -85,24 +86,6 @@ def _human(count: float) -> str:
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
         count /= 1024
     return str(count)
-
-
-def parse_size(text: str | int) -> int:
-    """``2GB``, ``500M``, ``1.5GiB`` or a plain byte count."""
-    if isinstance(text, int):
-        return text
-    value = str(text).strip().upper().replace(" ", "")
-    units = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3, "T": 1000**4, "TB": 1000**4,
-             "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
-    number = value.rstrip("KMGTIB")
-    unit = value[len(number):]
-    try:
-        size = int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise RecipeError(f"size '{text}': use a byte count or a number with a unit (e.g. 2GB, 500MB, 1GiB)") from None
-    if size <= 0:
-        raise RecipeError(f"size '{text}' must be positive")
-    return size
 
 
 def plan_merge(recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str], **options: Any) -> MergePlan:

@@ -14,9 +14,7 @@ from the last slice's otherwise (final norm, output head).
 from __future__ import annotations
 
 import difflib
-import hashlib
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +25,9 @@ from mergeforge.checkpoint.reader import Checkpoint, open_checkpoint
 from mergeforge.checkpoint.writer import OutputTensor
 from mergeforge.errors import CheckpointError, RecipeError
 from mergeforge.methods.registry import BaseUse, MergeMethod, get_method
-from mergeforge.recipe import OutputSlice, Parameters, Recipe, SliceSource, resolve_value
+from mergeforge.plan_rules import count_layers, first_value, job_seed, layer_index, with_layer_index
+from mergeforge.recipe import OutputSlice, Parameters, Recipe, SliceSource
 
-LAYER_PATTERN = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.(\d+)\.")
 EMBEDDING_PATTERN = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared\.weight")
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
@@ -53,22 +51,6 @@ def parse_dtype(name: str | None, field_name: str) -> torch.dtype | None:
     if dtype is None:
         raise RecipeError(f"{field_name}: unknown dtype '{name}'; use one of float32, float16, bfloat16, float64")
     return dtype
-
-
-def layer_index(name: str) -> int | None:
-    match = LAYER_PATTERN.search(name)
-    return int(match.group(3)) if match else None
-
-
-def with_layer_index(name: str, index: int) -> str:
-    match = LAYER_PATTERN.search(name)
-    assert match is not None
-    return f"{name[: match.start(3)]}{index}{name[match.end(3):]}"
-
-
-def count_layers(names: Sequence[str]) -> int:
-    indices = [i for i in (layer_index(n) for n in names) if i is not None]
-    return max(indices) + 1 if indices else 0
 
 
 @dataclass(frozen=True)
@@ -128,11 +110,6 @@ class MergePlan:
     def close(self) -> None:
         for checkpoint in self.checkpoints.values():
             checkpoint.close()
-
-
-def _job_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
@@ -228,23 +205,14 @@ class _Planner:
             if param.per_model:
                 values = []
                 for source in inputs:
-                    value = self._first_value(param.name, [source.parameters, *levels], output_name, t)
+                    value = first_value(param.name, [source.parameters, *levels], output_name, t)
                     where = f"model '{source.model}', tensor '{output_name}'"
                     values.append(self._finish(param, value, where))
                 resolved[param.name] = values
             else:
-                value = self._first_value(param.name, levels, output_name, t)
+                value = first_value(param.name, levels, output_name, t)
                 resolved[param.name] = self._finish(param, value, f"tensor '{output_name}'")
         return resolved
-
-    @staticmethod
-    def _first_value(name: str, levels: list[Parameters | None], output_name: str, t: float) -> Any:
-        for parameters in levels:
-            if parameters and name in parameters:
-                value = resolve_value(parameters[name], output_name, t)
-                if value is not None:
-                    return value
-        return None
 
     @staticmethod
     def _finish(param, value: Any, where: str) -> Any:
@@ -313,7 +281,7 @@ class _Planner:
             job = TensorJob(output, copy_inputs, copy_from, None, {}, 0)
         else:
             params = self._resolve_params(output_name, t, inputs, output_slice)
-            job = TensorJob(output, job_inputs, base_tensor, self.method, params, _job_seed(self.seed, output_name))
+            job = TensorJob(output, job_inputs, base_tensor, self.method, params, job_seed(self.seed, output_name))
         self.jobs.append(job)
 
     def plan_models(self) -> None:

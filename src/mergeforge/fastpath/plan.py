@@ -12,9 +12,7 @@ layer index read from the tensor name).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +28,8 @@ from mergeforge.checkpoint.safetensors_format import (
 from mergeforge.errors import MergeforgeError, RecipeError
 from mergeforge.fastpath.arrays import RECIPE_DTYPES, STORAGE
 from mergeforge.fastpath.methods import FAST_METHODS, REQUIRED, FastMethod
-from mergeforge.recipe import Recipe, resolve_value
-
-# As mergeforge.plan.LAYER_PATTERN (checked equal by the tests).
-LAYER_PATTERN = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.(\d+)\.")
+from mergeforge.plan_rules import count_layers, first_value, job_seed, layer_index
+from mergeforge.recipe import Recipe
 
 
 class NotEligible(Exception):
@@ -92,17 +88,6 @@ class FastPlan:
         self.fds = []
 
 
-def job_seed(seed: int, name: str) -> int:
-    """As :func:`mergeforge.plan._job_seed` (the tests check both give the same seeds)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def layer_index(name: str) -> int | None:
-    match = LAYER_PATTERN.search(name)
-    return int(match.group(3)) if match else None
-
-
 def _open_model(folder: Path, fds: list[int], ref: str) -> dict[str, FastSource]:
     kind, path = weights_layout(folder)
     if kind == "safetensors":
@@ -140,17 +125,15 @@ def _resolve(method: FastMethod, recipe: Recipe, inputs: list[Any], name: str, t
 
 
 def _value(param, levels, name: str, t: float) -> Any:
-    for parameters in levels:
-        if parameters and param.name in parameters:
-            value = resolve_value(parameters[param.name], name, t)
-            if value is not None:
-                try:
-                    return param.check(value, name)
-                except RecipeError:  # the full path reports it in its own words
-                    raise NotEligible(f"parameter {param.name}") from None
-    if param.default is REQUIRED:
-        raise NotEligible(f"parameter {param.name} missing")
-    return param.default
+    value = first_value(param.name, levels, name, t)
+    if value is None:
+        if param.default is REQUIRED:
+            raise NotEligible(f"parameter {param.name} missing")
+        return param.default
+    try:
+        return param.check(value, name)
+    except RecipeError:  # the full path reports it in its own words
+        raise NotEligible(f"parameter {param.name}") from None
 
 
 def build_fast_plan(recipe: Recipe, relative_to: Path | None, *, dtype: str | None, out_dtype: str | None,
@@ -199,9 +182,9 @@ def build_fast_plan(recipe: Recipe, relative_to: Path | None, *, dtype: str | No
         tensors = {ref: _open_model(folder, fds, ref) for ref, folder in folders.items()}
         reference = base_ref or references[0]
         names = list(tensors[reference])
-        layers = _layer_count(names)
+        layers = count_layers(names)
         for ref in [m.model for m in inputs]:
-            if _layer_count(list(tensors[ref])) != layers or set(tensors[ref]) != set(names):
+            if count_layers(list(tensors[ref])) != layers or set(tensors[ref]) != set(names):
                 raise NotEligible("models differ in tensors")
         base_tensors = tensors[base_ref] if method.uses_base else None
         jobs = []
@@ -248,8 +231,3 @@ def build_fast_plan(recipe: Recipe, relative_to: Path | None, *, dtype: str | No
 
 def _read_bytes(source: FastSource) -> bytes:
     return os.pread(source.fd, source.entry.nbytes, source.entry.offset)
-
-
-def _layer_count(names: list[str]) -> int:
-    indices = [i for i in (layer_index(n) for n in names) if i is not None]
-    return max(indices) + 1 if indices else 0

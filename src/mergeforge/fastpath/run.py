@@ -32,10 +32,11 @@ from mergeforge.checkpoint.writer import (
     ShardedWriter,
     output_error,
 )
-from mergeforge.errors import OutputError
+from mergeforge.errors import OutputError, RecipeError
 from mergeforge.fastpath import kernels
 from mergeforge.fastpath.arrays import STORAGE, from_f32, to_f32
 from mergeforge.fastpath.plan import FastJob, FastPlan, FastSource, NotEligible, build_fast_plan
+from mergeforge.plan_rules import parse_size
 from mergeforge.progress import ProgressReporter
 from mergeforge.recipe import Recipe, load_recipe
 
@@ -83,21 +84,6 @@ class FileSource:
         raw = np.empty(stop - start, dtype=self.storage)
         pread_into(self.fd, memoryview(raw).cast("B"), self.offset + start * self.storage.itemsize, self.path)
         return raw if self.dtype == "F32" else to_f32(raw, self.dtype)
-
-
-def parse_size(text: str | int) -> int | None:
-    """As :func:`mergeforge.api.parse_size`, or None where that one would raise."""
-    if isinstance(text, int):
-        return text if text > 0 else None
-    value = str(text).strip().upper().replace(" ", "")
-    units = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
-             "T": 1000**4, "TB": 1000**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
-    number = value.rstrip("KMGTIB")
-    try:
-        size = int(float(number) * units[value[len(number):]])
-    except (ValueError, KeyError):
-        return None
-    return size if size > 0 else None
 
 
 def blocks_of(job: FastJob, method: Any) -> kernels.Blocks:
@@ -258,8 +244,9 @@ def try_fast_merge(
     started = time.perf_counter()
     if (out_dir is None and not dry_run) or device != "cpu" or (threads is not None and threads < 1):
         return None
-    shard_bytes = parse_size(out_shard_size)
-    if shard_bytes is None:
+    try:
+        shard_bytes = parse_size(out_shard_size)
+    except RecipeError:  # the full path reports it
         return None
     try:
         parsed = load_recipe(recipe)
