@@ -6,6 +6,10 @@ benchmarked without touching this file: a ``lambda`` (the task-vector scale) is 
 a ``density`` (the fraction of each task vector kept); everything else keeps its default. The few
 methods whose key knob has another name get an explicit entry in ``SPECIFIC_GRIDS``. Per-model
 weights are 1 for every expert, as in the papers' data-free set-ups.
+
+The schema also decides how a method is scored (its protocol): methods that store per-task masks
+are scored per task, methods that merge at most two models on pairs of experts, every other one as
+one multi-task model.
 """
 
 from __future__ import annotations
