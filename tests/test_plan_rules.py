@@ -8,7 +8,14 @@ import sys
 import pytest
 
 from mergeforge.errors import RecipeError
-from mergeforge.plan_rules import count_layers, first_value, job_seed, layer_index, parse_size, with_layer_index
+from mergeforge.plan_rules import (
+    count_layers,
+    first_value,
+    job_seed,
+    layer_index,
+    parse_size,
+    with_layer_index,
+)
 
 
 @pytest.mark.parametrize(("text", "size"), [("5GB", 5 * 1000**3), ("500MB", 500 * 1000**2), ("1.5GiB", 3 * 1024**3 // 2),
