@@ -164,6 +164,19 @@ def test_data_and_hash_follow_the_seed():
     assert len({zoo_content_hash("tiny", 0), zoo_content_hash("tiny", 1), zoo_content_hash("small", 0)}) == 3
 
 
+def test_retuning_one_size_leaves_the_other_sizes_hash(monkeypatch):
+    import dataclasses
+
+    from mergeforge.zoo import build
+    from mergeforge.zoo.presets import PRESETS
+
+    before = {size: build.zoo_content_hash(size, 0) for size in ("tiny", "small")}
+    tiny = PRESETS["tiny"]
+    monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(tiny, expert=dataclasses.replace(tiny.expert, steps=tiny.expert.steps + 1)))
+    assert build.zoo_content_hash("tiny", 0) != before["tiny"]
+    assert build.zoo_content_hash("small", 0) == before["small"]
+
+
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_training_split_holds_every_prompt_length_the_tests_use(size):
     """The held-out splits are a random cut of the prompt pool, not its first draws: cutting the

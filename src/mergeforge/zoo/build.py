@@ -40,7 +40,9 @@ from mergeforge.zoo.train import TrainingSchedule
 Log = Callable[[str], None]
 
 # Files whose content defines what a zoo holds; editing any of them changes every content hash.
-_HASHED_SOURCES = ("tasks.py", "tokenizer.py", "train.py", "presets.py", "data.py", "lora.py", "build.py", "manifest.py")
+# ``presets.py`` is not among them: each zoo hashes its own preset's values instead, so retuning
+# one size leaves the other sizes' cached zoos valid.
+_HASHED_SOURCES = ("tasks.py", "tokenizer.py", "train.py", "data.py", "lora.py", "build.py", "manifest.py")
 _HASHED_EVALUATE_SOURCES = ("encoding.py", "tasks.py")
 
 
@@ -60,9 +62,10 @@ class TrainJob:
 
 
 def zoo_content_hash(size: str, seed: int) -> str:
-    """sha256 over the zoo's code, the size and the seed."""
+    """sha256 over the zoo's code, the size's preset and the seed."""
     digest = hashlib.sha256()
     digest.update(f"mergeforge-zoo format {MANIFEST_FORMAT} size {size} seed {seed}\n".encode())
+    digest.update(json.dumps(PRESETS[size].fingerprint(), sort_keys=True).encode())
     here = Path(__file__).parent
     for folder, names in ((here, _HASHED_SOURCES), (here.parent / "evaluate", _HASHED_EVALUATE_SOURCES)):
         for name in names:
