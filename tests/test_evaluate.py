@@ -170,20 +170,23 @@ def test_task_name_without_a_root(hand_model_dir):
     assert "reverse" in line and "--task-root" in line
 
 
-def test_malformed_jsonl_names_file_and_line(hand_model_dir, tmp_path):
-    folder = tmp_path / "broken"
+def task_folder(root: Path, name: str, spec: dict | bytes, test_jsonl: str | bytes) -> Path:
+    """A task folder holding ``spec.json`` and ``test.jsonl`` exactly as given (bytes are written raw)."""
+    folder = root / name
     folder.mkdir()
-    (folder / "spec.json").write_text(json.dumps({"name": "broken"}))
-    (folder / "test.jsonl").write_text('{"prompt": "a=", "answer": "x"}\n\n{"prompt": "b=", "answer": \n')
+    (folder / "spec.json").write_bytes(spec if isinstance(spec, bytes) else json.dumps(spec).encode())
+    (folder / "test.jsonl").write_bytes(test_jsonl if isinstance(test_jsonl, bytes) else test_jsonl.encode())
+    return folder
+
+
+def test_malformed_jsonl_names_file_and_line(hand_model_dir, tmp_path):
+    folder = task_folder(tmp_path, "broken", {"name": "broken"}, '{"prompt": "a=", "answer": "x"}\n\n{"prompt": "b=", "answer": \n')
     line = one_line_error(run_cli("eval", hand_model_dir, "--tasks", folder))
     assert f"{folder / 'test.jsonl'}:3:" in line and "not valid JSON" in line
 
 
 def test_non_utf8_jsonl_and_spec_name_the_file(hand_model_dir, tmp_path):
-    folder = tmp_path / "latin1"
-    folder.mkdir()
-    (folder / "spec.json").write_text(json.dumps({"name": "latin1"}))
-    (folder / "test.jsonl").write_bytes(b'{"prompt": "a=", "answer": "x"}\n{"prompt": "caf\xe9=", "answer": "x"}\n')
+    folder = task_folder(tmp_path, "latin1", {"name": "latin1"}, b'{"prompt": "a=", "answer": "x"}\n{"prompt": "caf\xe9=", "answer": "x"}\n')
     line = one_line_error(run_cli("eval", hand_model_dir, "--tasks", folder))
     assert f"{folder / 'test.jsonl'}:2:" in line and "not UTF-8" in line
     (folder / "spec.json").write_bytes(b'{"name": "caf\xe9"}')
@@ -192,19 +195,14 @@ def test_non_utf8_jsonl_and_spec_name_the_file(hand_model_dir, tmp_path):
 
 
 def test_jsonl_line_missing_a_field(hand_model_dir, tmp_path):
-    folder = tmp_path / "nofield"
-    folder.mkdir()
-    (folder / "spec.json").write_text(json.dumps({"name": "nofield", "answer_key": "target"}))
-    (folder / "test.jsonl").write_text('{"prompt": "a=", "target": "x"}\n{"prompt": "b=", "answer": "x"}\n')
+    folder = task_folder(tmp_path, "nofield", {"name": "nofield", "answer_key": "target"},
+                         '{"prompt": "a=", "target": "x"}\n{"prompt": "b=", "answer": "x"}\n')
     line = one_line_error(run_cli("eval", hand_model_dir, "--tasks", folder))
     assert f"{folder / 'test.jsonl'}:2:" in line and "'target'" in line
 
 
 def test_bad_spec_field(hand_model_dir, tmp_path):
-    folder = tmp_path / "badspec"
-    folder.mkdir()
-    (folder / "spec.json").write_text(json.dumps({"name": "badspec", "metrc": "exact_match"}))
-    (folder / "test.jsonl").write_text('{"prompt": "a=", "answer": "x"}\n')
+    folder = task_folder(tmp_path, "badspec", {"name": "badspec", "metrc": "exact_match"}, '{"prompt": "a=", "answer": "x"}\n')
     line = one_line_error(run_cli("eval", hand_model_dir, "--tasks", folder))
     assert "spec.json" in line and "metrc" in line
 

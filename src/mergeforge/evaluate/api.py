@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,23 @@ from mergeforge.evaluate.tasks import Task, TaskError, load_task
 
 TaskLike = Task | str | Path
 SMALL_MODEL_PARAMETERS = 100_000_000
+
+
+@contextlib.contextmanager
+def scoring_threads(model: torch.nn.Module, threads: int | None = None,
+                    small_below: int = SMALL_MODEL_PARAMETERS) -> Iterator[None]:
+    """torch's intra-op threads while scoring ``model``: ``threads`` when given, else one for a
+    model under ``small_below`` parameters (its matrices are too small to split, and thread
+    hand-offs then dominate), else torch's default. The previous setting is restored."""
+    previous = torch.get_num_threads()
+    if threads is None and sum(p.numel() for p in model.parameters()) < small_below:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
@@ -131,15 +149,10 @@ def evaluate_model(
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     was_training = model.training
     model.eval()
-    previous_threads = torch.get_num_threads()
-    if threads is None and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
-        threads = 1
-    if threads is not None:
-        torch.set_num_threads(threads)
     try:
-        results = _score_tasks(model, tokenizer, task_list, split, batch_size, max_examples, return_predictions, with_loss)
+        with scoring_threads(model, threads):
+            results = _score_tasks(model, tokenizer, task_list, split, batch_size, max_examples, return_predictions, with_loss)
     finally:
-        torch.set_num_threads(previous_threads)
         if was_training:
             model.train()
     return {

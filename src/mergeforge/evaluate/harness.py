@@ -46,8 +46,6 @@ from mergeforge.evaluate.tasks import (
 INSTALL_HINT = "pip install 'mergeforge[lmeval]'"
 # The oldest lm_eval the tests pass with under transformers 5 (0.4.9.2 fails to import HFLM).
 MIN_LM_EVAL = "0.4.10"
-# Models under this many parameters are scored on one torch thread, as evaluate_model does.
-SMALL_MODEL_PARAMETERS = 100_000_000
 # Leading and trailing whitespace, removed from generation and reference alike: the same as
 # mergeforge's ``normalise`` (str.strip) followed by ``answer.strip()``.
 STRIP_REGEXES = [r"^\s+", r"\s+$"]
@@ -418,8 +416,9 @@ def evaluate_with_harness(
 
 def _run_simple_evaluate(model_path: Path, adapter: bool, task_names: list[str], include_paths: list[Path],
                          limit: int | None, batch_size: int, device: str, threads: int | None) -> dict[str, Any]:
-    import torch
     import transformers
+
+    from mergeforge.evaluate.api import scoring_threads
 
     try:
         from lm_eval.evaluator import simple_evaluate
@@ -445,16 +444,9 @@ def _run_simple_evaluate(model_path: Path, adapter: bool, task_names: list[str],
                       trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{model_path}: lm-eval cannot load the model ({exc})") from None
-    previous_threads = torch.get_num_threads()
-    if threads is None and sum(p.numel() for p in lm.model.parameters()) < SMALL_MODEL_PARAMETERS:
-        threads = 1
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with scoring_threads(lm.model, threads):
         manager = TaskManager(include_path=[str(p) for p in include_paths], include_defaults=False)
         raw = simple_evaluate(model=lm, tasks=task_names, task_manager=manager, limit=limit, log_samples=True)
-    finally:
-        torch.set_num_threads(previous_threads)
     if raw is None:  # simple_evaluate returns None on non-zero ranks only
         raise HarnessError("lm-eval returned no result")
     return raw
