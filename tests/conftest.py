@@ -104,6 +104,18 @@ def llama_family(model_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture
+def scratch_methods():
+    """The method registry; methods registered during the test are unregistered afterwards."""
+    from mergeforge.methods.registry import METHODS, all_methods
+
+    all_methods()  # built-ins and installed plugins first, so only the test's own registrations are new
+    before = set(METHODS.names())
+    yield METHODS
+    for name in set(METHODS.names()) - before:
+        METHODS.remove(name)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess."""
     return subprocess.run([sys.executable, "-m", "mergeforge", *map(str, args)], capture_output=True, text=True, cwd=cwd,

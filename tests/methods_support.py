@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mergeforge.methods import MergeMethod, Param, get_method
+from mergeforge.methods import MethodSpec, Param, get_method
 
 
 def placeholder_value(param: Param) -> Any:
@@ -31,7 +31,7 @@ def placeholder_value(param: Param) -> Any:
     return int(value) if param.kind == "int" else value
 
 
-def resolve_params(method: MergeMethod, n_models: int, overrides: dict[str, Any]) -> dict[str, Any]:
+def resolve_params(method: MethodSpec, n_models: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """Defaults, then overrides; per-model values broadcast to lists; every value checked."""
     unknown = set(overrides) - {param.name for param in method.params}
     if unknown:

@@ -238,29 +238,35 @@ def tiny_filesystem(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=False)
 
 
+EXECUTORS = ["numpy", "torch"]
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize("fill", [0, 150_000, 20_000])
-def test_disk_full(tmp_path, pair, tiny_filesystem, fill):
+def test_disk_full(tmp_path, pair, tiny_filesystem, fill, executor):
     # 0 and 150 kB: the weights do not fit (found before anything is written); 20 kB: the weights fit,
     # the files written after them (tokenizer, config, card) do not.
     filler = tiny_filesystem / "filler.bin"
     filler.write_bytes(b"x" * fill)
     out = tiny_filesystem / "out"
     line = fails_cleanly(tmp_path, {"merge_method": "linear", "models": [{"model": pair[1], "parameters": {"weight": 1}}]},
-                         "disk full", out=out)
+                         "disk full", out=out, extra=("--executor", executor))
     assert str(tiny_filesystem) in line
     assert sorted(p.name for p in tiny_filesystem.iterdir()) == ["filler.bin"]
 
 
-def test_inputs_never_modified(tmp_path, llama_family):
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_inputs_never_modified(tmp_path, llama_family, executor):
     digests = {name: tree_digest(path) for name, path in llama_family.items()}
     recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump({"merge_method": "dare_ties", "base_model": str(llama_family["base"]), "models": [
         {"model": str(llama_family[f"ft{i}"]), "parameters": {"weight": 1, "density": 0.5}} for i in (1, 2, 3)]}))
-    assert run_cli("merge", recipe, tmp_path / "out", "--quiet").returncode == 0
+    assert run_cli("merge", recipe, tmp_path / "out", "--quiet", "--executor", executor).returncode == 0
     assert {name: tree_digest(path) for name, path in llama_family.items()} == digests
 
 
-def test_killed_merge_leaves_no_output_and_keeps_existing(tmp_path, model_factory):
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_killed_merge_leaves_no_output_and_keeps_existing(tmp_path, model_factory, executor):
     """SIGKILL and SIGTERM mid-merge: OUT_DIR is either absent or the previous complete model."""
     from safetensors.torch import save_file
 
@@ -278,7 +284,8 @@ def test_killed_merge_leaves_no_output_and_keeps_existing(tmp_path, model_factor
     existing.mkdir()
     (existing / "previous.txt").write_text("complete model")
     for sig, out, args in ((signal.SIGKILL, tmp_path / "fresh", ()), (signal.SIGTERM, existing, ("--overwrite",))):
-        process = subprocess.Popen([sys.executable, "-m", "mergeforge", "merge", str(recipe), str(out), "--threads", "1", *args],
+        process = subprocess.Popen([sys.executable, "-m", "mergeforge", "merge", str(recipe), str(out), "--threads", "1",
+                                    "--executor", executor, *args],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(f".{out.name}.mergeforge-tmp-*")) and process.poll() is None and time.monotonic() < deadline:
@@ -294,6 +301,6 @@ def test_killed_merge_leaves_no_output_and_keeps_existing(tmp_path, model_factor
     assert not (tmp_path / "fresh").exists()
     assert (existing / "previous.txt").read_text() == "complete model"
     # The next run removes what SIGKILL left behind and completes.
-    result = run_cli("merge", recipe, tmp_path / "fresh", "--quiet")
+    result = run_cli("merge", recipe, tmp_path / "fresh", "--quiet", "--executor", executor)
     assert result.returncode == 0, result.stderr
     assert not list(tmp_path.glob(".fresh.mergeforge-tmp-*"))

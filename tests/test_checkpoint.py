@@ -14,25 +14,31 @@ from mergeforge.errors import CheckpointError
 
 
 def sample_state() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
+    """Six dtypes, with values made by exact IEEE operations (no random draws), so the bytes are
+    the same with any torch."""
     return {
-        "model.layers.0.w": torch.randn(5, 3, generator=generator).bfloat16(),
-        "model.layers.1.w": torch.randn(4, generator=generator),
+        "model.layers.0.w": (torch.arange(15, dtype=torch.float32).reshape(5, 3) / 7).bfloat16(),
+        "model.layers.1.w": torch.tensor([-1.0, -0.375, 0.125, 2.5]),
         "model.ids": torch.arange(7),
         "model.flag": torch.tensor([True, False]),
-        "model.half": torch.randn(2, 2, generator=generator).half(),
+        "model.half": (torch.arange(4, dtype=torch.float32).reshape(2, 2) / 3).half(),
         "model.scalar": torch.tensor(3.0, dtype=torch.float64),
     }
 
 
-def test_writer_bytes_equal_safetensors_library(tmp_path):
+# sha256 of ``sample_state`` written by our writer: the layout (tensor order by dtype then name,
+# header padding, offsets) must not change silently between releases.
+SAMPLE_SHA256 = "136191c586baa3fd2a0f3046d01efd5b5e13f636d10bd3956705d0c03f6f9ca3"
+
+
+def test_writer_bytes_are_pinned_and_equal_the_safetensors_librarys(tmp_path):
     state = sample_state()
     save_state_dict(state, tmp_path)
-    save_file(state, tmp_path / "reference.safetensors", metadata={"format": "pt"})
     ours = (tmp_path / "model.safetensors").read_bytes()
+    assert hashlib.sha256(ours).hexdigest() == SAMPLE_SHA256
+    assert ours[:8] == (440).to_bytes(8, "little") and ours[8:40] == b'{"__metadata__":{"format":"pt"},'
+    save_file(state, tmp_path / "reference.safetensors", metadata={"format": "pt"})
     assert ours == (tmp_path / "reference.safetensors").read_bytes()
-    # Pinned: the layout must not change silently between releases.
-    assert hashlib.sha256(ours).hexdigest()[:16] == hashlib.sha256((tmp_path / "reference.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def test_reader_round_trip_rows_and_shards(tmp_path):

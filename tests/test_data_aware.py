@@ -20,6 +20,7 @@ from mergeforge.calibration.adamerging import (
     merged_parameters,
     prediction_entropy,
 )
+from mergeforge.calibration.config import CalibrationConfig
 from mergeforge.calibration.data import (
     CalibrationError,
     CalibrationExample,
@@ -32,7 +33,6 @@ from mergeforge.calibration.fisher import diagonal_fisher
 from mergeforge.calibration.gram import linear_input_grams
 from mergeforge.errors import MergeforgeError, RecipeError
 from mergeforge.methods import get_method
-from mergeforge.recipe import CalibrationConfig
 
 
 @pytest.fixture(autouse=True)

@@ -173,15 +173,13 @@ def test_calibration_schema_errors(llama_family: dict[str, Path], calibration_fi
         api.plan_merge(recipe)
 
 
-def test_calibration_for_a_method_that_does_not_use_it_is_warned_about(llama_family: dict[str, Path], calibration_files: dict[str, Path]):
+def test_calibration_for_a_method_that_does_not_use_it_is_an_error(llama_family: dict[str, Path], calibration_files: dict[str, Path]):
     recipe = recipe_for("regmean", llama_family, calibration_files)
     recipe["merge_method"] = "linear"
     recipe["parameters"] = {"weight": 1.0}
-    plan = api.plan_merge(recipe)
-    try:
-        assert any("does not use calibration data" in warning for warning in plan.warnings)
-    finally:
-        plan.close()
+    with pytest.raises(RecipeError, match=r"calibration: merge_method 'linear' does not use calibration data; remove the "
+                                          r"'calibration' field \(the data-aware methods are adamerging, fisher_merging, regmean\)"):
+        api.plan_merge(recipe)
 
 
 def test_dry_run_reports_the_calibration_and_its_whole_model_memory(
@@ -196,12 +194,10 @@ def test_dry_run_reports_the_calibration_and_its_whole_model_memory(
 
 
 def test_a_registered_calibrate_hook_feeds_each_tensor_its_statistics_through_the_engine(
-    llama_family: dict[str, Path], calibration_files: dict[str, Path], tmp_path: Path, monkeypatch
+    llama_family: dict[str, Path], calibration_files: dict[str, Path], tmp_path: Path, scratch_methods
 ):
     from mergeforge.methods import registry
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
     seen: dict[str, object] = {}
 
     def count_tokens(context) -> dict[str, list[float]]:
@@ -210,7 +206,7 @@ def test_a_registered_calibrate_hook_feeds_each_tensor_its_statistics_through_th
         tokens = [float(sum(len(e.input_ids) for e in context.encoded(ref))) for ref in context.input_refs]
         return {name: tokens for name in context.tensor_names if name.endswith("q_proj.weight")}
 
-    @registry.register_method("token_weighted_for_test", math="Σ nᵢθᵢ / Σ nᵢ", reference="test", calibrate=count_tokens)
+    @registry.register_method("token_weighted_for_test", math="Σ nᵢθᵢ / Σ nᵢ", citation="test", calibrate=count_tokens)
     def token_weighted(tensors, base, *, statistics=None):
         weights = statistics or [1.0] * len(tensors)
         return sum(w * t for w, t in zip(weights, tensors, strict=True)) / sum(weights)

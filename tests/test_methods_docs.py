@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mergeforge.methods import MergeMethod, Param, all_methods
+from mergeforge.methods import MethodSpec, Param, all_methods
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 BUILT_IN = [method for method in all_methods() if method.plugin is None]
@@ -37,9 +37,9 @@ def expected_row(param: Param) -> str:
 
 
 @pytest.mark.parametrize("method", BUILT_IN, ids=[method.name for method in BUILT_IN])
-def test_every_method_has_a_section_with_its_parameters_defaults_and_ranges(method: MergeMethod):
+def test_every_method_has_a_section_with_its_parameters_defaults_and_ranges(method: MethodSpec):
     text = section(method.name)
-    assert method.reference in text, f"{method.name}: the section should name its reference: {method.reference}"
+    assert method.citation in text, f"{method.name}: the section should name its reference: {method.citation}"
     for param in method.params:
         row = next((line for line in text.splitlines() if line.startswith(f"| `{param.name}` |")), None)
         assert row is not None, f"{method.name}: parameter '{param.name}' is not documented; add {expected_row(param)}"

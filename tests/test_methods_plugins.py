@@ -17,7 +17,7 @@ from conftest import load_state
 from methods_support import resolve_params, seeded
 
 from mergeforge.errors import RecipeError
-from mergeforge.methods import BaseUse, Param, all_methods, get_method, register_method, registry
+from mergeforge.methods import BaseUse, Param, all_methods, get_method, register_method
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugin_method"
 
@@ -85,17 +85,9 @@ def test_the_cli_lists_the_plugin_with_its_parameters_and_survives_a_broken_one(
 
 
 @pytest.fixture
-def scratch_registry(monkeypatch):
-    """Registrations made during the test go into a copy of the registry, dropped afterwards."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
-
-
-@pytest.fixture
-def plugin_on_path(plugin_site, scratch_registry, monkeypatch):
+def plugin_on_path(plugin_site, scratch_methods, monkeypatch):
     """The example plugin discoverable in this process, as if pip-installed; undone afterwards."""
     monkeypatch.syspath_prepend(str(plugin_site))
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
     yield
     sys.modules.pop("mergeforge_trimmed_mean", None)
 
@@ -146,7 +138,7 @@ def test_a_merge_uses_the_plugin_with_the_engines_validation(plugin_on_path, lla
 # ---------------------------------------------------------------- decorator, in-process
 
 
-def test_the_decorator_registers_a_method_with_validation(scratch_registry):
+def test_the_decorator_registers_a_method_with_validation(scratch_methods):
     @register_method(
         "scaled_sum_for_test",
         params=[
@@ -155,7 +147,7 @@ def test_the_decorator_registers_a_method_with_validation(scratch_registry):
         ],
         base=BaseUse.REQUIRED,
         math="θ_base + gain·Σ wᵢ(θᵢ − θ_base)",
-        reference="test",
+        citation="test",
         aliases=["scaled_sum_alias"],
     )
     def scaled_sum(tensors, base, *, weight, gain):

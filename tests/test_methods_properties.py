@@ -14,7 +14,7 @@ import torch
 from methods_support import resolve_params, run_method, seeded
 
 from mergeforge.errors import RecipeError
-from mergeforge.methods import BaseUse, MergeMethod, Param, all_methods
+from mergeforge.methods import BaseUse, MethodSpec, Param, all_methods
 
 METHODS = all_methods()
 IDS = [method.name for method in METHODS]
@@ -27,12 +27,12 @@ EXERCISING_VALUES: dict[str, Any] = {"density": 0.5, "select_topk": 0.5}
 AVERAGING_WITH_BASE = {"ties", "model_stock", "sce", "ram", "ramplus_tl", "nuslerp", "multislerp"}
 
 
-def model_count(method: MergeMethod, preferred: int = 3) -> int:
+def model_count(method: MethodSpec, preferred: int = 3) -> int:
     upper = preferred if method.max_models is None else min(preferred, method.max_models)
     return max(method.min_models, upper)
 
 
-def exercising_overrides(method: MergeMethod) -> dict[str, Any]:
+def exercising_overrides(method: MethodSpec) -> dict[str, Any]:
     return {name: value for name, value in EXERCISING_VALUES.items() if method.param(name) is not None}
 
 
@@ -40,7 +40,7 @@ def finetunes_of(base: torch.Tensor, count: int, seed: int) -> list[torch.Tensor
     return [base + seeded(*base.shape, seed=seed + i, scale=0.1) for i in range(count)]
 
 
-def base_for(method: MergeMethod, base: torch.Tensor) -> torch.Tensor | None:
+def base_for(method: MethodSpec, base: torch.Tensor) -> torch.Tensor | None:
     return None if method.base is BaseUse.NONE else base
 
 
@@ -49,7 +49,7 @@ def base_for(method: MergeMethod, base: torch.Tensor) -> torch.Tensor | None:
 
 @pytest.mark.parametrize("shape", [(9,), (6, 5)], ids=["vector", "matrix"])
 @pytest.mark.parametrize("method", METHODS, ids=IDS)
-def test_output_has_the_input_shape_and_dtype_and_is_finite(method: MergeMethod, shape: tuple[int, ...]):
+def test_output_has_the_input_shape_and_dtype_and_is_finite(method: MethodSpec, shape: tuple[int, ...]):
     base = seeded(*shape, seed=1)
     tensors = finetunes_of(base, model_count(method), seed=2)
     out = run_method(method.name, tensors, base_for(method, base), **exercising_overrides(method))
@@ -59,7 +59,7 @@ def test_output_has_the_input_shape_and_dtype_and_is_finite(method: MergeMethod,
 
 
 @pytest.mark.parametrize("method", METHODS, ids=IDS)
-def test_inputs_are_not_modified_even_when_the_base_is_also_an_input(method: MergeMethod):
+def test_inputs_are_not_modified_even_when_the_base_is_also_an_input(method: MethodSpec):
     # The engine passes the base tensor object itself for a model that lacks a tensor.
     base = seeded(6, 5, seed=3)
     tensors = finetunes_of(base, model_count(method), seed=4)
@@ -79,7 +79,7 @@ def test_inputs_are_not_modified_even_when_the_base_is_also_an_input(method: Mer
 
 
 @pytest.mark.parametrize("method", METHODS, ids=IDS)
-def test_zero_task_vectors_give_the_base_back(method: MergeMethod):
+def test_zero_task_vectors_give_the_base_back(method: MethodSpec):
     if method.base is BaseUse.NONE:
         pytest.skip("no base model: covered by the identical-inputs property")
     base = seeded(6, 5, seed=5)
@@ -89,7 +89,7 @@ def test_zero_task_vectors_give_the_base_back(method: MergeMethod):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=IDS)
-def test_identical_inputs_give_that_input_back(method: MergeMethod):
+def test_identical_inputs_give_that_input_back(method: MethodSpec):
     tensor = seeded(6, 5, seed=6)
     count = model_count(method)
     bases: list[torch.Tensor | None] = []
@@ -109,7 +109,7 @@ def test_identical_inputs_give_that_input_back(method: MergeMethod):
 # ---------------------------------------------------------------- symmetry
 
 
-def permutable_overrides(method: MergeMethod, count: int) -> dict[str, Any]:
+def permutable_overrides(method: MethodSpec, count: int) -> dict[str, Any]:
     overrides = exercising_overrides(method)
     if method.param("weight") is not None:
         overrides["weight"] = [0.5, 1.0, 2.0][:count]
@@ -117,7 +117,7 @@ def permutable_overrides(method: MergeMethod, count: int) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("method", METHODS, ids=IDS)
-def test_order_of_inputs_does_not_matter(method: MergeMethod):
+def test_order_of_inputs_does_not_matter(method: MethodSpec):
     count = model_count(method)
     if count < 2:
         pytest.skip("takes a single non-base model")
@@ -162,7 +162,7 @@ RANDOM_METHODS = [method for method in METHODS if method.random]
 
 
 @pytest.mark.parametrize("method", RANDOM_METHODS, ids=[method.name for method in RANDOM_METHODS])
-def test_a_seed_fixes_the_output_and_the_global_rng_does_not_matter(method: MergeMethod):
+def test_a_seed_fixes_the_output_and_the_global_rng_does_not_matter(method: MethodSpec):
     base = seeded(20, 20, seed=15)
     tensors = finetunes_of(base, model_count(method), seed=16)
     overrides = exercising_overrides(method)
@@ -183,7 +183,7 @@ ELEMENTWISE = [method for method in METHODS if method.elementwise]
 
 
 @pytest.mark.parametrize("method", ELEMENTWISE, ids=[method.name for method in ELEMENTWISE])
-def test_elementwise_methods_give_the_same_result_on_row_blocks(method: MergeMethod):
+def test_elementwise_methods_give_the_same_result_on_row_blocks(method: MethodSpec):
     # The engine splits large tensors of elementwise methods into row blocks.
     if method.random:
         pytest.skip("the engine reseeds each block, so blocks legitimately differ from one full run")
@@ -205,7 +205,7 @@ PARAM_IDS = [f"{method.name}.{param.name}" for method, param in PARAMS]
 
 
 @pytest.mark.parametrize(("method", "param"), PARAMS, ids=PARAM_IDS)
-def test_defaults_pass_their_own_check(method: MergeMethod, param: Param):
+def test_defaults_pass_their_own_check(method: MethodSpec, param: Param):
     if param.required:
         pytest.skip("no default")
     assert param.check(param.default, method.name) == param.default
@@ -227,7 +227,7 @@ def bad_values(param: Param) -> list[Any]:
 
 
 @pytest.mark.parametrize(("method", "param"), PARAMS, ids=PARAM_IDS)
-def test_bad_values_are_rejected_with_a_recipe_error_naming_the_parameter(method: MergeMethod, param: Param):
+def test_bad_values_are_rejected_with_a_recipe_error_naming_the_parameter(method: MethodSpec, param: Param):
     where = f"merge_method {method.name}"
     for value in bad_values(param):
         with pytest.raises(RecipeError) as raised:
@@ -237,7 +237,7 @@ def test_bad_values_are_rejected_with_a_recipe_error_naming_the_parameter(method
 
 
 @pytest.mark.parametrize(("method", "param"), PARAMS, ids=PARAM_IDS)
-def test_range_bounds_that_are_closed_are_accepted(method: MergeMethod, param: Param):
+def test_range_bounds_that_are_closed_are_accepted(method: MethodSpec, param: Param):
     if param.low is None and param.high is None:
         pytest.skip("unbounded")
     for bound, is_open in ((param.low, param.low_open), (param.high, param.high_open)):
@@ -246,8 +246,8 @@ def test_range_bounds_that_are_closed_are_accepted(method: MergeMethod, param: P
 
 
 @pytest.mark.parametrize("method", METHODS, ids=IDS)
-def test_registration_is_complete(method: MergeMethod):
-    assert method.math and method.reference
+def test_registration_is_complete(method: MethodSpec):
+    assert method.math and method.citation
     assert method.min_models >= 1
     assert method.max_models is None or method.max_models >= method.min_models
     for param in method.params:

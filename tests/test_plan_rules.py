@@ -1,4 +1,4 @@
-"""The torch-free planning rules shared by the full planner and the fast path."""
+"""The torch-free planning rules: layer indices, per-tensor seeds, parameter precedence, sizes."""
 
 from __future__ import annotations
 

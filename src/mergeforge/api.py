@@ -1,234 +1,140 @@
 """The Python API: merge on disk (:func:`merge`), plan only (:func:`plan_merge`), or merge in memory
 (:func:`merge_state_dicts`, :func:`merge_tensors`) for search loops and notebooks.
 
-Every path goes through the same recipe validation, planner and engine, so a recipe means the
-same thing whichever way it is run.
+Every path goes through the same recipe validation, planner and executors, so a recipe means the
+same thing whichever way it is run, and the command line (``mergeforge merge``) calls
+:func:`merge` itself. Nothing here imports torch until a plan needs the torch executor.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mergeforge.checkpoint import folder as folder_files
 from mergeforge.checkpoint.reader import TensorInfo
-from mergeforge.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardedWriter, output_error
-from mergeforge.engine import (
-    Engine,
-    EngineOptions,
-    ProgressReporter,
-    estimate_peak_memory,
-    side_outputs,
-)
+from mergeforge.dtypes import from_torch
 from mergeforge.errors import MergeforgeError, OutputError, RecipeError
-from mergeforge.methods.registry import get_method
+from mergeforge.methods.registry import BaseUse, get_method
+from mergeforge.options import MergeOptions
+from mergeforge.output import Executor, MergeResult, describe, write_merge
 from mergeforge.plan import MergePlan, build_plan
-from mergeforge.plan_rules import layer_index, parse_size
 from mergeforge.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("mergeforge")
 
-SIDE_FOLDER = "mergeforge_side"
-# The interpreter, torch and the plan, measured on top of the tensors the engine holds.
-PROCESS_BASELINE_BYTES = 350 * 1024**2
+RecipeLike = Recipe | Mapping[str, Any] | str | os.PathLike[str]
 
 
-@dataclass
-class MergeResult:
-    """What a merge did (or, for a dry run, would do)."""
-
-    out_dir: Path | None
-    method: str
-    tensors: int
-    bytes_read: int
-    bytes_written: int
-    estimated_peak_bytes: int
-    seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
-    plan_lines: list[str] = field(default_factory=list)
-
-
-def _relative_to(recipe_arg: Any) -> Path | None:
-    if isinstance(recipe_arg, (str, os.PathLike)) and Path(str(recipe_arg)).is_file():
-        return Path(str(recipe_arg)).resolve().parent
+def recipe_folder(recipe: RecipeLike) -> Path | None:
+    """The folder of a recipe given as a file: relative model paths in it are read from there."""
+    if isinstance(recipe, (str, os.PathLike)) and Path(str(recipe)).is_file():
+        return Path(str(recipe)).resolve().parent
     return None
 
 
-def _describe(plan: MergePlan, peak: int, shard_bytes: int) -> list[str]:
-    from mergeforge.checkpoint.writer import split_into_shards
+def plan_merge(recipe: RecipeLike, options: MergeOptions | None = None, **fields: Any) -> MergePlan:
+    """Validate a recipe and plan it without reading any tensor data.
 
-    lines = [f"method: {plan.method.name}", f"models: {', '.join(plan.checkpoints)}"]
-    for job in plan.jobs:
-        sources = [s.model if s else "(base)" for s in job.inputs]
-        how = job.method.name if job.method else "copy"
-        base = f" base={job.base.model}" if job.base and job.method else ""
-        lines.append(f"  {job.output.name} {list(job.output.shape)} {str(job.output.dtype).removeprefix('torch.')} <- {how}({', '.join(sources) or job.base.model}){base}")
-    shards = split_into_shards([j.output for j in plan.jobs], shard_bytes)
-    lines.append(f"tensors: {len(plan.jobs)}")
-    lines.append(f"read: {_human(plan.bytes_to_read)}")
-    lines.append(f"write: {_human(plan.bytes_to_write)} in {len(shards)} shard(s)")
-    lines.append(f"estimated peak memory: {_human(peak)}")
-    return lines
+    Arguments:
+        recipe: as for :func:`merge`.
+        options: a :class:`MergeOptions` (``seed``, ``dtype`` and ``out_dtype`` shape the plan),
+            or its fields as keyword arguments.
 
+    Returns:
+        A :class:`~mergeforge.plan.MergePlan`; close it (``plan.close()``) when done.
 
-def _human(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return str(count)
+    Example:
+        >>> plan = plan_merge("ties.yml"); print(len(plan.jobs)); plan.close()
+    """
+    options = MergeOptions.of(options, fields)
+    return build_plan(load_recipe(recipe), relative_to=recipe_folder(recipe), seed=options.seed, dtype=options.dtype,
+                      out_dtype=options.out_dtype)
 
 
-def plan_merge(recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str], **options: Any) -> MergePlan:
-    """Validate a recipe and plan it without reading any tensor data. Close the plan when done."""
-    parsed = load_recipe(recipe)
-    return build_plan(parsed, relative_to=_relative_to(recipe), **options)
+def choose_executor(plan: MergePlan, options: MergeOptions) -> Executor:
+    """The NumPy executor when it takes the plan (and ``options.executor`` allows), else torch."""
+    from mergeforge.numpy_executor import NumpyExecutor, refusal
+
+    reason = refusal(plan, options) if options.executor != "torch" else "--executor torch"
+    if reason is None:
+        return NumpyExecutor(options)
+    if options.executor == "numpy":
+        raise MergeforgeError(f"--executor numpy: the NumPy executor cannot run this merge: {reason}; use --executor torch or auto")
+    from mergeforge.torch_executor import TorchExecutor
+
+    return TorchExecutor(options, reason)
 
 
-def merge(
-    recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str],
-    out_dir: str | os.PathLike[str] | None,
-    *,
-    device: str = "cpu",
-    dtype: str | None = None,
-    out_dtype: str | None = None,
-    out_shard_size: int | str = DEFAULT_SHARD_BYTES,
-    threads: int | None = None,
-    memory_budget: int | str | None = None,
-    copy_tokenizer: bool = True,
-    dry_run: bool = False,
-    overwrite: bool = False,
-    seed: int = 0,
-    quiet: bool = False,
-) -> MergeResult:
+def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, options: MergeOptions | None = None,
+          **fields: Any) -> MergeResult:
     """Merge the models of ``recipe`` into a Hugging Face folder at ``out_dir``.
 
     Arguments:
-        recipe: a mergekit-style YAML path or text, a dict, or a :class:`Recipe`.
-        out_dir: the output folder (created; must be empty unless ``overwrite``).
-        device: ``cpu`` or ``cuda`` (``cuda:N``): where the math runs.
-        dtype: override the recipe's ``dtype`` (inputs are rounded to it before merging).
-        out_dtype: override the recipe's ``out_dtype`` (dtype of the written tensors).
-        out_shard_size: shard size limit in bytes (or ``"2GB"``).
-        threads: worker threads (default: one per core, at most 4).
-        memory_budget: bytes of tensors held at once (default: automatic).
-        copy_tokenizer: copy the tokenizer files from the tokenizer source.
-        dry_run: plan only; nothing is read or written.
-        overwrite: replace a non-empty ``out_dir``.
-        seed: seed of the random methods (DARE, DELLA): the same seed gives the same bytes.
-        quiet: no progress bar.
+        recipe: a mergekit-style YAML path or text, a dict, or a :class:`~mergeforge.recipe.Recipe`.
+        out_dir: the output folder (created; must be empty unless ``overwrite``); not needed for
+            a dry run.
+        options: how to run it (:class:`MergeOptions`: device, dtypes, threads, seed, dry run, ...),
+            or its fields as keyword arguments (``merge(r, out, seed=3)``).
 
     Returns:
-        A :class:`MergeResult`.
+        A :class:`MergeResult`: tensors, bytes, the executor that ran, the time taken and, for a
+        dry run, the plan listing.
 
     Example:
         >>> merge("recipe.yml", "merged/")
+        >>> merge("recipe.yml", None, dry_run=True).plan_lines
     """
+    options = MergeOptions.of(options, fields)
     started = time.perf_counter()
-    parsed = load_recipe(recipe)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeforgeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    shard_bytes = parse_size(out_shard_size)
-    options = EngineOptions(
-        device=device,
-        threads=threads,
-        memory_budget=parse_size(memory_budget) if memory_budget is not None else None,
-        progress=not quiet,
-    )
-    if threads is not None and threads < 1:
-        raise MergeforgeError("--threads must be at least 1")
-    plan = build_plan(parsed, relative_to=_relative_to(recipe), seed=seed, dtype=dtype, out_dtype=out_dtype)
+    plan = plan_merge(recipe, options)
     try:
         for message in plan.warnings:
             log.warning(message)
-        peak = PROCESS_BASELINE_BYTES + estimate_peak_memory(plan, options)
+        executor = choose_executor(plan, options)
+        peak = executor.estimate_peak(plan)
         result = MergeResult(
             out_dir=None if out_dir is None else Path(out_dir),
             method=plan.method.name,
+            executor=executor.name,
             tensors=len(plan.jobs),
             bytes_read=plan.bytes_to_read,
             bytes_written=plan.bytes_to_write,
             estimated_peak_bytes=peak,
             warnings=list(plan.warnings),
         )
-        if dry_run:
-            result.plan_lines = _describe(plan, peak, shard_bytes)
+        if options.dry_run:
+            result.plan_lines = describe(plan, executor.label, peak, options.shard_bytes)
             if plan.method.calibrate is not None:
-                from mergeforge.calibration.context import calibration_summary
+                from mergeforge.calibrate import calibration_summary
 
-                result.plan_lines += calibration_summary(plan, _relative_to(recipe))
+                result.plan_lines += calibration_summary(plan, recipe_folder(recipe))
             return result
         if out_dir is None:
             raise OutputError("an output folder is required unless dry_run is set")
         out_path = Path(out_dir)
-        folder_files.check_output_location(out_path, [c.folder for c in plan.checkpoints.values()], overwrite)
+        folder_files.check_output_location(out_path, [c.folder for c in plan.checkpoints.values()], options.overwrite)
         if plan.method.calibrate is not None:
             # Data-aware methods: forward/backward passes on whole models, before the streaming merge.
-            from mergeforge.calibration.context import run_calibration
+            from mergeforge.calibrate import run_calibration
 
-            run_calibration(plan, device=device, progress=not quiet, relative_to=_relative_to(recipe))
-        _write(plan, out_path, options, shard_bytes, copy_tokenizer)
+            statistics = run_calibration(plan, device=options.device, progress=not options.quiet,
+                                         relative_to=recipe_folder(recipe))
+            write_merge(plan.with_statistics(statistics), out_path, executor, options)
+        else:
+            write_merge(plan, out_path, executor, options)
         result.seconds = time.perf_counter() - started
         return result
     finally:
         plan.close()
-
-
-def _write(plan: MergePlan, out_path: Path, options: EngineOptions, shard_bytes: int, copy_tokenizer: bool) -> None:
-    parent = out_path.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
-    if plan.bytes_to_write > free:
-        raise OutputError(f"{parent}: disk full: the merge writes {_human(plan.bytes_to_write)} but only {_human(free)} are free")
-    try:
-        with folder_files.atomic_output_folder(out_path) as temp:
-            _write_into(plan, temp, options, shard_bytes, copy_tokenizer)
-    except OSError as exc:
-        raise output_error(exc, Path(exc.filename) if exc.filename else out_path) from None
-
-
-def _write_into(plan: MergePlan, temp: Path, options: EngineOptions, shard_bytes: int, copy_tokenizer: bool) -> None:
-    recipe = plan.recipe
-    reference = plan.checkpoints[plan.reference]
-    writer = ShardedWriter(temp, [job.output for job in plan.jobs], shard_bytes)
-    side_writer = None
-    side = side_outputs(plan)
-    if side:
-        (temp / SIDE_FOLDER).mkdir()
-        side_writer = ShardedWriter(temp / SIDE_FOLDER, side, shard_bytes, stem="side", index_name="side.safetensors.index.json")
-    progress = ProgressReporter(plan.bytes_to_write, len(plan.jobs), options.progress)
-    try:
-        Engine(plan, writer, options, side_writer).run(on_done=progress)
-    finally:
-        progress.close()
-        writer.close()
-        if side_writer is not None:
-            side_writer.close()
-    tokenizer_from = None
-    if copy_tokenizer:
-        source = recipe.tokenizer_source
-        tokenizer_from = reference.folder if source in (None, "base") else plan.checkpoints[source].folder
-    folder_files.carry_over_files(reference.folder, temp, tokenizer_from)
-    floating = [job.output.dtype for job in plan.jobs if job.output.dtype.is_floating_point]
-    out_dtype = max(set(floating), key=floating.count) if floating else None
-    layer_sources = None
-    if plan.output_layers is not None:
-        layer_sources = [int(layer.name) for layer in plan.output_layers]
-    folder_files.write_config(reference.config, temp, out_dtype, layer_sources)
-    if recipe.chat_template:
-        folder_files.apply_chat_template(recipe.chat_template, temp, [c.folder for c in plan.checkpoints.values()])
-    recipe_yaml = recipe.to_yaml()
-    (temp / "mergeforge_config.yml").write_text(recipe_yaml, encoding="utf-8")
-    folder_files.write_model_card(temp, list(plan.checkpoints), plan.method.name, recipe_yaml)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,28 +142,26 @@ def _write_into(plan: MergePlan, temp: Path, options: EngineOptions, shard_bytes
 
 
 class _MemoryCheckpoint:
-    """A state dict seen through the checkpoint interface the planner and engine use."""
+    """A state dict seen through the interface the planner and the torch executor read."""
 
     def __init__(self, state: Mapping[str, torch.Tensor], ref: str):
         self.ref = ref
         self.folder = Path(".")
-        self.config = None
-        self._state = state
-        self.tensors = {
-            name: TensorInfo(name, tuple(t.shape), t.dtype, Path(ref), -1) for name, t in state.items()
-        }
+        self.config: dict[str, Any] | None = None
+        self.state = state
+        self.tensors = {name: TensorInfo(name, tuple(t.shape), from_torch(t.dtype), Path(ref), -1) for name, t in state.items()}
 
     def names(self) -> list[str]:
-        return list(self._state)
+        return list(self.state)
 
     def has(self, name: str) -> bool:
-        return name in self._state
+        return name in self.state
 
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
     def read(self, name: str, row_start: int = 0, row_stop: int | None = None) -> torch.Tensor:
-        tensor = self._state[name]
+        tensor = self.state[name]
         return tensor[row_start:row_stop] if row_stop is not None else tensor
 
     def close(self) -> None:
@@ -265,12 +169,14 @@ class _MemoryCheckpoint:
 
 
 class _MemoryWriter:
+    """Collects written tensors in a dict (the writer interface of the torch executor)."""
+
     def __init__(self) -> None:
         self.state: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
-        # merge_state_dicts never splits a tensor into row blocks, so every write is whole.
+        # The executor runs with an unbounded block size here, so every write is whole.
         with self._lock:
             self.state[name] = tensor
 
@@ -297,16 +203,23 @@ def merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with any registered method, without touching disk.
 
-    Methods with per-task side outputs (``emr``, ``tall_mask``) put them into ``side_outputs``
-    when a dict is given, keyed ``<tensor>::<suffix>`` as in a merge's ``mergeforge_side/``.
+    Arguments:
+        method: the ``merge_method``.
+        models: the state dicts to merge (not the base).
+        base: the base model's state dict, for methods that use one.
+        parameters: the top-level recipe ``parameters`` (scalars, gradients, filter lists).
+        model_parameters: ``model_parameters[i]`` are the ``parameters`` of ``models[i]``.
+        seed, dtype, out_dtype, device, threads: as in :class:`MergeOptions`.
+        calibration: for data-aware methods (fisher_merging, regmean, adamerging), the recipe's
+            ``calibration:`` field; its ``data`` may be one path or a list with one path per model.
+        calibration_model: for data-aware methods, a module of the models' architecture (e.g. a
+            transformers model); each state dict is loaded into a copy of it.
+        tokenizer: for data-aware methods, a tokenizer or its folder.
+        side_outputs: a dict that receives the per-task side tensors of ``emr`` and ``tall_mask``,
+            keyed ``<tensor>::<suffix>`` as in a merge's ``mergeforge_side/``.
 
-    Parameter values follow recipe rules (scalars, gradients, filter lists); ``parameters`` are the
-    top-level ones, ``model_parameters[i]`` those of ``models[i]``.
-
-    Data-aware methods (fisher_merging, regmean, adamerging) also need ``calibration`` (the
-    recipe's ``calibration:`` field; its ``data`` may be one path or a list with one path per
-    model), ``calibration_model`` (a module of the models' architecture, e.g. a transformers
-    model; each state dict is loaded into a copy of it) and ``tokenizer`` (a tokenizer or its folder).
+    Returns:
+        The merged state dict, in the inputs' tensor order.
 
     Example:
         >>> merged = merge_state_dicts("ties", [sd_a, sd_b], base=sd_0,
@@ -317,7 +230,7 @@ def merge_state_dicts(
     model_parameters = list(model_parameters or [None] * len(models))
     if len(model_parameters) != len(models):
         raise RecipeError(f"merge_state_dicts: {len(model_parameters)} model_parameters for {len(models)} models")
-    checkpoints: dict[str, Any] = {}
+    checkpoints: dict[str, _MemoryCheckpoint] = {}
     if base is not None:
         checkpoints["base"] = _MemoryCheckpoint(base, "base")
     entries = []
@@ -332,9 +245,11 @@ def merge_state_dicts(
         recipe_dict["parameters"] = dict(parameters)
     if calibration is not None:
         recipe_dict["calibration"] = _calibration_for_memory(calibration, len(models))
+    options = MergeOptions(device=device, threads=threads or 1, seed=seed, dtype=dtype, out_dtype=out_dtype, quiet=True)
     plan = build_plan(load_recipe(recipe_dict), checkpoints=checkpoints, seed=seed, dtype=dtype, out_dtype=out_dtype)
     if plan.method.calibrate is not None:
-        from mergeforge.calibration.context import run_calibration, state_dict_loader
+        from mergeforge.calibrate import run_calibration
+        from mergeforge.calibration.context import state_dict_loader
 
         if calibration_model is None or tokenizer is None:
             raise RecipeError(f"merge_state_dicts: '{method}' is data-aware; pass calibration_model and tokenizer too")
@@ -342,11 +257,14 @@ def merge_state_dicts(
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        states = {ref: checkpoint._state for ref, checkpoint in checkpoints.items()}
-        run_calibration(plan, device=device, progress=False, loader=state_dict_loader(calibration_model, states), tokenizer=tokenizer)
+        states = {ref: checkpoint.state for ref, checkpoint in checkpoints.items()}
+        statistics = run_calibration(plan, device=device, progress=False, loader=state_dict_loader(calibration_model, states),
+                                     tokenizer=tokenizer)
+        plan = plan.with_statistics(statistics)
+    from mergeforge.torch_executor import TorchExecutor
+
     writer, side_writer = _MemoryWriter(), _MemoryWriter()
-    options = EngineOptions(device=device, threads=threads or 1, progress=False, block_bytes=1 << 62)
-    Engine(plan, writer, options, side_writer).run()  # type: ignore[arg-type]
+    TorchExecutor(options, block_bytes=1 << 62).run(plan, writer, side_writer)
     if side_outputs is not None:
         side_outputs.update(side_writer.state)
     return {job.output.name: writer.state[job.output.name] for job in plan.jobs}
@@ -373,40 +291,41 @@ def merge_tensors(
     seed: int = 0,
     **parameters: Any,
 ) -> torch.Tensor:
-    """Merge single tensors with a registered method. Per-model parameters may be scalars (the same
-    for every model) or lists (one per tensor). Computes in float32 and returns float32.
+    """Merge single tensors with a registered method, in float32.
+
+    Arguments:
+        method: the ``merge_method``.
+        tensors: the tensors to merge (not the base), of one shape.
+        base: the base tensor, for methods that use one.
+        seed: the seed of a random method's generator.
+        parameters: the method's parameters by name; a per-model one is a scalar (the same for
+            every tensor) or a list with one value per tensor.
+
+    Returns:
+        The merged tensor in float32 (a method with side outputs returns ``(tensor, side)``).
 
     Example:
         >>> merge_tensors("slerp", [b], base=a, t=0.3)
     """
-    merge_method = get_method(method)
+    import torch
+
+    spec = get_method(method)
     resolved: dict[str, Any] = {}
-    for param in merge_method.params:
+    for param in spec.params:
         value = parameters.pop(param.name, parameters.pop(param.arg, None))
         if param.per_model:
             values = value if isinstance(value, (list, tuple)) else [value] * len(tensors)
             if len(values) != len(tensors):
                 raise RecipeError(f"{method}: '{param.name}' has {len(values)} values for {len(tensors)} tensors")
-            resolved[param.name] = [
-                param.check(v, f"{method} model {i}") if v is not None else _default(param, method) for i, v in enumerate(values)
-            ]
+            resolved[param.name] = [param.resolve(v, f"{method} model {i}") for i, v in enumerate(values)]
         else:
-            resolved[param.name] = param.check(value, method) if value is not None else _default(param, method)
+            resolved[param.name] = param.resolve(value, method)
     if parameters:
         raise RecipeError(f"{method}: unknown parameter(s) {', '.join(sorted(parameters))}")
-    if merge_method.base.value == "required" and base is None:
+    if spec.base == BaseUse.REQUIRED and base is None:
         raise RecipeError(f"{method} needs a base tensor")
-    generator = torch.Generator().manual_seed(seed) if merge_method.random else None
+    spec.check_model_count(len(tensors), "merge_tensors")
+    generator = torch.Generator().manual_seed(seed) if spec.random else None
     work = [t.to(torch.float32) for t in tensors]
-    base_work = base.to(torch.float32) if base is not None else None
-    result = merge_method.run(work, base_work if merge_method.base.value != "none" else None, resolved, generator)
-    return result
-
-
-def _default(param: Any, method: str) -> Any:
-    if param.required:
-        raise RecipeError(f"{method}: parameter '{param.name}' is required")
-    return param.default
-
-
-__all__ = ["MergeResult", "merge", "merge_state_dicts", "merge_tensors", "plan_merge", "parse_size", "layer_index"]
+    base_work = base.to(torch.float32) if base is not None and spec.base != BaseUse.NONE else None
+    return spec.run(work, base_work, resolved, generator)

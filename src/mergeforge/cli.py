@@ -7,6 +7,7 @@ Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -34,6 +35,10 @@ def _feature_available(target: str) -> bool:
     return package_dir.joinpath(*parts).with_suffix(".py").is_file() or package_dir.joinpath(*parts, "__init__.py").is_file()
 
 
+# Optional dependencies (imported where they are used) and the extra that installs each.
+OPTIONAL_PACKAGES = {"transformers": "hf", "tokenizers": "hf", "peft": "zoo", "matplotlib": "zoo", "lm_eval": "lmeval"}
+
+
 class _Group(click.Group):
     """Turns user errors into one line on stderr and a non-zero exit, never a traceback."""
 
@@ -50,7 +55,7 @@ class _Group(click.Group):
         module, _, attribute = _FEATURE_COMMANDS[name].partition(":")
         return getattr(importlib.import_module(module), attribute)
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> Any:
         from mergeforge.errors import MergeforgeError
 
         try:
@@ -58,6 +63,13 @@ class _Group(click.Group):
         except MergeforgeError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except ModuleNotFoundError as exc:
+            package = (exc.name or "").partition(".")[0]
+            if package not in OPTIONAL_PACKAGES:
+                raise
+            click.echo(f"error: this needs {package}, which is not installed: pip install 'mergeforge[{OPTIONAL_PACKAGES[package]}]'",
+                       err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -84,7 +96,7 @@ def methods_command(name: str | None) -> None:
             scope = "per-model" if param.per_model else "global"
             default = "required" if param.required else repr(param.default)
             click.echo(f"    - {param.name} ({scope}, default {default}, range {param.range_text()}): {param.help}")
-        click.echo(f"    ref: {method.reference}")
+        click.echo(f"    ref: {method.citation}")
         if method.notes:
             click.echo(f"    note: {method.notes}")
 
@@ -108,32 +120,25 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("--out-dtype", default=None, help="Dtype of the written tensors (overrides the recipe's out_dtype).")
 @click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard, in bytes or with a unit (2GB, 500MB).")
 @click.option("--threads", type=int, default=None, help="Worker threads (default: one per core, at most 4).")
-@click.option("--memory-budget", default=None, help="Bytes of tensors held at once (default: automatic), e.g. 1GB.")
+@click.option("--memory-budget", default=None, help="Bytes of tensors the torch executor holds at once (default: automatic), e.g. 1GB.")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the tokenizer files.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes to read and write, peak memory); write nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes to read and write, executor, peak memory); write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random methods (DARE, DELLA).")
+@click.option("--executor", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True,
+              help="auto: NumPy when it can run the merge (no torch import), else torch.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or warnings.")
-def merge_command(config: str, out_dir: str | None, device: str, dtype: str | None, out_dtype: str | None, out_shard_size: str,
-                  threads: int | None, memory_budget: str | None, copy_tokenizer: bool, dry_run: bool, overwrite: bool,
-                  seed: int, quiet: bool) -> None:
+def merge_command(config: str, out_dir: str | None, quiet: bool, **flags: Any) -> None:
     """Merge the models of a mergekit-style YAML recipe CONFIG into OUT_DIR."""
+    from mergeforge.api import merge
     from mergeforge.errors import OutputError
-    from mergeforge.fastpath.run import try_fast_merge
+    from mergeforge.options import MergeOptions
 
     _setup_logging(quiet)
-    if out_dir is None and not dry_run:
+    if out_dir is None and not flags["dry_run"]:
         raise OutputError("OUT_DIR is required (or pass --dry-run)")
-    options = dict(device=device, dtype=dtype, out_dtype=out_dtype, out_shard_size=out_shard_size, threads=threads,
-                   memory_budget=memory_budget, copy_tokenizer=copy_tokenizer, dry_run=dry_run, overwrite=overwrite,
-                   seed=seed, quiet=quiet)
-    # The torch-free fast path takes the recipes it runs byte-identically; it hands back the rest.
-    result = try_fast_merge(config, out_dir, **options)
-    if result is None:
-        from mergeforge.api import merge
-
-        result = merge(config, out_dir, **options)
-    if dry_run:
+    result = merge(config, out_dir, MergeOptions(quiet=quiet, **flags))
+    if flags["dry_run"]:
         click.echo("\n".join(result.plan_lines))
         return
     if not quiet:

@@ -13,44 +13,41 @@ from the last slice's otherwise (final norm, output head).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import torch
-
-from mergeforge.checkpoint.reader import Checkpoint, open_checkpoint
+from mergeforge.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from mergeforge.checkpoint.writer import OutputTensor
+from mergeforge.dtypes import is_floating, parse_recipe_dtype
 from mergeforge.errors import CheckpointError, RecipeError
-from mergeforge.methods.registry import BaseUse, MergeMethod, get_method
+from mergeforge.methods.registry import STATISTICS, BaseUse, MethodSpec, all_methods, get_method
 from mergeforge.plan_rules import count_layers, first_value, job_seed, layer_index, with_layer_index
 from mergeforge.recipe import OutputSlice, Parameters, Recipe, SliceSource
 
+# Side tensors (a method's ``extra_outputs``) are named ``<tensor>::<suffix>``.
+SIDE_SEPARATOR = "::"
+
 EMBEDDING_PATTERN = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared\.weight")
 
-DTYPE_ALIASES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-}
 
+class TensorSource(Protocol):
+    """What the planner and the executors need of an input model: a folder of safetensors or
+    ``.bin`` files (:class:`~mergeforge.checkpoint.reader.Checkpoint`), or a state dict in memory."""
 
-def parse_dtype(name: str | None, field_name: str) -> torch.dtype | None:
-    if name is None:
-        return None
-    dtype = DTYPE_ALIASES.get(str(name).lower())
-    if dtype is None:
-        raise RecipeError(f"{field_name}: unknown dtype '{name}'; use one of float32, float16, bfloat16, float64")
-    return dtype
+    ref: str
+    folder: Path
+    config: dict[str, Any] | None
+
+    def names(self) -> list[str]: ...
+    def has(self, name: str) -> bool: ...
+    def info(self, name: str) -> TensorInfo: ...
+    def read(self, name: str, row_start: int = 0, row_stop: int | None = None) -> Any: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -68,17 +65,14 @@ class TensorJob:
     output: OutputTensor
     inputs: list[SourceTensor | None]  # None: the model lacks it; it counts as unchanged from the base
     base: SourceTensor | None
-    method: MergeMethod | None  # None: copy (integer and boolean tensors)
+    method: MethodSpec | None  # None: copy (integer and boolean tensors)
     params: dict[str, Any]
     seed: int
-    input_dtypes: list[torch.dtype] = field(default_factory=list)
+    input_dtypes: list[str] = field(default_factory=list)  # of the inputs that are present, in order
 
     @property
     def numel(self) -> int:
-        count = 1
-        for size in self.output.shape:
-            count *= size
-        return count
+        return self.output.numel
 
 
 @dataclass
@@ -86,12 +80,12 @@ class MergePlan:
     """The output of planning, consumed by the engine and the writer."""
 
     recipe: Recipe
-    method: MergeMethod
-    checkpoints: dict[str, Checkpoint]
+    method: MethodSpec
+    checkpoints: Mapping[str, TensorSource]
     reference: str  # the model whose config and files the output carries over
     jobs: list[TensorJob]
-    compute_dtype: torch.dtype
-    cast_dtype: torch.dtype | None  # recipe 'dtype': inputs are rounded to it first (mergekit semantics)
+    compute_dtype: str  # "F32", or "F64" when the recipe's dtype is float64
+    cast_dtype: str | None  # recipe 'dtype': inputs are rounded to it first (mergekit semantics)
     output_layers: list[SourceTensor] | None  # for slices: (model, source layer) of each output layer
     warnings: list[str]
 
@@ -107,12 +101,38 @@ class MergePlan:
     def bytes_to_write(self) -> int:
         return sum(job.output.nbytes for job in self.jobs)
 
+    def side_tensors(self) -> list[OutputTensor]:
+        """The side tensors the method will produce (e.g. EMR's per-task masks), none for most."""
+        extra = self.method.extra_outputs
+        if extra is None:
+            return []
+        return [
+            OutputTensor(f"{job.output.name}{SIDE_SEPARATOR}{suffix}", tuple(shape), dtype)
+            for job in self.jobs if job.method is not None
+            for suffix, (shape, dtype) in extra(job.output.shape, len(job.inputs)).items()
+        ]
+
+    def with_statistics(self, statistics: Mapping[str, Any]) -> MergePlan:
+        """The same plan with each merged tensor's calibration statistics (``None`` for a tensor
+        without any) among its job's parameters: what a data-aware method computes from."""
+        jobs = [
+            dataclasses.replace(job, params={**job.params, STATISTICS: statistics.get(job.output.name)}) if job.method else job
+            for job in self.jobs
+        ]
+        return dataclasses.replace(self, jobs=jobs)
+
     def close(self) -> None:
         for checkpoint in self.checkpoints.values():
             checkpoint.close()
 
+    def __enter__(self) -> MergePlan:
+        return self
 
-def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_parameter_names(recipe: Recipe, method: MethodSpec) -> None:
     known = [p.name for p in method.params]
 
     def check(parameters: Parameters | None, where: str, per_model_level: bool) -> None:
@@ -137,12 +157,16 @@ def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
             check(source.parameters, f"slices[{i}].sources[{j}] ({source.model}).parameters", True)
 
 
-def _check_calibration(recipe: Recipe, method: MergeMethod) -> list[str]:
-    """Data-aware methods need ``calibration:`` data; returns warnings for data nobody uses."""
+def _check_calibration(recipe: Recipe, method: MethodSpec) -> None:
+    """Data-aware methods need ``calibration:`` data, and only they take it."""
     if method.calibrate is None:
         if recipe.calibration is not None:
-            return [f"calibration: merge_method '{method.name}' does not use calibration data; the field is ignored"]
-        return []
+            data_aware = ", ".join(m.name for m in all_methods() if m.calibrate is not None)
+            raise RecipeError(
+                f"calibration: merge_method '{method.name}' does not use calibration data; remove the 'calibration' field "
+                f"(the data-aware methods are {data_aware})"
+            )
+        return
     if recipe.calibration is None:
         raise RecipeError(
             f"calibration: merge_method '{method.name}' is data-aware and needs calibration data; add a top-level "
@@ -150,18 +174,18 @@ def _check_calibration(recipe: Recipe, method: MergeMethod) -> list[str]:
         )
     if recipe.slices:
         raise RecipeError(f"slices: merge_method '{method.name}' (data-aware) merges whole models; use 'models' instead of 'slices'")
-    return []
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, method: MergeMethod, checkpoints: dict[str, Checkpoint], options: dict[str, Any]):
+    def __init__(self, recipe: Recipe, method: MethodSpec, checkpoints: Mapping[str, TensorSource], seed: int,
+                 dtype: str | None, out_dtype: str | None):
         self.recipe = recipe
         self.method = method
         self.checkpoints = checkpoints
-        self.seed = int(options.get("seed", 0) or 0)
-        self.cast_dtype = parse_dtype(options.get("dtype") or recipe.dtype, "dtype")
-        self.out_dtype = parse_dtype(options.get("out_dtype") or recipe.out_dtype, "out_dtype") or self.cast_dtype
-        self.compute_dtype = torch.float64 if self.cast_dtype == torch.float64 else torch.float32
+        self.seed = seed
+        self.cast_dtype = parse_recipe_dtype(dtype or recipe.dtype, "dtype")
+        self.out_dtype = parse_recipe_dtype(out_dtype or recipe.out_dtype, "out_dtype") or self.cast_dtype
+        self.compute_dtype = "F64" if self.cast_dtype == "F64" else "F32"
         self.warnings: list[str] = []
         self.missing_by_model: dict[str, list[str]] = {}
         self.jobs: list[TensorJob] = []
@@ -181,46 +205,28 @@ class _Planner:
             base_source = next((s for s in sources if s.model == base), None)
             if base is not None and base_source is None:
                 base_source = SliceSource(model=base, layer_range=sources[0].layer_range)
-        count = len(inputs)
-        if count < method.min_models or (method.max_models is not None and count > method.max_models):
-            wanted = (
-                f"exactly {method.min_models}"
-                if method.max_models == method.min_models
-                else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else "")
-            )
-            base_note = " besides the base model" if method.base != BaseUse.NONE else ""
-            raise RecipeError(f"{where}: merge_method '{method.name}' takes {wanted} model(s){base_note}, got {count}")
+        method.check_model_count(len(inputs), where)
         return inputs, base_source
 
     # -- parameters ---------------------------------------------------------------------------
 
     def _resolve_params(
-        self, output_name: str, t: float, inputs: list[SliceSource], output_slice: OutputSlice | None
+        self, output_name: str, layer_position: float, inputs: list[SliceSource], output_slice: OutputSlice | None
     ) -> dict[str, Any]:
-        method = self.method
         slice_params = output_slice.parameters if output_slice else None
         resolved: dict[str, Any] = {}
-        for param in method.params:
+        for param in self.method.params:
             levels: list[Parameters | None] = [slice_params, self.recipe.parameters]
             if param.per_model:
-                values = []
-                for source in inputs:
-                    value = first_value(param.name, [source.parameters, *levels], output_name, t)
-                    where = f"model '{source.model}', tensor '{output_name}'"
-                    values.append(self._finish(param, value, where))
-                resolved[param.name] = values
+                resolved[param.name] = [
+                    param.resolve(first_value(param.name, [source.parameters, *levels], output_name, layer_position),
+                                  f"model '{source.model}', tensor '{output_name}'")
+                    for source in inputs
+                ]
             else:
-                value = first_value(param.name, levels, output_name, t)
-                resolved[param.name] = self._finish(param, value, f"tensor '{output_name}'")
+                value = first_value(param.name, levels, output_name, layer_position)
+                resolved[param.name] = param.resolve(value, f"tensor '{output_name}'")
         return resolved
-
-    @staticmethod
-    def _finish(param, value: Any, where: str) -> Any:
-        if value is None:
-            if param.required:
-                raise RecipeError(f"{where}: parameter '{param.name}' is required and not set")
-            return param.default
-        return param.check(value, where)
 
     # -- tensors ------------------------------------------------------------------------------
 
@@ -228,7 +234,7 @@ class _Planner:
         self,
         output_name: str,
         source_name: str,
-        t: float,
+        layer_position: float,
         inputs: list[SliceSource],
         base_source: SliceSource | None,
         output_slice: OutputSlice | None,
@@ -269,7 +275,7 @@ class _Planner:
                     f"tensor '{source.name}': shape {list(info.shape)} in model '{source.model}' but "
                     f"{list(reference_info.shape)} in model '{reference_source.model}'"
                 )
-        is_float = reference_info.dtype.is_floating_point
+        is_float = is_floating(reference_info.dtype)
         out_dtype = (self.out_dtype or reference_info.dtype) if is_float else reference_info.dtype
         output = OutputTensor(output_name, reference_info.shape, out_dtype)
         if not is_float:
@@ -280,7 +286,7 @@ class _Planner:
                 copy_from, copy_inputs = None, [s for s in job_inputs if s is not None]
             job = TensorJob(output, copy_inputs, copy_from, None, {}, 0)
         else:
-            params = self._resolve_params(output_name, t, inputs, output_slice)
+            params = self._resolve_params(output_name, layer_position, inputs, output_slice)
             job = TensorJob(output, job_inputs, base_tensor, self.method, params, job_seed(self.seed, output_name))
         self.jobs.append(job)
 
@@ -288,7 +294,7 @@ class _Planner:
         recipe = self.recipe
         models = recipe.models or []
         references = [m.model for m in models]
-        reference = recipe.base_model or references[0]
+        reference = recipe.reference_model()
         names = self.checkpoints[reference].names()
         layers = count_layers(names)
         for model in references:
@@ -302,15 +308,15 @@ class _Planner:
         inputs, base_source = self._split_base(sources, recipe.base_model, "models")
         for name in names:
             index = layer_index(name)
-            t = index / (layers - 1) if index is not None and layers > 1 else 0.0
-            self._add_job(name, name, t, inputs, base_source, None)
+            position = index / (layers - 1) if index is not None and layers > 1 else 0.0
+            self._add_job(name, name, position, inputs, base_source, None)
         self._warn_extra_tensors([s.model for s in inputs], set(names))
 
     def plan_slices(self) -> list[SourceTensor]:
         recipe = self.recipe
         slices = recipe.slices or []
         output_layers: list[SourceTensor] = []
-        reference_model = recipe.base_model or slices[0].sources[0].model
+        reference_model = recipe.reference_model()
         reference_names = self.checkpoints[reference_model].names()
         non_layer = [n for n in reference_names if layer_index(n) is None]
         for i, output_slice in enumerate(slices):
@@ -339,7 +345,7 @@ class _Planner:
             for offset in range(length):
                 out_index = len(output_layers)
                 output_layers.append(SourceTensor(lead.model, str(start + offset)))
-                t = offset / (length - 1) if length > 1 else 0.0
+                position = offset / (length - 1) if length > 1 else 0.0
                 layer_names = [n for n in lead_names if layer_index(n) == start + offset]
                 for name in layer_names:
                     source_names = {
@@ -347,7 +353,7 @@ class _Planner:
                         for s in [*output_slice.sources, *([base_source] if base_source else [])]
                     }
                     output_name = with_layer_index(name, out_index)
-                    self._add_job(output_name, name, t, inputs, base_source, output_slice, source_names)
+                    self._add_job(output_name, name, position, inputs, base_source, output_slice, source_names)
         return output_layers
 
     def _warn_extra_tensors(self, models: list[str], reference_names: set[str]) -> None:
@@ -381,44 +387,40 @@ def open_models(recipe: Recipe, relative_to: Path | None = None) -> dict[str, Ch
 
 def build_plan(
     recipe: Recipe,
-    checkpoints: dict[str, Checkpoint] | None = None,
+    *,
+    checkpoints: Mapping[str, TensorSource] | None = None,
     relative_to: Path | None = None,
-    **options: Any,
+    seed: int = 0,
+    dtype: str | None = None,
+    out_dtype: str | None = None,
 ) -> MergePlan:
-    """Plan a merge. ``options``: ``seed``, ``dtype``, ``out_dtype`` (override the recipe's).
+    """Plan a merge; ``seed``, ``dtype`` and ``out_dtype`` override the recipe's.
 
-    Opens the recipe's models unless ``checkpoints`` (reference -> Checkpoint) is given.
+    Opens the recipe's models unless ``checkpoints`` (reference -> model) is given; the plan owns
+    them and :meth:`MergePlan.close` closes them. Reads no tensor data.
     """
     method = get_method(recipe.merge_method)
     _check_parameter_names(recipe, method)
-    calibration_warnings = _check_calibration(recipe, method)
-    if recipe.tokenizer_source == "union" or (recipe.tokenizer is not None and recipe.tokenizer.source == "union"):
-        raise RecipeError("tokenizer_source: 'union' (merging vocabularies) is not supported yet; use 'base' or a model")
-    if recipe.tokenizer is not None:
-        raise RecipeError("tokenizer: per-token tokenizer configuration is not supported yet; use tokenizer_source")
-    owned = checkpoints is None
-    if checkpoints is None:
-        checkpoints = open_models(recipe, relative_to)
+    _check_calibration(recipe, method)
+    opened = open_models(recipe, relative_to) if checkpoints is None else checkpoints
     try:
-        planner = _Planner(recipe, method, checkpoints, options)
-        planner.warnings.extend(calibration_warnings)
+        planner = _Planner(recipe, method, opened, seed, dtype, out_dtype)
         output_layers = planner.plan_slices() if recipe.slices else None
         if not recipe.slices:
             planner.plan_models()
         planner.finish_warnings()
     except BaseException:
-        if owned:
-            for checkpoint in checkpoints.values():
+        if checkpoints is None:
+            for checkpoint in opened.values():
                 checkpoint.close()
         raise
-    reference = recipe.base_model or (recipe.models[0].model if recipe.models else recipe.slices[0].sources[0].model)
     for job in planner.jobs:
-        job.input_dtypes = [checkpoints[s.model].info(s.name).dtype for s in job.inputs if s is not None]
+        job.input_dtypes = [opened[s.model].info(s.name).dtype for s in job.inputs if s is not None]
     return MergePlan(
         recipe=recipe,
         method=method,
-        checkpoints=checkpoints,
-        reference=reference,
+        checkpoints=opened,
+        reference=recipe.reference_model(),
         jobs=planner.jobs,
         compute_dtype=planner.compute_dtype,
         cast_dtype=planner.cast_dtype,

@@ -1,7 +1,5 @@
-"""Planning rules shared by the full planner (:mod:`mergeforge.plan`) and the torch-free fast path
-(:mod:`mergeforge.fastpath`), kept free of torch so the fast path can import them: layer indices
-in tensor names, per-tensor seeds, parameter precedence and size strings.
-"""
+"""Small rules of planning, torch-free: layer indices in tensor names, per-tensor seeds, parameter
+precedence and size strings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The merge progress bar: bytes written, tensors done, ETA. Torch-free, so the fast path uses it."""
+"""The merge progress bar: bytes written, tensors done, ETA. Torch-free, for both executors."""
 
 from __future__ import annotations
 

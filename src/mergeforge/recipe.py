@@ -20,6 +20,7 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergeforge.calibration.config import CalibrationConfig
 from mergeforge.errors import RecipeError
 
 Scalar = Union[bool, int, float]
@@ -86,22 +87,6 @@ class TokenizerConfig(_Strict):
     pad_to_multiple_of: int | None = None
 
 
-class CalibrationConfig(_Strict):
-    """``calibration:``: the data that data-aware methods (fisher, regmean, adamerging) run the
-    models on before merging (see docs/data_aware.md).
-
-    ``data`` is a JSONL file (objects with ``text``, or ``prompt`` and optionally ``answer``) or a
-    task folder (``spec.json`` + ``<split>.jsonl``) used for every model, or a mapping from each
-    input model (as written under ``models``) to its own file or folder.
-    """
-
-    data: str | dict[str, str]
-    samples: int = Field(default=128, ge=1)  # examples read from each data source (file order)
-    max_length: int = Field(default=128, ge=2)  # tokens per example; longer ones keep their end
-    batch_size: int = Field(default=8, ge=1)
-    split: str = "train"  # which split of a task folder
-
-
 class Recipe(_Strict):
     """A merge recipe, field for field compatible with mergekit's ``MergeConfiguration``,
     plus ``calibration`` for data-aware methods."""
@@ -117,7 +102,7 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
-    name: str | None = None
+    name: str | None = None  # the merged model's name: the title of its model card
     calibration: CalibrationConfig | None = None
 
     @model_validator(mode="after")
@@ -128,6 +113,16 @@ class Recipe(_Strict):
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("'tokenizer_source' and 'tokenizer' cannot both be given")
         return self
+
+    def reference_model(self) -> str:
+        """The model whose config, files and tensor names the output takes: the base, else the
+        first model (or the first source of the first slice)."""
+        if self.base_model:
+            return self.base_model
+        if self.models:
+            return self.models[0].model
+        assert self.slices
+        return self.slices[0].sources[0].model
 
     def referenced_models(self) -> list[str]:
         """Every model the recipe reads, base first, each once, in recipe order."""
@@ -201,6 +196,10 @@ def load_recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> 
         raise RecipeError(_format_validation_error(exc, source)) from None
     if parsed.modules:
         raise RecipeError(f"{source}: 'modules' (multi-module recipes) is not supported yet; use 'models' or 'slices'")
+    if parsed.tokenizer_source == "union" or (parsed.tokenizer is not None and parsed.tokenizer.source == "union"):
+        raise RecipeError(f"{source}: tokenizer_source: 'union' (merging vocabularies) is not supported yet; use 'base' or a model")
+    if parsed.tokenizer is not None:
+        raise RecipeError(f"{source}: tokenizer: per-token tokenizer configuration is not supported yet; use tokenizer_source")
     return parsed
 
 

@@ -34,7 +34,7 @@ from mergeforge.methods import BaseUse, Param, register_method
     min_models=1,
     elementwise=True,  # entry i of the output depends only on entry i of the inputs
     math="mean of the values left after dropping the ⌊trim·N⌋ smallest and largest, per entry",
-    reference="Yin et al. 2018, coordinate-wise trimmed mean (arXiv:1803.01498)",
+    citation="Yin et al. 2018, coordinate-wise trimmed mean (arXiv:1803.01498)",
     notes="Needs at least 1/trim models before anything is trimmed (5 models at trim 0.2).",
 )
 def trimmed_mean(tensors: list[torch.Tensor], base: torch.Tensor | None, *, trim: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from mergeforge.methods.registry import BaseUse, MergeMethod
+from mergeforge.methods.registry import BaseUse, MethodSpec
 
 # Scale of the summed task vectors. Without normalisation the sum of N vectors needs a small
 # scale (Ilharco et al. pick λ≈0.3-0.4 for 8 tasks); with normalisation (a mean) λ≈1 or above.
@@ -81,7 +81,7 @@ class MethodPlan:
     first_as_base: bool = False
 
 
-def plan_method(method: MergeMethod, n_experts: int, protocol: str | None = None) -> MethodPlan:
+def plan_method(method: MethodSpec, n_experts: int, protocol: str | None = None) -> MethodPlan:
     """The benchmark plan for ``method`` merging ``n_experts`` experts (plus the base when used).
 
     The protocol is ``protocol`` when given, else the method's own: per-task for methods that

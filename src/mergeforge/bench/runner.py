@@ -175,7 +175,7 @@ def per_task_state(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor
                    task: int) -> dict[str, torch.Tensor]:
     """Task ``task``'s model of an EMR / TALL-mask merge, in memory (what ``mergeforge emr materialize`` writes)."""
     from mergeforge.methods import _task_masks
-    from mergeforge.methods._materialize import SIDE_SEPARATOR
+    from mergeforge.plan import SIDE_SEPARATOR
 
     state = {}
     for name, tensor in merged.items():

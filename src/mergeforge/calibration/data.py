@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from mergeforge.calibration.config import CalibrationConfig
 from mergeforge.errors import MergeforgeError, RecipeError
 from mergeforge.jsonl import json_records
-from mergeforge.recipe import CalibrationConfig
 
 
 class CalibrationError(MergeforgeError):

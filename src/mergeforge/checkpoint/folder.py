@@ -21,12 +21,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from mergeforge.dtypes import TORCH_NAMES
 from mergeforge.errors import OutputError, RecipeError
-
-if TYPE_CHECKING:
-    import torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 NOT_CARRIED = {"README.md", "config.json", "mergekit_config.yml", "mergeforge_config.yml", ".git", ".gitattributes", ".cache"}
@@ -73,17 +71,17 @@ def carry_over_files(reference: Path, out: Path, tokenizer_from: Path | None) ->
 def write_config(
     reference_config: dict[str, Any] | None,
     out: Path,
-    dtype: torch.dtype | None,
+    dtype: str | None,
     layer_sources: list[int] | None,
 ) -> None:
-    """config.json from the reference model; dtype and (for slices) layer count and per-layer
-    lists updated. ``layer_sources[k]`` is the reference layer whose per-layer entries output layer
-    ``k`` takes."""
+    """config.json from the reference model; dtype (a safetensors name) and, for slices, layer
+    count and per-layer lists updated. ``layer_sources[k]`` is the reference layer whose per-layer
+    entries output layer ``k`` takes."""
     if reference_config is None:
         return
     config = json.loads(json.dumps(reference_config))
     if dtype is not None:
-        dtype_name = str(dtype).removeprefix("torch.")
+        dtype_name = TORCH_NAMES[dtype]
         keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
         for key in keys:
             config[key] = dtype_name
@@ -178,13 +176,14 @@ def apply_chat_template(setting: str | None, out: Path, model_folders: list[Path
             config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_model_card(out: Path, base_models: list[str], method: str, recipe_yaml: str) -> None:
+def write_model_card(out: Path, base_models: list[str], method: str, recipe_yaml: str, title: str | None = None) -> None:
+    """README.md with Hugging Face front matter; ``title`` is the recipe's ``name`` (default: "Merged model")."""
     front = ["---", "base_model:"]
     front += [f"- {json.dumps(model)}" for model in base_models]
     front += ["base_model_relation: merge", "library_name: transformers", "tags:", "- merge", "- mergeforge", "---"]
     body = [
         "",
-        "# Merged model",
+        f"# {title or 'Merged model'}",
         "",
         f"This model was made with [mergeforge](https://pypi.org/project/mergeforge/) using the `{method}` merge method.",
         "",

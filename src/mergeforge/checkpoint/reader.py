@@ -5,6 +5,11 @@ Safetensors headers are parsed and validated by :mod:`mergeforge.checkpoint.safe
 (the file is untrusted input). Tensor bytes are read with ``pread`` straight into the tensor's own
 memory: nothing is memory-mapped, so what a merge holds in RAM is exactly the tensors it is
 working on, and threads read in parallel.
+
+Opening a safetensors checkpoint and listing its tensors needs no torch: dtypes are safetensors
+names (:mod:`mergeforge.dtypes`). :meth:`Checkpoint.read` returns a torch tensor (importing torch
+then); :meth:`Checkpoint.read_array` returns a NumPy array of the stored bytes, for the NumPy
+executor. ``.bin`` files are read with torch.
 """
 
 from __future__ import annotations
@@ -14,17 +19,11 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from mergeforge.checkpoint.safetensors_format import (
-    BIN_INDEX,
-    BIN_SINGLE,
-    MAX_HEADER_BYTES,
-    SAFETENSORS_INDEX,
-    SAFETENSORS_SINGLE,
-    hub_cache_dir,
     index_shards,
     parse_header,
     pread_into,
@@ -32,27 +31,11 @@ from mergeforge.checkpoint.safetensors_format import (
     resolve_model_path,
     weights_layout,
 )
+from mergeforge.dtypes import ITEMSIZE, NUMPY_STORAGE, from_torch, to_torch
 from mergeforge.errors import CheckpointError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
-
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -61,9 +44,9 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str  # safetensors name: BF16, F32, I64, ...
     file: Path
-    offset: int  # absolute byte offset in ``file`` (safetensors), -1 for .bin
+    offset: int  # absolute byte offset in ``file`` (safetensors), -1 when not in a safetensors file
 
     @property
     def numel(self) -> int:
@@ -71,7 +54,12 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * ITEMSIZE[self.dtype]
+
+    @property
+    def in_safetensors(self) -> bool:
+        """True when the bytes lie at ``offset`` in ``file``, so they can be read in any range."""
+        return self.offset >= 0
 
 
 class SafetensorsFile:
@@ -84,20 +72,16 @@ class SafetensorsFile:
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot open: {exc.strerror}") from None
         try:
-            self.metadata, self.tensors = self._parse_header()
+            self.metadata, entries = parse_header(self._fd, self.path)
         except Exception:
             os.close(self._fd)
             raise
-
-    def _parse_header(self) -> tuple[dict[str, str], dict[str, TensorInfo]]:
-        metadata, entries = parse_header(self._fd, self.path, DTYPES)
-        tensors = {
-            name: TensorInfo(name, entry.shape, DTYPES[entry.dtype], self.path, entry.offset) for name, entry in entries.items()
-        }
-        return metadata, tensors
+        self.tensors = {name: TensorInfo(name, e.shape, e.dtype, self.path, e.offset) for name, e in entries.items()}
 
     def read(self, info: TensorInfo, row_start: int = 0, row_stop: int | None = None) -> torch.Tensor:
         """Read a tensor, or rows ``[row_start, row_stop)`` of its first dimension, into new memory."""
+        import torch
+
         shape = info.shape
         if row_stop is not None:
             row_bytes = info.nbytes // shape[0] if shape and shape[0] else 0
@@ -105,9 +89,17 @@ class SafetensorsFile:
             offset = info.offset + row_start * row_bytes
         else:
             offset = info.offset
-        out = torch.empty(shape, dtype=info.dtype)
+        out = torch.empty(shape, dtype=to_torch(info.dtype))
         if out.numel():
             pread_into(self._fd, memoryview(out.view(-1).view(torch.uint8).numpy()), offset, self.path)
+        return out
+
+    def read_array(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+        """Elements ``[start, stop)`` of the flattened tensor, as the NumPy dtype its bytes are held in."""
+        storage = NUMPY_STORAGE[info.dtype]
+        out = np.empty(stop - start, dtype=storage)
+        if out.size:
+            pread_into(self._fd, memoryview(out).cast("B"), info.offset + start * storage.itemsize, self.path)
         return out
 
     def close(self) -> None:
@@ -126,13 +118,10 @@ class Checkpoint:
         self.folder = folder
         self.ref = ref or str(folder)
         self._files: dict[Path, SafetensorsFile] = {}
-        self._bin_state: dict[Path, dict[str, torch.Tensor]] = {}
+        self._bin_state: dict[Path, dict[str, Any]] = {}
         self._bin_lock = threading.Lock()
         self.tensors: dict[str, TensorInfo] = self._index()
-        self.config: dict[str, Any] | None = self._read_json("config.json")
-
-    def _read_json(self, name: str) -> Any:
-        return read_json(self.folder / name)
+        self.config: dict[str, Any] | None = read_json(self.folder / "config.json")
 
     def _index(self) -> dict[str, TensorInfo]:
         kind, path = weights_layout(self.folder)
@@ -162,14 +151,18 @@ class Checkpoint:
         return handle.tensors
 
     def _bin_infos(self, path: Path) -> dict[str, TensorInfo]:
+        import torch
+
         state = self._load_bin(path)
         return {
-            name: TensorInfo(name, tuple(tensor.shape), tensor.dtype, path, -1)
+            name: TensorInfo(name, tuple(tensor.shape), from_torch(tensor.dtype), path, -1)
             for name, tensor in state.items()
             if isinstance(tensor, torch.Tensor)
         }
 
     def _load_bin(self, path: Path) -> dict[str, torch.Tensor]:
+        import torch
+
         with self._bin_lock:
             if path not in self._bin_state:
                 try:
@@ -211,9 +204,12 @@ class Checkpoint:
             tensor = tensor[row_start:row_stop]
         return tensor.clone()
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(info.nbytes for info in self.tensors.values())
+    def read_array(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements ``[start, stop)`` of a flattened safetensors tensor (see :meth:`SafetensorsFile.read_array`)."""
+        info = self.info(name)
+        if not info.in_safetensors:
+            raise CheckpointError(f"model '{self.ref}': tensor '{name}' is not in a safetensors file")
+        return self._files[info.file].read_array(info, start, stop)
 
     def close(self) -> None:
         for handle in self._files.values():
@@ -238,8 +234,3 @@ def open_checkpoint(ref: str | os.PathLike[str], relative_to: Path | None = None
     ref = str(ref)
     return Checkpoint(resolve_model_path(ref, relative_to), ref)
 
-
-__all__ = [
-    "BIN_INDEX", "BIN_SINGLE", "Checkpoint", "DTYPES", "DTYPE_NAMES", "MAX_HEADER_BYTES", "SAFETENSORS_INDEX",
-    "SAFETENSORS_SINGLE", "SafetensorsFile", "TensorInfo", "hub_cache_dir", "open_checkpoint", "resolve_model_path",
-]

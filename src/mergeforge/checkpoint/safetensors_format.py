@@ -7,8 +7,8 @@ are untrusted input, so everything is checked: header length within the file and
 JSON that is an object without duplicate keys, known dtypes, byte sizes that match the shapes, and
 data offsets that tile the data exactly, with no holes or overlaps.
 
-Both the torch reader (:mod:`mergeforge.checkpoint.reader`) and the torch-free fast path use this
-module, so there is one definition of what a valid file is and of where each byte goes.
+The reader (:mod:`mergeforge.checkpoint.reader`) and the writer use this module, so there is one
+definition of what a valid file is and of where each byte goes.
 """
 
 from __future__ import annotations
@@ -22,18 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergeforge.dtypes import ITEMSIZE
 from mergeforge.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-# Bytes per element of every safetensors dtype we accept.
-ITEMSIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
-    "U16": 2, "U32": 4, "U64": 8,
-}
-FLOATING_NAMES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -56,7 +48,7 @@ class HeaderEntry:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * ITEMSIZES[self.dtype]
+        return self.numel * ITEMSIZE[self.dtype]
 
 
 class _DuplicateKey(ValueError):
@@ -72,12 +64,8 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def parse_header(fd: int, path: Path, supported: Iterable[str] | None = None) -> tuple[dict[str, str], dict[str, HeaderEntry]]:
-    """Read and validate the header of the open safetensors file ``fd``.
-
-    ``supported``: dtype names the caller can hold (default: all of :data:`ITEMSIZES`).
-    """
-    known = set(ITEMSIZES if supported is None else supported)
+def parse_header(fd: int, path: Path) -> tuple[dict[str, str], dict[str, HeaderEntry]]:
+    """Read and validate the header of the open safetensors file ``fd``."""
     size = os.fstat(fd).st_size
     if size < 8:
         raise CheckpointError(f"{path}: corrupt safetensors file: {size} bytes is too short for a header")
@@ -108,7 +96,7 @@ def parse_header(fd: int, path: Path, supported: Iterable[str] | None = None) ->
             begin, end = (int(v) for v in item["data_offsets"])
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors file: tensor '{name}' has a malformed header entry") from None
-        if dtype_name not in known:
+        if dtype_name not in ITEMSIZE:
             raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype '{dtype_name}'")
         if any(d < 0 for d in shape) or begin < 0 or end < begin:
             raise CheckpointError(f"{path}: corrupt safetensors file: tensor '{name}' has negative sizes or offsets")
@@ -245,10 +233,7 @@ def header_bytes(tensors: Iterable[tuple[str, str, tuple[int, ...]]], metadata: 
     offsets: dict[str, int] = {}
     position = 0
     for name, dtype, shape in ordered:
-        count = 1
-        for size in shape:
-            count *= size
-        nbytes = count * ITEMSIZES[dtype]
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
         offsets[name] = position
         position += nbytes

@@ -4,9 +4,9 @@ A merge knows every output tensor's name, shape and dtype before it computes any
 writer fixes the whole layout up front: which shard each tensor goes to (greedy, in plan order, up
 to the shard size), the order inside each shard (the safetensors library's: by dtype, wider first, then by
 name, so every tensor is aligned to its element size and the bytes do not depend on the
-order tensors were computed in), each header, and each tensor's byte offset. Dtypes are torch
-dtypes or safetensors names (``"BF16"``), and data torch tensors or NumPy arrays, so the torch-free
-fast path writes through this same code; torch is imported only when a torch dtype is named. Tensors are then
+order tensors were computed in), each header, and each tensor's byte offset. Dtypes are safetensors
+names (``"BF16"``), and data torch tensors or raw bytes (from NumPy arrays), so both executors write
+through this same code, and torch is imported only when a torch tensor is written. Tensors are then
 written with ``pwrite`` straight to their place, in whatever order they finish, by any thread: no
 output shard is ever buffered in memory. Space is reserved up front with ``posix_fallocate``, so a
 full disk is reported before the merge starts rather than in the middle.
@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from mergeforge.checkpoint.safetensors_format import (
-    ITEMSIZES,
-    SAFETENSORS_INDEX,
-    SAFETENSORS_SINGLE,
-    header_bytes,
-)
+from mergeforge.checkpoint.safetensors_format import SAFETENSORS_INDEX, header_bytes
+from mergeforge.dtypes import ITEMSIZE, from_torch
 from mergeforge.errors import OutputError
 
 if TYPE_CHECKING:
@@ -40,27 +37,19 @@ DEFAULT_SHARD_BYTES = 5 * 1000**3
 SYNC_EVERY_BYTES = 64 * 1024**2
 
 
-def dtype_name(dtype: Any) -> str:
-    """The safetensors name of a torch dtype, or ``dtype`` itself when it already is one."""
-    if isinstance(dtype, str):
-        return dtype
-    from mergeforge.checkpoint.reader import DTYPE_NAMES
-
-    return DTYPE_NAMES[dtype]
-
-
 @dataclass(frozen=True)
 class OutputTensor:
     name: str
     shape: tuple[int, ...]
-    dtype: Any  # a torch.dtype, or a safetensors dtype name such as "BF16"
+    dtype: str  # safetensors name: BF16, F32, ...
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * (ITEMSIZES[self.dtype] if isinstance(self.dtype, str) else self.dtype.itemsize)
+        return self.numel * ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -91,7 +80,7 @@ def split_into_shards(tensors: Iterable[OutputTensor], max_shard_bytes: int) -> 
 
 
 def _header_bytes(tensors: list[OutputTensor], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:
-    return header_bytes([(t.name, dtype_name(t.dtype), t.shape) for t in tensors], metadata)
+    return header_bytes([(t.name, t.dtype, t.shape) for t in tensors], metadata)
 
 
 class ShardedWriter:
@@ -105,7 +94,7 @@ class ShardedWriter:
         metadata: the safetensors ``__metadata__`` (``{"format": "pt"}`` by default).
 
     Example:
-        >>> writer = ShardedWriter(tmp, [OutputTensor("w", (2, 2), torch.float32)])
+        >>> writer = ShardedWriter(tmp, [OutputTensor("w", (2, 2), "F32")])
         >>> writer.write("w", torch.ones(2, 2)); writer.close()
     """
 
@@ -128,7 +117,7 @@ class ShardedWriter:
         self._lock = threading.Lock()
         self._unsynced: list[int] = []
         metadata = {"format": "pt"} if metadata is None else metadata
-        total = 0
+        total = 0  # bytes of tensor data, for the index
         try:
             for shard_index, (shard, file_name) in enumerate(zip(self.shards, self.file_names)):
                 header, offsets = _header_bytes(shard, metadata)
@@ -147,7 +136,6 @@ class ShardedWriter:
         except BaseException:
             self.close()
             raise
-        self.total_bytes = total
         if count > 1:
             weight_map = {t.name: self.file_names[i] for i, shard in enumerate(self.shards) for t in shard}
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -157,7 +145,7 @@ class ShardedWriter:
         """Write a tensor (or, with ``row_start``, a block of its rows) to its place. Thread-safe."""
         slot = self._slots[name]
         expected = slot.tensor
-        if tensor.dtype != expected.dtype:
+        if from_torch(tensor.dtype) != expected.dtype:
             raise ValueError(f"{name}: expected dtype {expected.dtype}, got {tensor.dtype}")
         full = tuple(tensor.shape) == expected.shape and row_start == 0
         if not full and tuple(tensor.shape[1:]) != expected.shape[1:]:
@@ -205,6 +193,8 @@ class ShardedWriter:
             self._written.add(name)
 
     def missing(self) -> list[str]:
+        """Tensors not (or not completely) written yet: an executor must leave none before the
+        output folder is renamed into place."""
         return [name for name in self._slots if name not in self._written]
 
     def close(self) -> None:
@@ -243,7 +233,7 @@ def save_state_dict(
     Returns the file names written. Tensors that share memory are written as separate copies.
     """
     folder = Path(folder)
-    tensors = [OutputTensor(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+    tensors = [OutputTensor(name, tuple(t.shape), from_torch(t.dtype)) for name, t in state.items()]
     writer = ShardedWriter(folder, tensors, max_shard_bytes, metadata=metadata)
     try:
         for name, tensor in state.items():
@@ -252,5 +242,3 @@ def save_state_dict(
         writer.close()
     return writer.file_names
 
-
-__all__ = ["OutputTensor", "ShardedWriter", "save_state_dict", "split_into_shards", "SAFETENSORS_SINGLE"]

@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 from mergeforge.checkpoint import folder as folder_files
-from mergeforge.checkpoint.reader import Checkpoint, SafetensorsFile, TensorInfo, resolve_model_path
+from mergeforge.checkpoint.reader import Checkpoint, SafetensorsFile, TensorInfo
+from mergeforge.checkpoint.safetensors_format import resolve_model_path
 from mergeforge.checkpoint.writer import DEFAULT_SHARD_BYTES, OutputTensor, ShardedWriter
 from mergeforge.errors import CheckpointError, MergeforgeError, OutputError
 from mergeforge.methods import _task_masks
+from mergeforge.output import RECIPE_FILE, SIDE_FOLDER
+from mergeforge.plan import SIDE_SEPARATOR
 
-SIDE_FOLDER = "mergeforge_side"
-SIDE_SEPARATOR = "::"
-RECIPE_FILE = "mergeforge_config.yml"
 # Files of the merged folder that describe the merge, not the task model.
 NOT_COPIED = {"README.md", RECIPE_FILE}
 

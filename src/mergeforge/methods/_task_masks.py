@@ -9,6 +9,8 @@ task's model from the merged checkpoint, the base and these two tensors:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MASKS = "task_masks"
@@ -20,12 +22,9 @@ def packed_length(numel: int) -> int:
     return (numel + 7) // 8
 
 
-def side_shapes(shape: tuple[int, ...], n_models: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def side_shapes(shape: tuple[int, ...], n_models: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """The ``extra_outputs`` of a per-task-mask method for a tensor of ``shape``."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    return {MASKS: ((n_models, packed_length(numel)), torch.uint8), SCALES: ((n_models,), torch.float32)}
+    return {MASKS: ((n_models, packed_length(math.prod(shape))), "U8"), SCALES: ((n_models,), "F32")}
 
 
 def pack(masks: torch.Tensor) -> torch.Tensor:
@@ -40,9 +39,7 @@ def pack(masks: torch.Tensor) -> torch.Tensor:
 
 def unpack(packed_row: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """One task's packed mask back to a bool tensor of ``shape``."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     bits = packed_row.reshape(-1, 1).bitwise_and(_BIT_VALUES.to(packed_row.device)) != 0
     return bits.reshape(-1)[:numel].reshape(shape)
 

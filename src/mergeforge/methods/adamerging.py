@@ -73,7 +73,7 @@ def learn_lambdas(context: CalibrationContext) -> dict[str, list[float]]:
     ],
     base=BaseUse.REQUIRED,
     math="θ₀ + Σₖ λₖ·(θₖ − θ₀), λ ∈ [0,1] (per model, or per model and tensor) minimising next-token entropy on prompts",
-    reference="AdaMerging, Yang et al. ICLR 2024 (arXiv:2310.02575)",
+    citation="AdaMerging, Yang et al. ICLR 2024 (arXiv:2310.02575)",
     calibrate=learn_lambdas,
     notes="Data-aware: needs a top-level 'calibration:' field (prompts; answers are ignored). Holds the base and every "
     "task vector in memory while it learns λ. layer_wise, init_lambda, steps and lr are read once, from the "

@@ -51,7 +51,7 @@ def upper_fence(importance: torch.Tensor) -> torch.Tensor:
     min_models=1,
     max_models=1,
     math="s = |δ|·KL(softmax(θ₁)‖softmax(θ_base)) per row; θ_base + δ·[s ≥ median(s) + 1.5·IQR(s)]",
-    reference="Arcee AI 2025; mergekit 'arcee_fusion'",
+    citation="Arcee AI 2025; mergekit 'arcee_fusion'",
     notes=(
         "Needs the base and exactly one other model. The softmax runs over the last dimension, so "
         "a 1-D tensor (norm, bias) is one distribution. Quartiles are exact, not sampled."

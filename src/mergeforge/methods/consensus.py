@@ -44,7 +44,7 @@ def tall_masks(task_vectors: list[torch.Tensor], multi_task_vector: torch.Tensor
     ],
     base=BaseUse.REQUIRED,
     math="mₜ = |τₜ| ≥ λₜ|τ_MTL − τₜ|, τ_MTL = λΣτₜ; θ_base + λ·1{Σₜ mₜ ≥ k} ⊙ Σₜ τₜ",
-    reference=REFERENCE + " (Consensus Merging with task arithmetic)",
+    citation=REFERENCE + " (Consensus Merging with task arithmetic)",
     elementwise=True,
     notes="k = 0 gives task arithmetic; k above the number of models gives the base.",
 )
@@ -64,7 +64,7 @@ def consensus(tensors: list[torch.Tensor], base: torch.Tensor, *, k: int, tall_l
     params=[TALL_LAMBDA, Param("lambda", 1.0, help="scale λ of τ_MTL = λ·Σₜ τₜ (the merged multi-task vector)")],
     base=BaseUse.REQUIRED,
     math="writes θ_base + τ_MTL (τ_MTL = λΣτₜ) and masks mₜ = |τₜ| ≥ λₜ|τ_MTL − τₜ|; task t = θ_base + mₜ ⊙ τ_MTL",
-    reference=REFERENCE + " (TALL masks)",
+    citation=REFERENCE + " (TALL masks)",
     extra_outputs=_task_masks.side_shapes,
     notes="The output folder holds the multi-task model; `mergeforge emr materialize OUT --task N` rebuilds task N's model.",
 )

@@ -50,7 +50,7 @@ def elect_mask_rescale(task_vectors: list[torch.Tensor]) -> tuple[torch.Tensor, 
     params=[],
     base=BaseUse.REQUIRED,
     math="τ_uni = sign(Στᵢ) ⊙ max over agreeing |τᵢ|; Mᵢ = [τᵢτ_uni > 0]; λᵢ = Σ|τᵢ|/Σ|Mᵢτ_uni|; task i = θ_base + λᵢMᵢ ⊙ τ_uni",
-    reference="Huang et al. 2024, EMR-Merging (NeurIPS 2024, arXiv:2405.17461)",
+    citation="Huang et al. 2024, EMR-Merging (NeurIPS 2024, arXiv:2405.17461)",
     aliases=("emr_merging",),
     extra_outputs=_task_masks.side_shapes,
     notes=(

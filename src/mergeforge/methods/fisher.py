@@ -46,7 +46,7 @@ def collect_fishers(context: CalibrationContext) -> dict[str, list[torch.Tensor]
         Param("fisher_floor", 1e-6, low=0, help="lower bound on every Fisher value, so the ratio stays defined"),
     ],
     math="Σ wᵢ·Fᵢ·θᵢ / Σ wᵢ·Fᵢ per parameter, Fᵢ = max(diagonal empirical Fisher of model i, floor)",
-    reference="Fisher merging, Matena & Raffel 2022 (arXiv:2111.09832)",
+    citation="Fisher merging, Matena & Raffel 2022 (arXiv:2111.09832)",
     aliases=("fisher",),
     calibrate=collect_fishers,
     notes="Data-aware: needs a top-level 'calibration:' field; each model's Fisher comes from one backward pass per "

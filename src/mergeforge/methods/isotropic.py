@@ -79,7 +79,7 @@ def isotropic_common_and_task_specific(task_vectors: list[torch.Tensor], fractio
     params=[ALPHA, EXACT_SVD],
     base=BaseUse.REQUIRED,
     math="Σᵢ Δᵢ = U Σ Vᵀ; θ_base + α·σ̄ U Vᵀ with σ̄ the mean singular value",
-    reference=REFERENCE,
+    citation=REFERENCE,
     notes=FALLBACK,
 )
 def iso_c(tensors: list[torch.Tensor], base: torch.Tensor, *, lambda_: float, exact_svd: bool) -> torch.Tensor:
@@ -93,7 +93,7 @@ def iso_c(tensors: list[torch.Tensor], base: torch.Tensor, *, lambda_: float, ex
     params=[ALPHA, COMMON_SPACE_FRACTION, EXACT_SVD],
     base=BaseUse.REQUIRED,
     math="top-k directions of Σᵢ Δᵢ plus each task's top (r−k)/T directions off them; orthogonalise; θ_base + α·σ̄ U Vᵀ",
-    reference=REFERENCE,
+    citation=REFERENCE,
     notes=FALLBACK + " common_space_fraction 1 gives Iso-C.",
 )
 def iso_cts(

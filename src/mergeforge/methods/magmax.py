@@ -19,7 +19,7 @@ from mergeforge.methods.registry import BaseUse, Param, register_method
     params=[Param("lambda", 0.5, help="scale λ of the selected task vector (the paper's 0.5)")],
     base=BaseUse.REQUIRED,
     math="τ[p] = τₖ[p], k = argmaxᵢ |τᵢ[p]|; θ_base + λ·τ",
-    reference="Marczak et al. 2024, MagMax (ECCV 2024, arXiv:2407.06322)",
+    citation="Marczak et al. 2024, MagMax (ECCV 2024, arXiv:2407.06322)",
     elementwise=True,
     notes="Applies to every tensor. Ties go to the earlier model in the recipe.",
 )

@@ -51,7 +51,7 @@ def stock_ratio(task_vectors: list[torch.Tensor]) -> torch.Tensor:
     base=BaseUse.REQUIRED,
     min_models=2,
     math="θ_base + t·mean(δᵢ), t = N·cos θ / (1 + (N−1)·cos θ), cos θ the mean pairwise cosine of the δᵢ",
-    reference="Jang et al. 2024, Model Stock (arXiv:2403.19522); mergekit 'model_stock'",
+    citation="Jang et al. 2024, Model Stock (arXiv:2403.19522); mergekit 'model_stock'",
     notes=(
         "Needs the base and at least two fine-tunes. Per tensor by default; filter_wise measures "
         "the angle per row (1-D tensors such as norms and biases are one row either way). "

@@ -22,7 +22,7 @@ from mergeforge.methods.registry import REQUIRED, BaseUse, Param, register_metho
     max_models=1,
     elementwise=True,
     math="w = clamp(t / |θ_base − θ₁|, 0, 1); (1−w)·θ_base + w·θ₁",
-    reference="alchemonaut, QuartetAnemoi-70B model card (2024); mergekit 'nearswap'",
+    citation="alchemonaut, QuartetAnemoi-70B model card (2024); mergekit 'nearswap'",
     notes="Needs the base and exactly one other model. Elementwise, so every tensor kind is treated alike.",
 )
 def nearswap(tensors: list[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:

@@ -1,8 +1,5 @@
-"""A merge method's parameter schema (:class:`Param`), kept free of torch so that the torch-free
-fast path (:mod:`mergeforge.fastpath`) validates recipes with the very same objects.
-
-:mod:`mergeforge.methods.registry` re-exports everything here.
-"""
+"""A merge method's parameter schema (:class:`Param`): validation, defaults and the text that
+``mergeforge methods`` and the docs show, from one definition. Torch-free, like the registry."""
 
 from __future__ import annotations
 
@@ -62,6 +59,15 @@ class Param:
         left = "(" if self.low_open or self.low is None else "["
         right = ")" if self.high_open or self.high is None else "]"
         return f"{left}{lo}, {hi}{right}"
+
+    def resolve(self, value: Any, where: str) -> Any:
+        """The value to use: the default when ``value`` is None (an error if there is none), else
+        ``value`` checked (see :meth:`check`)."""
+        if value is None:
+            if self.required:
+                raise RecipeError(f"{where}: parameter '{self.name}' is required and not set")
+            return self.default
+        return self.check(value, where)
 
     def check(self, value: Any, where: str) -> Any:
         """Coerce ``value`` to this parameter's kind and check its range.

@@ -60,7 +60,7 @@ def balanced_weights(task_vector: torch.Tensor, task_sum: torch.Tensor, n_tasks:
     ],
     base=BaseUse.REQUIRED,
     math="βᵢ = exp(N·Norm(|τᵢ|)²) ⊙ tanh(τᵢ ⊙ Σⱼτⱼ), top-density kept; θ_base + λ·Σ βᵢτᵢ / Σ βᵢ",
-    reference="Du et al. 2024, Parameter Competition Balancing for Model Merging (NeurIPS 2024, arXiv:2410.02396)",
+    citation="Du et al. 2024, Parameter Competition Balancing for Model Merging (NeurIPS 2024, arXiv:2410.02396)",
     aliases=("pcb_merging",),
     notes="Quantiles and normalisations are per tensor (the reference flattens the whole model). Applies to every tensor.",
 )

@@ -65,7 +65,7 @@ def merge_unique_and_shared(
     min_models=1,
     elementwise=True,
     math="θ_base + Σᵢ δᵢ·[|δᵢ|>ε]·(1 if only model i changed the entry else 1/#models that changed it)",
-    reference="Reinforced Agent Merging (arXiv:2601.13572); mergekit 'ram'",
+    citation="Reinforced Agent Merging (arXiv:2601.13572); mergekit 'ram'",
     notes="Entries no model changes by more than epsilon keep the base value. Same rule for every tensor.",
 )
 def ram(tensors: list[torch.Tensor], base: torch.Tensor, *, epsilon: float) -> torch.Tensor:
@@ -83,7 +83,7 @@ def ram(tensors: list[torch.Tensor], base: torch.Tensor, *, epsilon: float) -> t
     base=BaseUse.REQUIRED,
     min_models=1,
     math="as ram, with model i's unique entries scaled by 1 + r·clip(#sharedᵢ/#uniqueᵢ, 0, α) per tensor",
-    reference="Reinforced Agent Merging, RAM+ (arXiv:2601.13572); mergekit 'ramplus_tl'",
+    citation="Reinforced Agent Merging, RAM+ (arXiv:2601.13572); mergekit 'ramplus_tl'",
     notes="The ratio is counted per tensor ('tensor-local'), so the method is not elementwise.",
 )
 def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, *, r: float, alpha: float, epsilon: float) -> torch.Tensor:

@@ -71,7 +71,7 @@ def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
               help="scale of the Gram matrices' off-diagonal entries (1: exact regression, 0: diagonal only)"),
     ],
     math="per linear layer W*ᵀ = (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢᵀ, G̃ᵢ = α·XᵢᵀXᵢ + (1−α)·diag(XᵢᵀXᵢ); other tensors averaged",
-    reference="RegMean, Jin et al. ICLR 2023 (arXiv:2212.09849)",
+    citation="RegMean, Jin et al. ICLR 2023 (arXiv:2212.09849)",
     calibrate=collect_grams,
     notes="Data-aware: needs a top-level 'calibration:' field; one forward pass per batch on each whole model records the "
     "inputs of every nn.Linear. A per-model mapping in 'calibration.data' gives each model its own task data.",

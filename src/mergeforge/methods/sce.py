@@ -45,7 +45,7 @@ def high_variance_mask(task_vectors: list[torch.Tensor], select_topk: float) -> 
     base=BaseUse.REQUIRED,
     min_models=1,
     math="δᵢ ⊙ top-k variance mask; cᵢ ∝ mean(δᵢ²), Σcᵢ = 1; elect sign(Σδᵢ); θ_base + Σ cᵢ·agreeᵢ·δᵢ / Σ cᵢ·agreeᵢ",
-    reference="Wan et al. 2024, FuseChat / SCE (arXiv:2408.07990); mergekit 'sce'",
+    citation="Wan et al. 2024, FuseChat / SCE (arXiv:2408.07990); mergekit 'sce'",
     notes=(
         "No per-model weights: the coefficients come from the task vectors. select_topk 1 keeps "
         "every position. Treats every tensor (matrices, norms, biases) the same way, as one block."

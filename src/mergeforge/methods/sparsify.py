@@ -2,13 +2,17 @@
 outlier-trimmed magnitude (Model Breadcrumbs), rank-dependent drop (DELLA), and the rescale that
 restores a masked vector's L1 norm (mergekit's ``rescale``).
 
-Every function here takes and returns float tensors; none does I/O or registers anything.
+Every function here takes and returns torch tensors; none does I/O or registers anything. The
+NumPy side of the same masks is in :mod:`mergeforge.methods._task_vector_kernels`, whose exact
+top-k and DARE draws these reuse, so both give the same masks.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from mergeforge.methods._task_vector_kernels import BLOCK, TopK, bernoulli_keep, outlier_counts
 
 
 def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -21,11 +25,9 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(values, dtype=torch.bool)
     if values.device.type == "cpu" and values.dtype == torch.float32:
-        from mergeforge.fastpath.kernels import TopK
-
         keys = values.reshape(-1).numpy()
         selector = TopK(keys.copy(), k)
-        return torch.from_numpy(selector.mask(keys)).view(values.shape)
+        return torch.from_numpy(selector.mask(keys, selector.ties)[0]).view(values.shape)
     flat = values.reshape(-1)
     threshold = torch.kthvalue(flat, n - k + 1).values
     keep = flat > threshold
@@ -43,9 +45,7 @@ def bernoulli_mask(delta: torch.Tensor, density: float, seed: int) -> torch.Tens
     """Keep each entry independently with probability ``density`` (DARE's drop step).
 
     The draws are NumPy's, per block of the flattened tensor, from ``seed`` and the block index,
-    so a seed gives the same mask on every device and in the fast path."""
-    from mergeforge.fastpath.kernels import BLOCK, bernoulli_keep
-
+    so a seed gives the same mask on every device and in the NumPy kernel."""
     n = delta.numel()
     keep = np.empty(n, dtype=bool)
     for start in range(0, n, BLOCK):
@@ -57,8 +57,6 @@ def bernoulli_mask(delta: torch.Tensor, density: float, seed: int) -> torch.Tens
 def outlier_trimmed_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Drop the ``gamma`` fraction of largest magnitudes, then the smallest, so that ``density``
     remains (Model Breadcrumbs). When ``gamma + density > 1`` fewer large ones are dropped."""
-    from mergeforge.fastpath.kernels import outlier_counts
-
     n = delta.numel()
     n_top, n_bottom = outlier_counts(n, density, gamma)
     magnitude = delta.abs()

@@ -70,7 +70,7 @@ def nuslerp_tensors(t: float, start: torch.Tensor, end: torch.Tensor, *, flatten
     min_models=2,
     max_models=2,
     math="SLERP(θ₁, θ₂; t = w₂/(w₁+w₂)); with a base: θ_base + SLERP(δ₁, δ₂; t)",
-    reference="Shoemake 1985 (SLERP); mergekit 'nuslerp'",
+    citation="Shoemake 1985 (SLERP); mergekit 'nuslerp'",
     notes=(
         "Exactly two models. Weights summing to ~0 give t = 0.5. Norms, biases and other 1-D "
         "tensors are always interpolated as one vector. To reproduce 'slerp', give weights 1−t and t."
@@ -104,7 +104,7 @@ def nuslerp(
     base=BaseUse.OPTIONAL,
     min_models=1,
     math="û = Σ wᵢ θᵢ/‖θᵢ‖ normalised; exp map of Σ wᵢ·log_û(θᵢ/‖θᵢ‖) at û, times Σ wᵢ‖θᵢ‖ (θ → δ with a base)",
-    reference="Goddard 2025, Multi-SLERP (goddard.blog); mergekit 'multislerp'",
+    citation="Goddard 2025, Multi-SLERP (goddard.blog); mergekit 'multislerp'",
     notes=(
         "Any number of models; whole tensors are treated as one vector each. With a base it "
         "averages task vectors. Where the weighted directions cancel (e.g. all task vectors zero) "
@@ -204,7 +204,7 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], *, max_iter:
     ],
     base=BaseUse.NONE,
     math="argmin_u Σ (1/N)·arccos(u·θᵢ/‖θᵢ‖)² on the unit sphere, times (1/N)·Σ‖θᵢ‖",
-    reference="Karcher 1977, Riemannian center of mass; mergekit 'karcher'",
+    citation="Karcher 1977, Riemannian center of mass; mergekit 'karcher'",
     notes=(
         "Equal weights for every input, as in mergekit; the base model is an input only when it "
         "is listed among the models. Whole tensors (matrices, norms, biases) are one point each."

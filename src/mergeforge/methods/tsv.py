@@ -48,7 +48,7 @@ def task_singular_vectors_merge(task_vectors: list[torch.Tensor], exact_svd: boo
     params=[LAMBDA, EXACT_SVD],
     base=BaseUse.REQUIRED,
     math="per matrix: top ⌊r/T⌋ SVD triplets of each Δᵢ; U⊥, V⊥ = polar([U₁…U_T]), polar([V₁…V_T]); θ_base + α·U⊥ diag(Σ) V⊥ᵀ",
-    reference="Gargiulo et al. 2025, Task Singular Vectors (TSV-M), CVPR 2025 (arXiv:2412.00081)",
+    citation="Gargiulo et al. 2025, Task Singular Vectors (TSV-M), CVPR 2025 (arXiv:2412.00081)",
     aliases=("tsv_m",),
     notes=(
         "Non-matrix tensors (norms, biases): mean task vector. Embeddings and output heads are matrices and "

@@ -85,7 +85,7 @@ def wudi_matrix(task_vectors: list[torch.Tensor], iterations: int, lr: float) ->
     ],
     base=BaseUse.REQUIRED,
     math="per matrix: τ = argmin Σᵢ ‖(τ − τᵢ)τᵢᵀ‖²/‖τᵢ‖² by Adam from Σᵢτᵢ; θ_base + τ",
-    reference="Cheng et al. 2025, Whoever Started the Interference Should End It (WUDI-merging, ICML 2025, arXiv:2503.08099)",
+    citation="Cheng et al. 2025, Whoever Started the Interference Should End It (WUDI-merging, ICML 2025, arXiv:2503.08099)",
     aliases=("wudi_merging",),
     notes=(
         "Non-matrix tensors: mean task vector. Each step costs matrix products per task: cheap on a GPU "
