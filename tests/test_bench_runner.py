@@ -17,7 +17,7 @@ from conftest import build_model
 
 from mergeforge.bench.report import write_report
 from mergeforge.bench.runner import BenchSuite, run_bench
-from mergeforge.evaluate.tasks import TaskSpec, write_task
+from mergeforge.tasks.folders import TaskSpec, write_task
 
 PROMPTS = [f"q{a}{b}=" for a in "abcdef" for b in "xyz"]
 
@@ -102,29 +102,3 @@ def test_two_model_and_per_task_methods_run_under_their_own_protocols(twin_suite
     assert "### One model per task" in table and "### Two experts at a time" in table
     assert "| `emr` | 100.0 | 100.0 |" in table and "| `slerp` | 100.0 | 100.0 |" in table
     assert "`passthrough` (skipped)" in table
-
-
-def test_per_task_state_matches_materialize_on_disk(tmp_path, llama_family):
-    """The bench's in-memory per-task model equals what `mergeforge emr materialize` writes."""
-    import yaml
-    from conftest import load_state
-    from safetensors.torch import load_file
-
-    from mergeforge import merge
-    from mergeforge.api import merge_state_dicts
-    from mergeforge.bench.runner import per_task_state
-    from mergeforge.methods._materialize import materialize_task
-
-    base, models = llama_family["base"], [llama_family["ft1"], llama_family["ft2"]]
-    recipe = tmp_path / "emr.yml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "emr", "base_model": str(base), "models": [{"model": str(m)} for m in models],
-                                      "dtype": "float32"}))
-    merge(recipe, tmp_path / "merged")
-    materialize_task(tmp_path / "merged", 1, tmp_path / "task1")
-    side: dict = {}
-    merged = merge_state_dicts("emr", [load_state(m) for m in models], load_state(base), side_outputs=side)
-    in_memory = per_task_state(merged, load_state(base), side, 1)
-    on_disk = load_file(str(tmp_path / "task1" / "model.safetensors"))
-    assert set(in_memory) == set(on_disk)
-    for name, tensor in on_disk.items():
-        torch.testing.assert_close(in_memory[name], tensor, rtol=0, atol=1e-6)

@@ -73,7 +73,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def hand_task(tmp_path_factory) -> Path:
-    from mergeforge.evaluate.tasks import TaskSpec, write_task
+    from mergeforge.tasks.folders import TaskSpec, write_task
 
     folder = tmp_path_factory.mktemp("tasks") / "chain"
     write_task(folder, TaskSpec(name="chain", max_new_tokens=5), {"test": [(p, a) for p, a, _ in EXAMPLES]})

@@ -25,7 +25,7 @@ from mergeforge.evaluate.harness import (
     export_lm_eval_task,
     harness_task_config,
 )
-from mergeforge.evaluate.tasks import TaskError, TaskSpec, load_task, write_task
+from mergeforge.tasks.folders import TaskError, TaskSpec, load_task, write_task
 
 needs_lm_eval = pytest.mark.skipif(
     __import__("importlib").util.find_spec("lm_eval") is None, reason="lm_eval is not installed (mergeforge[lmeval])"

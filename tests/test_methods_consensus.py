@@ -9,7 +9,7 @@ import torch
 from methods_support import resolve_params, run_method, seeded
 
 from mergeforge.errors import RecipeError
-from mergeforge.methods import _task_masks, get_method
+from mergeforge.methods import get_method, task_masks
 
 
 def f64(tensor: torch.Tensor) -> np.ndarray:
@@ -66,10 +66,10 @@ def test_tall_mask_writes_the_multi_task_model_and_each_tasks_mask():
     merged, side = method.run(finetunes, base, params)
     masks, deltas = reference_masks(f64(base), [f64(f) for f in finetunes], 0.3, 0.8)
     np.testing.assert_allclose(f64(merged), f64(base) + 0.8 * sum(deltas), rtol=1e-5, atol=1e-6)
-    assert side[_task_masks.MASKS].dtype == torch.uint8 and side[_task_masks.MASKS].shape == (3, 4)
-    torch.testing.assert_close(side[_task_masks.SCALES], torch.ones(3))
+    assert side[task_masks.MASKS].dtype == torch.uint8 and side[task_masks.MASKS].shape == (3, 4)
+    torch.testing.assert_close(side[task_masks.SCALES], torch.ones(3))
     for index, mask in enumerate(masks):
-        assert np.array_equal(_task_masks.unpack(side[_task_masks.MASKS][index], (6, 5)).numpy(), mask)
+        assert np.array_equal(task_masks.unpack(side[task_masks.MASKS][index], (6, 5)).numpy(), mask)
 
 
 def test_runs_are_deterministic():

@@ -13,7 +13,7 @@ import yaml
 from conftest import load_state, run_cli
 from methods_support import resolve_params, seeded
 
-from mergeforge.methods import _task_masks, get_method
+from mergeforge.methods import get_method, task_masks
 
 
 def emr_reference(base: np.ndarray, finetunes: list[np.ndarray]):
@@ -37,11 +37,11 @@ def test_elect_mask_rescale_match_the_paper(shape):
     merged, side = run_emr(finetunes, base)
     unified, masks, rescalers = emr_reference(base.double().numpy(), [f.double().numpy() for f in finetunes])
     np.testing.assert_allclose(merged.double().numpy(), base.double().numpy() + unified, rtol=1e-5, atol=1e-6)
-    packed = side[_task_masks.MASKS]
+    packed = side[task_masks.MASKS]
     assert packed.dtype == torch.uint8 and packed.shape == (3, (int(np.prod(shape)) + 7) // 8)
     for index, mask in enumerate(masks):
-        assert np.array_equal(_task_masks.unpack(packed[index], shape).numpy(), mask)
-    np.testing.assert_allclose(side[_task_masks.SCALES].numpy(), rescalers, rtol=1e-5)
+        assert np.array_equal(task_masks.unpack(packed[index], shape).numpy(), mask)
+    np.testing.assert_allclose(side[task_masks.SCALES].numpy(), rescalers, rtol=1e-5)
 
 
 def test_a_modulated_task_keeps_its_mean_magnitude():
@@ -49,8 +49,8 @@ def test_a_modulated_task_keeps_its_mean_magnitude():
     finetunes = [seeded(50, seed=10 + i) for i in range(4)]
     merged, side = run_emr(finetunes, base)
     for index, finetune in enumerate(finetunes):
-        keep = _task_masks.unpack(side[_task_masks.MASKS][index], (50,))
-        modulated = side[_task_masks.SCALES][index] * keep * merged
+        keep = task_masks.unpack(side[task_masks.MASKS][index], (50,))
+        modulated = side[task_masks.SCALES][index] * keep * merged
         torch.testing.assert_close(modulated.abs().sum(), finetune.abs().sum())
         assert bool(((modulated * finetune) >= 0).all())  # never against the task's own sign
 
@@ -126,7 +126,7 @@ def test_materialize_rebuilds_a_task_model_that_transformers_loads(emr_merge, ll
     for name, tensor in state.items():
         unified = merged[name].double().numpy() - base[name].double().numpy()
         shape = tuple(tensor.shape)
-        keep = _task_masks.unpack(side[f"{name}::task_masks"][task], shape).numpy()
+        keep = task_masks.unpack(side[f"{name}::task_masks"][task], shape).numpy()
         scale = float(side[f"{name}::task_scales"][task])
         np.testing.assert_allclose(tensor.double().numpy(), base[name].double().numpy() + scale * keep * unified, rtol=1e-5, atol=1e-6)
     # The task model is closer to its own fine-tune than the unified model is.
@@ -185,3 +185,29 @@ def test_emr_in_memory_returns_the_unified_model_and_its_side_outputs():
     assert {name.split("::")[0] for name in side} == {"w"} and len(side) >= 2
     # Without a dict the side outputs are simply not returned.
     assert torch.equal(merge_state_dicts("emr", models, base)["w"], merged["w"])
+
+
+def test_task_state_in_memory_equals_materialize_on_disk(tmp_path, llama_family):
+    """The in-memory per-task model (what the bench scores) equals what `mergeforge emr materialize` writes."""
+    import yaml
+    from conftest import load_state
+    from safetensors.torch import load_file
+
+    from mergeforge import merge
+    from mergeforge.api import merge_state_dicts
+    from mergeforge.materialize import materialize_task
+    from mergeforge.methods.task_masks import task_state
+
+    base, models = llama_family["base"], [llama_family["ft1"], llama_family["ft2"]]
+    recipe = tmp_path / "emr.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "emr", "base_model": str(base), "models": [{"model": str(m)} for m in models],
+                                      "dtype": "float32"}))
+    merge(recipe, tmp_path / "merged")
+    materialize_task(tmp_path / "merged", 1, tmp_path / "task1")
+    side: dict = {}
+    merged = merge_state_dicts("emr", [load_state(m) for m in models], load_state(base), side_outputs=side)
+    in_memory = task_state(merged, load_state(base), side, 1)
+    on_disk = load_file(str(tmp_path / "task1" / "model.safetensors"))
+    assert set(in_memory) == set(on_disk)
+    for name, tensor in on_disk.items():
+        torch.testing.assert_close(in_memory[name], tensor, rtol=0, atol=1e-6)

@@ -21,7 +21,6 @@ _FEATURE_COMMANDS = {
     "zoo": "mergeforge.zoo.cli:zoo_group",
     "eval": "mergeforge.evaluate.cli:eval_command",
     "bench": "mergeforge.bench.cli:bench_command",
-    "emr": "mergeforge.methods.emr_cli:emr_group",
 }
 
 
@@ -144,3 +143,26 @@ def merge_command(config: str, out_dir: str | None, quiet: bool, **flags: Any) -
     if not quiet:
         click.echo(f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into {result.out_dir} in {result.seconds:.1f} s",
                    err=True)
+
+
+@main.group("emr")
+def emr_group() -> None:
+    """Per-task models from an EMR-merging (or TALL-mask) output."""
+
+
+@emr_group.command("materialize")
+@click.argument("merged_dir", type=click.Path(path_type=str))
+@click.argument("out_dir", type=click.Path(path_type=str))
+@click.option("--task", "task", required=True, type=int, help="which input model, counting from 0 in recipe order")
+@click.option("--base", "base", type=click.Path(path_type=str), default=None, help="the base model (default: the recipe's base_model)")
+@click.option("--overwrite", is_flag=True, help="replace a non-empty OUT_DIR")
+def materialize_command(merged_dir: str, out_dir: str, task: int, base: str | None, overwrite: bool) -> None:
+    """Write task N's model: θ_base + scale_N · mask_N ⊙ (θ_merged − θ_base), as a full model folder.
+
+    MERGED_DIR is the output of merge_method emr (EMR-merging, arXiv:2405.17461) or tall_mask
+    (TALL masks, arXiv:2405.07813).
+    """
+    from mergeforge.materialize import materialize_task
+
+    written = materialize_task(merged_dir, task, out_dir, base=base, overwrite=overwrite)
+    click.echo(f"wrote task {task}'s model to {written}")

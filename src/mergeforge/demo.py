@@ -47,7 +47,7 @@ def run_demo(workdir: Path | None = None, size: str = "tiny", seed: int = 0, lim
     from mergeforge.api import merge
     from mergeforge.evaluate.api import evaluate_model, load_model_and_tokenizer
     from mergeforge.evaluate.report import format_table
-    from mergeforge.evaluate.tasks import load_task
+    from mergeforge.tasks.folders import load_task
     from mergeforge.zoo.build import build_zoo, cache_root
 
     started = time.perf_counter()

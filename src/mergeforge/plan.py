@@ -25,12 +25,16 @@ from mergeforge.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from mergeforge.checkpoint.writer import OutputTensor
 from mergeforge.dtypes import is_floating, parse_recipe_dtype
 from mergeforge.errors import CheckpointError, RecipeError
-from mergeforge.methods.registry import STATISTICS, BaseUse, MethodSpec, all_methods, get_method
+from mergeforge.methods.registry import (
+    SIDE_SEPARATOR,
+    STATISTICS,
+    BaseUse,
+    MethodSpec,
+    all_methods,
+    get_method,
+)
 from mergeforge.plan_rules import count_layers, first_value, job_seed, layer_index, with_layer_index
 from mergeforge.recipe import OutputSlice, Parameters, Recipe, SliceSource
-
-# Side tensors (a method's ``extra_outputs``) are named ``<tensor>::<suffix>``.
-SIDE_SEPARATOR = "::"
 
 EMBEDDING_PATTERN = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared\.weight")
 

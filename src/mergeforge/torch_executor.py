@@ -21,8 +21,9 @@ import torch
 
 from mergeforge.dtypes import ITEMSIZE, to_torch
 from mergeforge.errors import MergeforgeError, MethodError
+from mergeforge.methods.registry import SIDE_SEPARATOR
 from mergeforge.options import MergeOptions
-from mergeforge.plan import SIDE_SEPARATOR, MergePlan, SourceTensor, TensorJob
+from mergeforge.plan import MergePlan, SourceTensor, TensorJob
 
 # Temporaries a method makes beyond its inputs and output, in units of one compute-dtype tensor.
 METHOD_OVERHEAD = 3

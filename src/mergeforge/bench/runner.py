@@ -34,6 +34,7 @@ from mergeforge.bench.grids import (
     describe,
     plan_method,
 )
+from mergeforge.methods.task_masks import task_state
 
 Scores = dict[str, float]
 
@@ -87,7 +88,7 @@ class _Evaluator:
     def __init__(self, suite: BenchSuite, max_examples: int | None, batch_size: int, device: str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from mergeforge.evaluate.tasks import load_task
+        from mergeforge.tasks.folders import load_task
 
         self.device = device
         self.max_examples = max_examples
@@ -171,20 +172,6 @@ def _pairs(n_tasks: int) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
     return pairs
 
 
-def per_task_state(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor], side_outputs: dict[str, torch.Tensor],
-                   task: int) -> dict[str, torch.Tensor]:
-    """Task ``task``'s model of an EMR / TALL-mask merge, in memory (what ``mergeforge emr materialize`` writes)."""
-    from mergeforge.methods import _task_masks
-    from mergeforge.plan import SIDE_SEPARATOR
-
-    state = {}
-    for name, tensor in merged.items():
-        packed = side_outputs.get(name + SIDE_SEPARATOR + _task_masks.MASKS)
-        scales = side_outputs.get(name + SIDE_SEPARATOR + _task_masks.SCALES)
-        state[name] = tensor if packed is None or scales is None else _task_masks.task_tensor(tensor, base[name], packed, scales, task)
-    return state
-
-
 class _Setting:
     """Merges one method setting and scores the result, under the plan's protocol."""
 
@@ -211,7 +198,7 @@ class _Setting:
             state, side = merged
             scores = {}
             for i, task in enumerate(names):
-                scores.update(self.evaluator.score_state(per_task_state(state, self.merger.base_state, side, i), split, [task]))
+                scores.update(self.evaluator.score_state(task_state(state, self.merger.base_state, side, i), split, [task]))
             return scores
         return self.evaluator.score_state(merged, split, names)
 
@@ -263,7 +250,7 @@ def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], b
         return None
     from mergeforge.api import merge_state_dicts
     from mergeforge.evaluate.api import evaluate_model
-    from mergeforge.evaluate.tasks import load_task
+    from mergeforge.tasks.folders import load_task
 
     probe = load_task(suite.behaviour_task)
     behaviour_state = evaluator.state(suite.behaviour)

@@ -3,10 +3,10 @@
 A calibration JSONL file holds one JSON object per line with either ``text`` (every token is
 scored) or ``prompt`` and optionally ``answer`` (the answer is scored given the prompt; methods
 that need unlabelled inputs, like AdaMerging, use the prompt only). A task folder is the
-evaluator's format (``spec.json`` + ``<split>.jsonl``, see :mod:`mergeforge.evaluate.tasks`).
+evaluator's format (``spec.json`` + ``<split>.jsonl``, see :mod:`mergeforge.tasks.folders`).
 
 Prompts and answers are tokenised as the evaluator and the zoo's training do
-(:mod:`mergeforge.evaluate.encoding`): the prompt with the tokenizer's special tokens, the answer
+(:mod:`mergeforge.tasks.encoding`): the prompt with the tokenizer's special tokens, the answer
 without them and followed by end-of-sequence.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from mergeforge.calibration.config import CalibrationConfig
 from mergeforge.errors import MergeforgeError, RecipeError
-from mergeforge.jsonl import json_records
+from mergeforge.tasks.jsonl import json_records
 
 
 class CalibrationError(MergeforgeError):
@@ -86,7 +86,7 @@ def _example_from(record: dict[str, Any], where: str) -> CalibrationExample:
 
 def read_task_folder(folder: Path, split: str, samples: int) -> list[CalibrationExample]:
     """The first ``samples`` examples of one split of an evaluator task folder."""
-    from mergeforge.evaluate.tasks import load_task
+    from mergeforge.tasks.folders import load_task
 
     task = load_task(folder)
     return [CalibrationExample(example.prompt, example.answer) for example in task.examples(split, samples)]
@@ -135,7 +135,7 @@ def encode_examples(
 ) -> list[EncodedExample]:
     """Tokenise examples; ``prompts_only`` drops the answers (unlabelled inputs). Longer examples
     keep their last ``max_length`` tokens, where the answer (or the end of the prompt) is."""
-    from mergeforge.evaluate.encoding import encode_answers, encode_prompts
+    from mergeforge.tasks.encoding import encode_answers, encode_prompts
 
     prompt_ids = encode_prompts(tokenizer, [example.prompt for example in examples])
     with_answer = [i for i, example in enumerate(examples) if example.answer is not None and not prompts_only]

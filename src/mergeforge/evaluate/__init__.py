@@ -38,22 +38,22 @@ _LAZY = {
     "export_lm_eval_task": "mergeforge.evaluate.harness",
     "load_model_and_tokenizer": "mergeforge.evaluate.api",
     "format_table": "mergeforge.evaluate.report",
-    "Example": "mergeforge.evaluate.tasks",
-    "Task": "mergeforge.evaluate.tasks",
-    "TaskError": "mergeforge.evaluate.tasks",
-    "TaskSpec": "mergeforge.evaluate.tasks",
-    "discover_tasks": "mergeforge.evaluate.tasks",
-    "load_task": "mergeforge.evaluate.tasks",
-    "resolve_tasks": "mergeforge.evaluate.tasks",
-    "select_tasks": "mergeforge.evaluate.tasks",
-    "write_task": "mergeforge.evaluate.tasks",
+    "Example": "mergeforge.tasks.folders",
+    "Task": "mergeforge.tasks.folders",
+    "TaskError": "mergeforge.tasks.folders",
+    "TaskSpec": "mergeforge.tasks.folders",
+    "discover_tasks": "mergeforge.tasks.folders",
+    "load_task": "mergeforge.tasks.folders",
+    "resolve_tasks": "mergeforge.tasks.folders",
+    "select_tasks": "mergeforge.tasks.folders",
+    "write_task": "mergeforge.tasks.folders",
 }
 
 if TYPE_CHECKING:
     from mergeforge.evaluate.api import evaluate_model, load_model_and_tokenizer
     from mergeforge.evaluate.harness import evaluate_with_harness, export_lm_eval_task
     from mergeforge.evaluate.report import format_table
-    from mergeforge.evaluate.tasks import (
+    from mergeforge.tasks.folders import (
         Example,
         Task,
         TaskError,

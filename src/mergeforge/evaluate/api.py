@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from mergeforge.errors import CheckpointError
-from mergeforge.evaluate.encoding import encode_answers, encode_prompts
 from mergeforge.evaluate.generation import greedy_generate
 from mergeforge.evaluate.scoring import answer_log_likelihoods, is_correct, normalise
-from mergeforge.evaluate.tasks import Task, TaskError, load_task
+from mergeforge.tasks.encoding import encode_answers, encode_prompts
+from mergeforge.tasks.folders import Task, TaskError, load_task
 
 TaskLike = Task | str | Path
 SMALL_MODEL_PARAMETERS = 100_000_000
@@ -48,7 +48,7 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu") -> tupl
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergeforge.zoo.lora import (
+    from mergeforge.checkpoint.peft import (
         is_adapter_folder,
         load_adapter_model,
         read_adapter,

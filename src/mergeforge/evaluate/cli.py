@@ -43,7 +43,7 @@ def eval_command(model_dir: Path, task_names: str | None, task_root: Path | None
     With --harness, lm-evaluation-harness scores it instead (pip install 'mergeforge[lmeval]'),
     offline, on local YAML tasks and on mergeforge tasks exported to YAML."""
     from mergeforge.errors import CheckpointError
-    from mergeforge.evaluate.tasks import TaskError, resolve_tasks
+    from mergeforge.tasks.folders import TaskError, resolve_tasks
 
     if harness_names is not None:
         if task_names is not None:
@@ -85,7 +85,7 @@ def _harness(model_dir: Path, harness_names: str, include_paths: tuple[Path, ...
              task_root: Path | None, split: str, json_out: Path | None, limit: int | None, batch_size: int,
              predictions: bool, device: str, threads: int | None) -> None:
     """``--harness``: export to YAML (``--export-harness``) or run lm-evaluation-harness."""
-    from mergeforge.evaluate.tasks import resolve_tasks
+    from mergeforge.tasks.folders import resolve_tasks
 
     if export_dir is not None:
         from mergeforge.evaluate.harness import export_lm_eval_task

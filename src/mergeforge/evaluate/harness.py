@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeforge.errors import CheckpointError, MergeforgeError
-from mergeforge.evaluate.tasks import (
+from mergeforge.tasks.folders import (
     SPLITS,
     Task,
     TaskError,
@@ -247,7 +247,7 @@ def _resolve_harness_tasks(
 
 def _check_model_folder(model_dir: Path) -> bool:
     """Validate the model folder before lm-eval loads it; True when it is a PEFT adapter."""
-    from mergeforge.zoo.lora import is_adapter_folder
+    from mergeforge.checkpoint.peft import is_adapter_folder
 
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model folder not found")

@@ -12,14 +12,10 @@ job's seed and the block index, so the same seed gives the same bytes on any dev
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mergeforge.methods.kernels import BLOCK, Blocks, Source, held_blocks, ranges
-
-if TYPE_CHECKING:
-    from mergeforge.methods.task_vectors import Variant
 
 # A sparsified merge passes over its task vectors two or three times (threshold or rescale, then
 # merge); tensors whose task vectors and base fit in this many bytes of float32 are widened once
@@ -200,19 +196,20 @@ def task_vector_kernel(
     int8_mask: bool,
     gamma: Sequence[float] | None = None,
     seed: int = 0,
-    variant: Variant,
+    sparsify: str | None,
+    consensus: bool,
 ) -> Blocks:
     """θ_base + λ·merge(sparsify(θᵢ − θ_base)), the frame of every task-vector method.
 
-    ``variant.sparsify``: None, ``magnitude``, ``bernoulli`` or ``outliers``; a model with density 1
-    is not sparsified. ``rescale`` scales each kept task vector to its original L1 norm.
-    ``variant.consensus`` keeps only entries whose sign agrees with sign(Σ wᵢδᵢ) and, with
-    ``normalize``, divides by the agreeing weights (else by Σ wᵢ). ``int8_mask`` is accepted for
-    mergekit recipes; masks are always compact here.
+    ``sparsify``: None, ``magnitude``, ``bernoulli`` or ``outliers``; a model with density 1 is not
+    sparsified. ``rescale`` scales each kept task vector to its original L1 norm. ``consensus``
+    keeps only entries whose sign agrees with sign(Σ wᵢδᵢ) and, with ``normalize``, divides by the
+    agreeing weights (else by Σ wᵢ). ``int8_mask`` is accepted for mergekit recipes; masks are
+    always compact here.
     """
     assert base is not None
     n = base.size
-    kind = variant.sparsify
+    kind = sparsify
     passes = kind is not None and any(d < 1 for d in density)
     base_whole = base.block(0, n) if passes and n * 4 * (len(tensors) + 1) <= CACHE_BYTES else None
     vectors = [TaskVector(tensor, base, base_whole) for tensor in tensors]
@@ -239,7 +236,7 @@ def task_vector_kernel(
             delta *= np.float32(model_weight)
             weighted.append(delta)
         merged = np.zeros(hi - lo, dtype=np.float32)
-        if variant.consensus:
+        if consensus:
             _consensus_sum(weighted, weight, normalize, merged)
         else:
             for delta in weighted:
@@ -252,20 +249,20 @@ def task_vector_kernel(
         yield lo, merged
 
 
-def task_vector_peak(numel: int, inputs: int, *, variant: Variant) -> int:
+def task_vector_peak(numel: int, inputs: int, *, sparsify: str | None) -> int:
     """Bytes one worker holds for one tensor: blocks of the base, the sign-election sum, the merged
     block and the divisor beside one per input; task vectors widened once and held when they fit in
     :data:`CACHE_BYTES`; the magnitudes whose k-th largest is a top-k threshold (two copies for
     Breadcrumbs), or DARE's masks kept as bits between the rescale and merge passes."""
     peak = held_blocks(numel, 4 + inputs)
     cached = numel * 4 * (inputs + 1)
-    if variant.sparsify is not None and cached <= CACHE_BYTES:
+    if sparsify is not None and cached <= CACHE_BYTES:
         peak += cached
-    if variant.sparsify == "magnitude":
+    if sparsify == "magnitude":
         peak += numel * 4
-    elif variant.sparsify == "outliers":
+    elif sparsify == "outliers":
         peak += numel * 8
-    elif variant.sparsify == "bernoulli":
+    elif sparsify == "bernoulli":
         peak += numel // 8 * inputs
     return peak
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mergeforge.methods import _task_masks
+from mergeforge.methods import task_masks
 from mergeforge.methods.registry import BaseUse, Param, register_method
 
 TALL_LAMBDA = Param(
@@ -65,7 +65,7 @@ def consensus(tensors: list[torch.Tensor], base: torch.Tensor, *, k: int, tall_l
     base=BaseUse.REQUIRED,
     math="writes θ_base + τ_MTL (τ_MTL = λΣτₜ) and masks mₜ = |τₜ| ≥ λₜ|τ_MTL − τₜ|; task t = θ_base + mₜ ⊙ τ_MTL",
     citation=REFERENCE + " (TALL masks)",
-    extra_outputs=_task_masks.side_shapes,
+    extra_outputs=task_masks.side_shapes,
     notes="The output folder holds the multi-task model; `mergeforge emr materialize OUT --task N` rebuilds task N's model.",
 )
 def tall_mask(
@@ -77,5 +77,5 @@ def tall_mask(
         multi_task_vector.add_(task_vector)
     multi_task_vector.mul_(lambda_)
     masks = torch.stack(tall_masks(task_vectors, multi_task_vector, tall_lambda))
-    side = {_task_masks.MASKS: _task_masks.pack(masks), _task_masks.SCALES: torch.ones(len(tensors), dtype=torch.float32)}
+    side = {task_masks.MASKS: task_masks.pack(masks), task_masks.SCALES: torch.ones(len(tensors), dtype=torch.float32)}
     return multi_task_vector.add_(base), side

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from mergeforge.methods import _task_masks
+from mergeforge.methods import task_masks
 from mergeforge.methods.registry import BaseUse, register_method
 
 
@@ -52,7 +52,7 @@ def elect_mask_rescale(task_vectors: list[torch.Tensor]) -> tuple[torch.Tensor, 
     math="τ_uni = sign(Στᵢ) ⊙ max over agreeing |τᵢ|; Mᵢ = [τᵢτ_uni > 0]; λᵢ = Σ|τᵢ|/Σ|Mᵢτ_uni|; task i = θ_base + λᵢMᵢ ⊙ τ_uni",
     citation="Huang et al. 2024, EMR-Merging (NeurIPS 2024, arXiv:2405.17461)",
     aliases=("emr_merging",),
-    extra_outputs=_task_masks.side_shapes,
+    extra_outputs=task_masks.side_shapes,
     notes=(
         "Writes θ_base + τ_uni and, under mergeforge_side/, 1-bit masks and rescalers per task; "
         "`mergeforge emr materialize OUT --task N DEST` builds task N's model. Applies to every tensor."
@@ -60,5 +60,5 @@ def elect_mask_rescale(task_vectors: list[torch.Tensor]) -> tuple[torch.Tensor, 
 )
 def emr(tensors: list[torch.Tensor], base: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     unified, masks, rescalers = elect_mask_rescale([tensor - base for tensor in tensors])
-    side = {_task_masks.MASKS: _task_masks.pack(masks), _task_masks.SCALES: rescalers}
+    side = {task_masks.MASKS: task_masks.pack(masks), task_masks.SCALES: rescalers}
     return unified.add_(base), side

@@ -62,7 +62,9 @@ __all__ = ["REQUIRED", "STATISTICS", "BaseUse", "MethodSpec", "Param", "Registry
 # The job parameter (and keyword argument) that carries a data-aware method's per-tensor statistics.
 STATISTICS = "statistics"
 
-# ``(shape, n_models) -> {suffix: (shape, dtype name)}``: the side tensors a method writes per tensor.
+# ``(shape, n_models) -> {suffix: (shape, dtype name)}``: the side tensors a method writes per tensor,
+# each named ``<tensor>{SIDE_SEPARATOR}<suffix>``.
+SIDE_SEPARATOR = "::"
 ExtraOutputs = Callable[[tuple[int, ...], int], dict[str, tuple[tuple[int, ...], str]]]
 
 

@@ -191,6 +191,7 @@ for _variant in VARIANTS:
         random=_variant.random,
         elementwise=_variant.sparsify is None,
         notes=_variant.notes,
-        kernel=Kernel(partial(task_vector_kernel, variant=_variant), partial(task_vector_peak, variant=_variant))
+        kernel=Kernel(partial(task_vector_kernel, sparsify=_variant.sparsify, consensus=_variant.consensus),
+                      partial(task_vector_peak, sparsify=_variant.sparsify))
         if _variant.sparsify in KERNEL_SPARSIFIERS else None,
     )(partial(merge_task_vectors, variant=_variant))

@@ -14,6 +14,7 @@ into place at the end, so an interrupted build never leaves a half-written zoo b
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -39,11 +40,15 @@ from mergeforge.zoo.train import TrainingSchedule
 
 Log = Callable[[str], None]
 
-# Files whose content defines what a zoo holds; editing any of them changes every content hash.
-# ``presets.py`` is not among them: each zoo hashes its own preset's values instead, so retuning
-# one size leaves the other sizes' cached zoos valid.
-_HASHED_SOURCES = ("tasks.py", "tokenizer.py", "train.py", "data.py", "lora.py", "build.py", "manifest.py")
-_HASHED_EVALUATE_SOURCES = ("encoding.py", "tasks.py")
+# Modules whose source defines what a zoo holds; editing any of them changes every content hash
+# (and renaming one is an error here, not a silently stale cache). ``zoo.presets`` is not among
+# them: each zoo hashes its own preset's values instead, so retuning one size leaves the other
+# sizes' cached zoos valid.
+_HASHED_MODULES = (
+    "mergeforge.zoo.tasks", "mergeforge.zoo.tokenizer", "mergeforge.zoo.train", "mergeforge.zoo.data", "mergeforge.zoo.lora",
+    "mergeforge.zoo.build", "mergeforge.zoo.manifest", "mergeforge.tasks.encoding", "mergeforge.tasks.folders",
+    "mergeforge.checkpoint.peft",
+)
 
 
 @dataclass(frozen=True)
@@ -66,11 +71,11 @@ def zoo_content_hash(size: str, seed: int) -> str:
     digest = hashlib.sha256()
     digest.update(f"mergeforge-zoo format {MANIFEST_FORMAT} size {size} seed {seed}\n".encode())
     digest.update(json.dumps(PRESETS[size].fingerprint(), sort_keys=True).encode())
-    here = Path(__file__).parent
-    for folder, names in ((here, _HASHED_SOURCES), (here.parent / "evaluate", _HASHED_EVALUATE_SOURCES)):
-        for name in names:
-            digest.update(f"{folder.name}/{name}\n".encode())
-            digest.update((folder / name).read_bytes())
+    for module in _HASHED_MODULES:
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None, module
+        digest.update(f"{module}\n".encode())
+        digest.update(Path(spec.origin).read_bytes())
     return digest.hexdigest()
 
 
@@ -140,8 +145,9 @@ def run_job(job: TrainJob, size: str, seed: int, root: str) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM
 
+    from mergeforge.checkpoint.peft import save_adapter
     from mergeforge.zoo import data as zoo_data
-    from mergeforge.zoo.lora import attach_lora, lora_state_dict, save_adapter
+    from mergeforge.zoo.lora import attach_lora, lora_state_dict
     from mergeforge.zoo.tokenizer import build_tokenizer, save_tokenizer
     from mergeforge.zoo.train import encode_training_data, train
 
@@ -200,7 +206,7 @@ def _quiet_transformers() -> None:
 
 def _validation_scores(model: Any, tokenizer: Any, root: Path, tasks: tuple[str, ...]) -> dict[str, float]:
     from mergeforge.evaluate.api import evaluate_model
-    from mergeforge.evaluate.tasks import load_task
+    from mergeforge.tasks.folders import load_task
 
     if not tasks:
         return {}
@@ -210,7 +216,7 @@ def _validation_scores(model: Any, tokenizer: Any, root: Path, tasks: tuple[str,
 
 
 def _write_tasks(preset: ZooPreset, seed: int, staging: Path) -> dict[str, ZooTaskEntry]:
-    from mergeforge.evaluate.tasks import TaskSpec, write_task
+    from mergeforge.tasks.folders import TaskSpec, write_task
     from mergeforge.zoo.data import make_task_data
 
     task_data, _ = make_task_data(preset, seed)

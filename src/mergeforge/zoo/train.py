@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergeforge.evaluate.encoding import encode_answers, encode_prompts
+from mergeforge.tasks.encoding import encode_answers, encode_prompts
 
 IGNORE_INDEX = -100  # the label value Hugging Face's causal-LM loss skips
 

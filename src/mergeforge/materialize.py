@@ -1,5 +1,5 @@
 """Rebuild one task's model from a merged folder that stores per-task masks (EMR merging, TALL
-masks; see :mod:`mergeforge.methods._task_masks`):
+masks; see :mod:`mergeforge.methods.task_masks`), for ``mergeforge emr materialize``:
 
     θ_task = θ_base + scale_task · mask_task ⊙ (θ_merged − θ_base)
 
@@ -21,9 +21,9 @@ from mergeforge.checkpoint.reader import Checkpoint, SafetensorsFile, TensorInfo
 from mergeforge.checkpoint.safetensors_format import resolve_model_path
 from mergeforge.checkpoint.writer import DEFAULT_SHARD_BYTES, OutputTensor, ShardedWriter
 from mergeforge.errors import CheckpointError, MergeforgeError, OutputError
-from mergeforge.methods import _task_masks
+from mergeforge.methods import task_masks
+from mergeforge.methods.registry import SIDE_SEPARATOR
 from mergeforge.output import RECIPE_FILE, SIDE_FOLDER
-from mergeforge.plan import SIDE_SEPARATOR
 
 # Files of the merged folder that describe the merge, not the task model.
 NOT_COPIED = {"README.md", RECIPE_FILE}
@@ -139,7 +139,7 @@ def materialize_task(
     merged = Checkpoint(merged_dir)
     base_checkpoint = Checkpoint(base_folder, str(base_folder))
     try:
-        scales_names = [name for name in side.infos if name.endswith(SIDE_SEPARATOR + _task_masks.SCALES)]
+        scales_names = [name for name in side.infos if name.endswith(SIDE_SEPARATOR + task_masks.SCALES)]
         if not scales_names:
             raise CheckpointError(f"{side_folder}: holds no per-task scales; the merged folder is damaged")
         n_tasks = side.infos[scales_names[0]][1].shape[0]
@@ -173,10 +173,10 @@ def materialize_task(
 
 def _task_tensor(name: str, task: int, merged: Checkpoint, base: Checkpoint, side: SideTensors) -> torch.Tensor:
     merged_tensor = merged.read(name)
-    packed = side.read(name + SIDE_SEPARATOR + _task_masks.MASKS)
+    packed = side.read(name + SIDE_SEPARATOR + task_masks.MASKS)
     if packed is None:
         return merged_tensor
-    scales = side.read(name + SIDE_SEPARATOR + _task_masks.SCALES)
+    scales = side.read(name + SIDE_SEPARATOR + task_masks.SCALES)
     if scales is None or packed.shape[0] != scales.shape[0] or task >= packed.shape[0]:
         raise CheckpointError(f"side tensors of '{name}' are incomplete; the merged folder is damaged")
     if not base.has(name):
@@ -187,6 +187,6 @@ def _task_tensor(name: str, task: int, merged: Checkpoint, base: Checkpoint, sid
             f"base model {base.folder}: tensor '{name}' has shape {list(base_tensor.shape)}, the merge has "
             f"{list(merged_tensor.shape)}; is --base the model this merge used?"
         )
-    if packed.shape[1] != _task_masks.packed_length(merged_tensor.numel()):
-        raise CheckpointError(f"side tensor '{name}{SIDE_SEPARATOR}{_task_masks.MASKS}' does not match the tensor's size; the merged folder is damaged")
-    return _task_masks.task_tensor(merged_tensor, base_tensor, packed, scales, task)
+    if packed.shape[1] != task_masks.packed_length(merged_tensor.numel()):
+        raise CheckpointError(f"side tensor '{name}{SIDE_SEPARATOR}{task_masks.MASKS}' does not match the tensor's size; the merged folder is damaged")
+    return task_masks.task_tensor(merged_tensor, base_tensor, packed, scales, task)

@@ -2,16 +2,20 @@
 
 A method that keeps one binary mask and one scale per task returns them as side tensors
 ``<tensor>::task_masks`` (the masks packed eight to a byte, one row per task, in recipe order)
-and ``<tensor>::task_scales`` (float32, one per task). ``mergeforge emr materialize`` rebuilds a
-task's model from the merged checkpoint, the base and these two tensors:
-θ_task = θ_base + scale_task · mask_task ⊙ (θ_merged − θ_base).
+and ``<tensor>::task_scales`` (float32, one per task). A task's model is rebuilt from the merged
+checkpoint, the base and these two tensors: θ_task = θ_base + scale_task · mask_task ⊙ (θ_merged − θ_base),
+in memory by :func:`task_state` and on disk by ``mergeforge emr materialize``
+(:mod:`mergeforge.materialize`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
+
+from mergeforge.methods.registry import SIDE_SEPARATOR
 
 MASKS = "task_masks"
 SCALES = "task_scales"
@@ -50,3 +54,15 @@ def task_tensor(merged: torch.Tensor, base: torch.Tensor, packed: torch.Tensor, 
     unified = merged.to(torch.float32) - base_float
     keep = unpack(packed[task], tuple(merged.shape))
     return (base_float + unified.mul_(keep).mul_(float(scales[task]))).to(merged.dtype)
+
+
+def task_state(merged: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], side: Mapping[str, torch.Tensor],
+               task: int) -> dict[str, torch.Tensor]:
+    """Task ``task``'s model (0-based, recipe order) of an EMR or TALL-mask merge, in memory:
+    ``merged`` and ``side`` as :func:`mergeforge.merge_state_dicts` returns them (its
+    ``side_outputs``). Tensors without masks are the merged ones."""
+    state = {}
+    for name, tensor in merged.items():
+        packed, scales = side.get(name + SIDE_SEPARATOR + MASKS), side.get(name + SIDE_SEPARATOR + SCALES)
+        state[name] = tensor if packed is None or scales is None else task_tensor(tensor, base[name], packed, scales, task)
+    return state

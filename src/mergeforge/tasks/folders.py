@@ -26,7 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergeforge.errors import MergeforgeError
-from mergeforge.jsonl import json_records
+from mergeforge.tasks.jsonl import json_records
 
 SPLITS = ("train", "val", "test")
 
