@@ -11,8 +11,8 @@ import torch
 import yaml
 from conftest import load_state, run_cli, tiny_config
 
-from mergeforge import api
 from mergeforge.calibration.data import CalibrationError
+from mergeforge.engine import api
 from mergeforge.errors import RecipeError
 
 WORDS = ["abc", "merge", "forge", "tiny", "model", "data", "hello", "zoo"]

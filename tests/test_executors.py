@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import mergeforge
-from mergeforge.api import choose_executor, plan_merge
+from mergeforge.engine.api import choose_executor, plan_merge
+from mergeforge.engine.options import MergeOptions
 from mergeforge.methods import kernels
 from mergeforge.methods._task_vector_kernels import TopK
 from mergeforge.methods.sparsify import topk_mask
-from mergeforge.options import MergeOptions
 
 # ---------------------------------------------------------------- exact top-k
 

@@ -194,8 +194,8 @@ def test_task_state_in_memory_equals_materialize_on_disk(tmp_path, llama_family)
     from safetensors.torch import load_file
 
     from mergeforge import merge
-    from mergeforge.api import merge_state_dicts
-    from mergeforge.materialize import materialize_task
+    from mergeforge.engine.api import merge_state_dicts
+    from mergeforge.engine.materialize import materialize_task
     from mergeforge.methods.task_masks import task_state
 
     base, models = llama_family["base"], [llama_family["ft1"], llama_family["ft2"]]

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from mergeforge.api import plan_merge
+from mergeforge.engine.api import plan_merge
+from mergeforge.engine.rules import job_seed
 from mergeforge.errors import CheckpointError, RecipeError
 from mergeforge.methods.registry import STATISTICS
-from mergeforge.plan_rules import job_seed
 
 
 def ties_recipe(family, **top):

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import pytest
 
+from mergeforge.engine.recipe import (
+    FilterEntry,
+    Recipe,
+    interpolate_gradient,
+    load_recipe,
+    resolve_value,
+)
 from mergeforge.errors import RecipeError
-from mergeforge.recipe import FilterEntry, Recipe, interpolate_gradient, load_recipe, resolve_value
 
 TIES = {"merge_method": "ties", "base_model": "b", "models": [{"model": "b"}, {"model": "m", "parameters": {"weight": 1}}]}
 

@@ -15,11 +15,11 @@ from conftest import load_state
 from safetensors.torch import save_file
 
 import mergeforge
-from mergeforge.api import plan_merge
+from mergeforge.engine.api import plan_merge
+from mergeforge.engine.options import MergeOptions
+from mergeforge.engine.output import write_merge
+from mergeforge.engine.torch_executor import TorchExecutor, block_rows, job_memory
 from mergeforge.errors import MethodError
-from mergeforge.options import MergeOptions
-from mergeforge.output import write_merge
-from mergeforge.torch_executor import TorchExecutor, block_rows, job_memory
 
 ROWS, COLUMNS = 4096, 2048  # one 32 MB float32 tensor per model
 
@@ -44,10 +44,10 @@ def linear(folders: list[Path]) -> dict:
 
 MEASURE = """
 import sys
-from mergeforge.api import plan_merge
-from mergeforge.options import MergeOptions
-from mergeforge.output import write_merge
-from mergeforge.torch_executor import TorchExecutor
+from mergeforge.engine.api import plan_merge
+from mergeforge.engine.options import MergeOptions
+from mergeforge.engine.output import write_merge
+from mergeforge.engine.torch_executor import TorchExecutor
 from pathlib import Path
 recipe, out, block_bytes = eval(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 options = MergeOptions(quiet=True, threads=1)
@@ -79,7 +79,7 @@ def test_row_blocks_bound_the_memory_of_a_large_tensor_and_give_the_same_bytes(b
 
 
 def test_the_byte_budget_and_the_estimate(big_models):
-    from mergeforge.torch_executor import PROCESS_BASELINE_BYTES
+    from mergeforge.engine.torch_executor import PROCESS_BASELINE_BYTES
 
     with plan_merge(linear(big_models)) as plan:
         tight = TorchExecutor(MergeOptions(memory_budget="64MB", threads=2))

@@ -1,51 +1,60 @@
 """mergeforge: merge large language models.
 
-The public API, re-exported explicitly. Heavy modules load on first use, so ``mergeforge --help``
-stays fast.
+The public API. Every name below loads on first use, so ``import mergeforge`` (and
+``mergeforge --help``) stays fast and imports no torch.
+
+Example:
+    >>> import mergeforge
+    >>> mergeforge.merge("ties.yml", "merged/", seed=3)
 """
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from mergeforge._lazy import lazy_exports
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("mergeforge")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
-__all__ = [
-    "__version__",
-    "MergeforgeError",
-    "merge",
-    "merge_state_dicts",
-    "merge_tensors",
-    "load_recipe",
-    "plan_merge",
-    "get_method",
-    "all_methods",
-    "register_method",
-    "Param",
-    "BaseUse",
-]
-
-_LAZY = {
-    "MergeforgeError": "mergeforge.errors",
-    "merge": "mergeforge.api",
-    "merge_state_dicts": "mergeforge.api",
-    "merge_tensors": "mergeforge.api",
-    "load_recipe": "mergeforge.recipe",
-    "plan_merge": "mergeforge.api",
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "merge": "mergeforge.engine.api",
+    "plan_merge": "mergeforge.engine.api",
+    "merge_state_dicts": "mergeforge.engine.api",
+    "merge_tensors": "mergeforge.engine.api",
+    "materialize_task": "mergeforge.engine.materialize",
+    "load_recipe": "mergeforge.engine.recipe",
+    "Recipe": "mergeforge.engine.recipe",
+    "MergeOptions": "mergeforge.engine.options",
+    "MergeResult": "mergeforge.engine.output",
+    "MergePlan": "mergeforge.engine.plan",
     "get_method": "mergeforge.methods.registry",
     "all_methods": "mergeforge.methods.registry",
     "register_method": "mergeforge.methods.registry",
+    "MethodSpec": "mergeforge.methods.registry",
     "Param": "mergeforge.methods.registry",
     "BaseUse": "mergeforge.methods.registry",
+    "MergeforgeError": "mergeforge.errors",
+    "RecipeError": "mergeforge.errors",
+    "CheckpointError": "mergeforge.errors",
+    "OutputError": "mergeforge.errors",
+    "MethodError": "mergeforge.errors",
 }
 
-if TYPE_CHECKING:
-    from mergeforge.api import merge, merge_state_dicts, merge_tensors, plan_merge
-    from mergeforge.errors import MergeforgeError
-    from mergeforge.methods.registry import BaseUse, Param, all_methods, get_method, register_method
-    from mergeforge.recipe import load_recipe
+__all__ = ["__version__", *_EXPORTS]
 
+if TYPE_CHECKING:  # the same names, for type checkers (tests/test_api.py checks the two agree)
+    from mergeforge.engine.api import merge, merge_state_dicts, merge_tensors, plan_merge
+    from mergeforge.engine.materialize import materialize_task
+    from mergeforge.engine.options import MergeOptions
+    from mergeforge.engine.output import MergeResult
+    from mergeforge.engine.plan import MergePlan
+    from mergeforge.engine.recipe import Recipe, load_recipe
+    from mergeforge.errors import CheckpointError, MergeforgeError, MethodError, OutputError, RecipeError
+    from mergeforge.methods.registry import BaseUse, MethodSpec, Param, all_methods, get_method, register_method
 
-__getattr__ = lazy_exports(globals(), _LAZY)
+__getattr__ = lazy_exports(globals(), _EXPORTS)

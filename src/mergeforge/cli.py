@@ -129,9 +129,9 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or warnings.")
 def merge_command(config: str, out_dir: str | None, quiet: bool, **flags: Any) -> None:
     """Merge the models of a mergekit-style YAML recipe CONFIG into OUT_DIR."""
-    from mergeforge.api import merge
+    from mergeforge.engine.api import merge
+    from mergeforge.engine.options import MergeOptions
     from mergeforge.errors import OutputError
-    from mergeforge.options import MergeOptions
 
     _setup_logging(quiet)
     if out_dir is None and not flags["dry_run"]:
@@ -162,7 +162,7 @@ def materialize_command(merged_dir: str, out_dir: str, task: int, base: str | No
     MERGED_DIR is the output of merge_method emr (EMR-merging, arXiv:2405.17461) or tall_mask
     (TALL masks, arXiv:2405.07813).
     """
-    from mergeforge.materialize import materialize_task
+    from mergeforge.engine.materialize import materialize_task
 
     written = materialize_task(merged_dir, task, out_dir, base=base, overwrite=overwrite)
     click.echo(f"wrote task {task}'s model to {written}")

@@ -145,7 +145,7 @@ class _Merger:
 
     def __call__(self, plan: MethodPlan, params: dict[str, Any], experts: Sequence[int],
                  side_outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        from mergeforge.api import merge_state_dicts
+        from mergeforge.engine.api import merge_state_dicts
 
         models = [self.expert_states[i] for i in experts]
         base = self.base_state if plan.uses_base else None
@@ -248,7 +248,7 @@ def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], b
     """
     if suite.behaviour is None or suite.behaviour_task is None:
         return None
-    from mergeforge.api import merge_state_dicts
+    from mergeforge.engine.api import merge_state_dicts
     from mergeforge.evaluate.api import evaluate_model
     from mergeforge.tasks.folders import load_task
 

@@ -3,7 +3,7 @@
 The hook receives the input models (loaded one at a time on the compute device, so a method holds
 only what it needs), the base, the calibration examples of each model, the method's parameters and
 the names of the tensors to merge. It returns ``{tensor name: statistics}``; the merge
-(:mod:`mergeforge.calibrate`) builds its plan again with each tensor's statistics among its job's
+(:mod:`mergeforge.engine.calibrate`) builds its plan again with each tensor's statistics among its job's
 parameters, and the executor passes them to the method function unchanged. So the executors, the
 writer, the CLI and the API keep one path for every method.
 

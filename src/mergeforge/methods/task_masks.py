@@ -5,7 +5,7 @@ A method that keeps one binary mask and one scale per task returns them as side 
 and ``<tensor>::task_scales`` (float32, one per task). A task's model is rebuilt from the merged
 checkpoint, the base and these two tensors: θ_task = θ_base + scale_task · mask_task ⊙ (θ_merged − θ_base),
 in memory by :func:`task_state` and on disk by ``mergeforge emr materialize``
-(:mod:`mergeforge.materialize`).
+(:mod:`mergeforge.engine.materialize`).
 """
 
 from __future__ import annotations

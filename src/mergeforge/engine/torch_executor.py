@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from mergeforge.dtypes import ITEMSIZE, to_torch
+from mergeforge.engine.jobs import SourceTensor, TensorJob
+from mergeforge.engine.options import MergeOptions
+from mergeforge.engine.plan import MergePlan
 from mergeforge.errors import MergeforgeError, MethodError
 from mergeforge.methods.registry import SIDE_SEPARATOR
-from mergeforge.options import MergeOptions
-from mergeforge.plan import MergePlan, SourceTensor, TensorJob
 
 # Temporaries a method makes beyond its inputs and output, in units of one compute-dtype tensor.
 METHOD_OVERHEAD = 3

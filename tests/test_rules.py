@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from mergeforge.errors import RecipeError
-from mergeforge.plan_rules import (
+from mergeforge.engine.rules import (
     count_layers,
     first_value,
     job_seed,
@@ -16,6 +15,7 @@ from mergeforge.plan_rules import (
     parse_size,
     with_layer_index,
 )
+from mergeforge.errors import RecipeError
 
 
 @pytest.mark.parametrize(("text", "size"), [("5GB", 5 * 1000**3), ("500MB", 500 * 1000**2), ("1.5GiB", 3 * 1024**3 // 2),
@@ -46,7 +46,7 @@ def test_job_seeds_depend_on_seed_and_name_only():
 
 
 def test_first_value_takes_the_most_specific_level_that_applies():
-    from mergeforge.recipe import FilterEntry
+    from mergeforge.engine.recipe import FilterEntry
 
     model = {"density": [FilterEntry(filter="mlp", value=0.3)]}  # applies to mlp tensors only
     top = {"density": [0.1, 0.9]}  # a gradient over the layers
@@ -56,5 +56,5 @@ def test_first_value_takes_the_most_specific_level_that_applies():
 
 
 def test_the_rules_import_no_torch():
-    code = "import sys, mergeforge.plan_rules; assert 'torch' not in sys.modules"
+    code = "import sys, mergeforge.engine.rules; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,18 +14,19 @@ from typing import Protocol
 from mergeforge.checkpoint import folder as folder_files
 from mergeforge.checkpoint.writer import ShardedWriter, output_error, split_into_shards
 from mergeforge.dtypes import TORCH_NAMES, is_floating
+from mergeforge.engine.jobs import TensorJob
+from mergeforge.engine.options import MergeOptions
+from mergeforge.engine.plan import MergePlan
+from mergeforge.engine.progress import ProgressReporter
 from mergeforge.errors import OutputError
-from mergeforge.options import MergeOptions
-from mergeforge.plan import MergePlan, TensorJob
-from mergeforge.progress import ProgressReporter
 
 SIDE_FOLDER = "mergeforge_side"  # per-task side tensors (EMR, TALL masks), beside the weights
 RECIPE_FILE = "mergeforge_config.yml"
 
 
 class Executor(Protocol):
-    """Runs every job of a plan into a writer (see :mod:`mergeforge.numpy_executor` and
-    :mod:`mergeforge.torch_executor`)."""
+    """Runs every job of a plan into a writer (see :mod:`mergeforge.engine.numpy_executor` and
+    :mod:`mergeforge.engine.torch_executor`)."""
 
     name: str  # "numpy" or "torch"
     label: str  # the name and, when torch runs a plan, why NumPy does not (for --dry-run)

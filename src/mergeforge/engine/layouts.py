@@ -1,8 +1,7 @@
-"""Recipe + checkpoints -> a plan: one job per output tensor, with every parameter resolved.
-
-Everything a user can get wrong is found here, before a single output byte is written: unknown or
-misspelled parameters, values out of range, a method that needs ``base_model`` without one, missing
-tensors, mismatched shapes, layer ranges past a model's end.
+"""The layouts of a recipe, each planned into jobs: ``models:`` (every tensor of models of one
+depth) and ``slices:`` (layer ranges stacked in order). Parameters are resolved here, per tensor
+(a source's own value, then the slice's, then the top level, then the default; gradients over the
+layer position), and every missing tensor, mismatched shape or out-of-range layer is found here.
 
 Layer indices are read from tensor names (``layers.N.``, ``layer.N.``, ``h.N.``, ``blocks.N.``,
 ``block.N.``), so no per-architecture table is needed: any checkpoints that share names and shapes
@@ -13,174 +12,31 @@ from the last slice's otherwise (final norm, output head).
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from mergeforge.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from mergeforge.checkpoint.writer import OutputTensor
 from mergeforge.dtypes import is_floating, parse_recipe_dtype
-from mergeforge.errors import CheckpointError, RecipeError
-from mergeforge.methods.registry import (
-    SIDE_SEPARATOR,
-    STATISTICS,
-    BaseUse,
-    MethodSpec,
-    all_methods,
-    get_method,
+from mergeforge.engine.jobs import SourceTensor, TensorJob, TensorSource
+from mergeforge.engine.recipe import OutputSlice, Parameters, Recipe, SliceSource
+from mergeforge.engine.rules import (
+    count_layers,
+    first_value,
+    job_seed,
+    layer_index,
+    with_layer_index,
 )
-from mergeforge.plan_rules import count_layers, first_value, job_seed, layer_index, with_layer_index
-from mergeforge.recipe import OutputSlice, Parameters, Recipe, SliceSource
+from mergeforge.errors import CheckpointError, RecipeError
+from mergeforge.methods.registry import BaseUse, MethodSpec
 
 EMBEDDING_PATTERN = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared\.weight")
 
 
-class TensorSource(Protocol):
-    """What the planner and the executors need of an input model: a folder of safetensors or
-    ``.bin`` files (:class:`~mergeforge.checkpoint.reader.Checkpoint`), or a state dict in memory."""
+class Planner:
+    """Plans the jobs of one recipe: :meth:`plan_models` or :meth:`plan_slices`, then
+    :meth:`finish_warnings`."""
 
-    ref: str
-    folder: Path
-    config: dict[str, Any] | None
-
-    def names(self) -> list[str]: ...
-    def has(self, name: str) -> bool: ...
-    def info(self, name: str) -> TensorInfo: ...
-    def read(self, name: str, row_start: int = 0, row_stop: int | None = None) -> Any: ...
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    """One input tensor: tensor ``name`` of model ``model`` (a recipe model reference)."""
-
-    model: str
-    name: str
-
-
-@dataclass
-class TensorJob:
-    """Everything needed to produce one output tensor."""
-
-    output: OutputTensor
-    inputs: list[SourceTensor | None]  # None: the model lacks it; it counts as unchanged from the base
-    base: SourceTensor | None
-    method: MethodSpec | None  # None: copy (integer and boolean tensors)
-    params: dict[str, Any]
-    seed: int
-    input_dtypes: list[str] = field(default_factory=list)  # of the inputs that are present, in order
-
-    @property
-    def numel(self) -> int:
-        return self.output.numel
-
-
-@dataclass
-class MergePlan:
-    """The output of planning, consumed by the engine and the writer."""
-
-    recipe: Recipe
-    method: MethodSpec
-    checkpoints: Mapping[str, TensorSource]
-    reference: str  # the model whose config and files the output carries over
-    jobs: list[TensorJob]
-    compute_dtype: str  # "F32", or "F64" when the recipe's dtype is float64
-    cast_dtype: str | None  # recipe 'dtype': inputs are rounded to it first (mergekit semantics)
-    output_layers: list[SourceTensor] | None  # for slices: (model, source layer) of each output layer
-    warnings: list[str]
-
-    @property
-    def bytes_to_read(self) -> int:
-        total = 0
-        for job in self.jobs:
-            sources = [s for s in job.inputs if s is not None] + ([job.base] if job.base else [])
-            total += sum(self.checkpoints[s.model].info(s.name).nbytes for s in sources)
-        return total
-
-    @property
-    def bytes_to_write(self) -> int:
-        return sum(job.output.nbytes for job in self.jobs)
-
-    def side_tensors(self) -> list[OutputTensor]:
-        """The side tensors the method will produce (e.g. EMR's per-task masks), none for most."""
-        extra = self.method.extra_outputs
-        if extra is None:
-            return []
-        return [
-            OutputTensor(f"{job.output.name}{SIDE_SEPARATOR}{suffix}", tuple(shape), dtype)
-            for job in self.jobs if job.method is not None
-            for suffix, (shape, dtype) in extra(job.output.shape, len(job.inputs)).items()
-        ]
-
-    def with_statistics(self, statistics: Mapping[str, Any]) -> MergePlan:
-        """The same plan with each merged tensor's calibration statistics (``None`` for a tensor
-        without any) among its job's parameters: what a data-aware method computes from."""
-        jobs = [
-            dataclasses.replace(job, params={**job.params, STATISTICS: statistics.get(job.output.name)}) if job.method else job
-            for job in self.jobs
-        ]
-        return dataclasses.replace(self, jobs=jobs)
-
-    def close(self) -> None:
-        for checkpoint in self.checkpoints.values():
-            checkpoint.close()
-
-    def __enter__(self) -> MergePlan:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _check_parameter_names(recipe: Recipe, method: MethodSpec) -> None:
-    known = [p.name for p in method.params]
-
-    def check(parameters: Parameters | None, where: str, per_model_level: bool) -> None:
-        for name in parameters or {}:
-            param = method.param(name)
-            if param is None:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
-                listing = ", ".join(known) if known else "none"
-                raise RecipeError(f"{where}: unknown parameter '{name}' for merge_method '{method.name}'.{hint} Its parameters: {listing}")
-            if per_model_level and not param.per_model:
-                raise RecipeError(
-                    f"{where}: '{name}' is a global parameter of '{method.name}'; set it under the top-level or slice 'parameters'"
-                )
-
-    check(recipe.parameters, "parameters", False)
-    for i, model in enumerate(recipe.models or []):
-        check(model.parameters, f"models[{i}] ({model.model}).parameters", True)
-    for i, output_slice in enumerate(recipe.slices or []):
-        check(output_slice.parameters, f"slices[{i}].parameters", False)
-        for j, source in enumerate(output_slice.sources):
-            check(source.parameters, f"slices[{i}].sources[{j}] ({source.model}).parameters", True)
-
-
-def _check_calibration(recipe: Recipe, method: MethodSpec) -> None:
-    """Data-aware methods need ``calibration:`` data, and only they take it."""
-    if method.calibrate is None:
-        if recipe.calibration is not None:
-            data_aware = ", ".join(m.name for m in all_methods() if m.calibrate is not None)
-            raise RecipeError(
-                f"calibration: merge_method '{method.name}' does not use calibration data; remove the 'calibration' field "
-                f"(the data-aware methods are {data_aware})"
-            )
-        return
-    if recipe.calibration is None:
-        raise RecipeError(
-            f"calibration: merge_method '{method.name}' is data-aware and needs calibration data; add a top-level "
-            "'calibration:' field with 'data: FILE.jsonl' (or a task folder) and optionally 'samples', 'max_length', 'batch_size'"
-        )
-    if recipe.slices:
-        raise RecipeError(f"slices: merge_method '{method.name}' (data-aware) merges whole models; use 'models' instead of 'slices'")
-
-
-class _Planner:
     def __init__(self, recipe: Recipe, method: MethodSpec, checkpoints: Mapping[str, TensorSource], seed: int,
                  dtype: str | None, out_dtype: str | None):
         self.recipe = recipe
@@ -375,59 +231,3 @@ class _Planner:
             )
         if any(s.residual_weight is not None for s in self.recipe.slices or []):
             self.warnings.append("slices: 'residual_weight' has no effect (mergekit ignores it too)")
-
-
-def open_models(recipe: Recipe, relative_to: Path | None = None) -> dict[str, Checkpoint]:
-    checkpoints: dict[str, Checkpoint] = {}
-    try:
-        for ref in recipe.referenced_models():
-            checkpoints[ref] = open_checkpoint(ref, relative_to)
-    except BaseException:
-        for checkpoint in checkpoints.values():
-            checkpoint.close()
-        raise
-    return checkpoints
-
-
-def build_plan(
-    recipe: Recipe,
-    *,
-    checkpoints: Mapping[str, TensorSource] | None = None,
-    relative_to: Path | None = None,
-    seed: int = 0,
-    dtype: str | None = None,
-    out_dtype: str | None = None,
-) -> MergePlan:
-    """Plan a merge; ``seed``, ``dtype`` and ``out_dtype`` override the recipe's.
-
-    Opens the recipe's models unless ``checkpoints`` (reference -> model) is given; the plan owns
-    them and :meth:`MergePlan.close` closes them. Reads no tensor data.
-    """
-    method = get_method(recipe.merge_method)
-    _check_parameter_names(recipe, method)
-    _check_calibration(recipe, method)
-    opened = open_models(recipe, relative_to) if checkpoints is None else checkpoints
-    try:
-        planner = _Planner(recipe, method, opened, seed, dtype, out_dtype)
-        output_layers = planner.plan_slices() if recipe.slices else None
-        if not recipe.slices:
-            planner.plan_models()
-        planner.finish_warnings()
-    except BaseException:
-        if checkpoints is None:
-            for checkpoint in opened.values():
-                checkpoint.close()
-        raise
-    for job in planner.jobs:
-        job.input_dtypes = [opened[s.model].info(s.name).dtype for s in job.inputs if s is not None]
-    return MergePlan(
-        recipe=recipe,
-        method=method,
-        checkpoints=opened,
-        reference=recipe.reference_model(),
-        jobs=planner.jobs,
-        compute_dtype=planner.compute_dtype,
-        cast_dtype=planner.cast_dtype,
-        output_layers=output_layers,
-        warnings=planner.warnings,
-    )

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 
 from mergeforge.dtypes import ITEMSIZE, TORCH_NAMES, from_f32, to_f32
+from mergeforge.engine.jobs import SourceTensor, TensorJob
+from mergeforge.engine.options import MergeOptions
+from mergeforge.engine.plan import MergePlan
 from mergeforge.errors import MethodError
 from mergeforge.methods.kernels import Blocks
-from mergeforge.options import MergeOptions
-from mergeforge.plan import MergePlan, SourceTensor, TensorJob
 
 # Resident memory of the process before any tensor work: the interpreter with NumPy, pydantic,
 # PyYAML and click (measured: 46 MB on Linux x86-64, Python 3.11, NumPy 2.4), plus allocator slack.

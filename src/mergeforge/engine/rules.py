@@ -8,8 +8,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from mergeforge.engine.recipe import Parameters, resolve_value
 from mergeforge.errors import RecipeError
-from mergeforge.recipe import Parameters, resolve_value
 
 LAYER_PATTERN = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.(\d+)\.")
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergeforge.checkpoint.writer import DEFAULT_SHARD_BYTES
+from mergeforge.engine.rules import parse_size
 from mergeforge.errors import MergeforgeError
-from mergeforge.plan_rules import parse_size
 
 EXECUTORS = ("auto", "numpy", "torch")
 

@@ -1,6 +1,6 @@
 """The calibration stage of a merge: runs a data-aware method's ``calibrate`` hook on the plan's
 models before the streaming merge and returns each tensor's statistics, from which the merge
-builds its plan again (:meth:`~mergeforge.plan.MergePlan.with_statistics`).
+builds its plan again (:meth:`~mergeforge.engine.plan.MergePlan.with_statistics`).
 
 Unlike the streaming merge, calibration holds whole models in memory (in float32); see
 :mod:`mergeforge.calibration` for the statistic collectors and the data format.
@@ -17,8 +17,8 @@ import torch
 from mergeforge.calibration.context import CalibrationContext, ModelLoader
 from mergeforge.calibration.data import CalibrationError, load_examples
 from mergeforge.dtypes import is_floating
+from mergeforge.engine.plan import MergePlan
 from mergeforge.methods.registry import STATISTICS, BaseUse
-from mergeforge.plan import MergePlan
 
 log = logging.getLogger("mergeforge")
 

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 from mergeforge.checkpoint import folder as folder_files
 from mergeforge.checkpoint.reader import TensorInfo
 from mergeforge.dtypes import from_torch
+from mergeforge.engine.options import MergeOptions
+from mergeforge.engine.output import Executor, MergeResult, describe, write_merge
+from mergeforge.engine.plan import MergePlan, build_plan
+from mergeforge.engine.recipe import Recipe, load_recipe
 from mergeforge.errors import MergeforgeError, OutputError, RecipeError
 from mergeforge.methods.registry import BaseUse, get_method
-from mergeforge.options import MergeOptions
-from mergeforge.output import Executor, MergeResult, describe, write_merge
-from mergeforge.plan import MergePlan, build_plan
-from mergeforge.recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +50,7 @@ def plan_merge(recipe: RecipeLike, options: MergeOptions | None = None, **fields
             or its fields as keyword arguments.
 
     Returns:
-        A :class:`~mergeforge.plan.MergePlan`; close it (``plan.close()``) when done.
+        A :class:`~mergeforge.engine.plan.MergePlan`; close it (``plan.close()``) when done.
 
     Example:
         >>> plan = plan_merge("ties.yml"); print(len(plan.jobs)); plan.close()
@@ -62,14 +62,14 @@ def plan_merge(recipe: RecipeLike, options: MergeOptions | None = None, **fields
 
 def choose_executor(plan: MergePlan, options: MergeOptions) -> Executor:
     """The NumPy executor when it takes the plan (and ``options.executor`` allows), else torch."""
-    from mergeforge.numpy_executor import NumpyExecutor, refusal
+    from mergeforge.engine.numpy_executor import NumpyExecutor, refusal
 
     reason = refusal(plan, options) if options.executor != "torch" else "--executor torch"
     if reason is None:
         return NumpyExecutor(options)
     if options.executor == "numpy":
         raise MergeforgeError(f"--executor numpy: the NumPy executor cannot run this merge: {reason}; use --executor torch or auto")
-    from mergeforge.torch_executor import TorchExecutor
+    from mergeforge.engine.torch_executor import TorchExecutor
 
     return TorchExecutor(options, reason)
 
@@ -79,7 +79,7 @@ def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, opt
     """Merge the models of ``recipe`` into a Hugging Face folder at ``out_dir``.
 
     Arguments:
-        recipe: a mergekit-style YAML path or text, a dict, or a :class:`~mergeforge.recipe.Recipe`.
+        recipe: a mergekit-style YAML path or text, a dict, or a :class:`~mergeforge.engine.recipe.Recipe`.
         out_dir: the output folder (created; must be empty unless ``overwrite``); not needed for
             a dry run.
         options: how to run it (:class:`MergeOptions`: device, dtypes, threads, seed, dry run, ...),
@@ -114,7 +114,7 @@ def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, opt
         if options.dry_run:
             result.plan_lines = describe(plan, executor.label, peak, options.shard_bytes)
             if plan.method.calibrate is not None:
-                from mergeforge.calibrate import calibration_summary
+                from mergeforge.engine.calibrate import calibration_summary
 
                 result.plan_lines += calibration_summary(plan, recipe_folder(recipe))
             return result
@@ -124,7 +124,7 @@ def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, opt
         folder_files.check_output_location(out_path, [c.folder for c in plan.checkpoints.values()], options.overwrite)
         if plan.method.calibrate is not None:
             # Data-aware methods: forward/backward passes on whole models, before the streaming merge.
-            from mergeforge.calibrate import run_calibration
+            from mergeforge.engine.calibrate import run_calibration
 
             statistics = run_calibration(plan, device=options.device, progress=not options.quiet,
                                          relative_to=recipe_folder(recipe))
@@ -248,8 +248,8 @@ def merge_state_dicts(
     options = MergeOptions(device=device, threads=threads or 1, seed=seed, dtype=dtype, out_dtype=out_dtype, quiet=True)
     plan = build_plan(load_recipe(recipe_dict), checkpoints=checkpoints, seed=seed, dtype=dtype, out_dtype=out_dtype)
     if plan.method.calibrate is not None:
-        from mergeforge.calibrate import run_calibration
         from mergeforge.calibration.context import state_dict_loader
+        from mergeforge.engine.calibrate import run_calibration
 
         if calibration_model is None or tokenizer is None:
             raise RecipeError(f"merge_state_dicts: '{method}' is data-aware; pass calibration_model and tokenizer too")
@@ -261,7 +261,7 @@ def merge_state_dicts(
         statistics = run_calibration(plan, device=device, progress=False, loader=state_dict_loader(calibration_model, states),
                                      tokenizer=tokenizer)
         plan = plan.with_statistics(statistics)
-    from mergeforge.torch_executor import TorchExecutor
+    from mergeforge.engine.torch_executor import TorchExecutor
 
     writer, side_writer = _MemoryWriter(), _MemoryWriter()
     TorchExecutor(options, block_bytes=1 << 62).run(plan, writer, side_writer)

@@ -20,10 +20,10 @@ from mergeforge.checkpoint import folder as folder_files
 from mergeforge.checkpoint.reader import Checkpoint, SafetensorsFile, TensorInfo
 from mergeforge.checkpoint.safetensors_format import resolve_model_path
 from mergeforge.checkpoint.writer import DEFAULT_SHARD_BYTES, OutputTensor, ShardedWriter
+from mergeforge.engine.output import RECIPE_FILE, SIDE_FOLDER
 from mergeforge.errors import CheckpointError, MergeforgeError, OutputError
 from mergeforge.methods import task_masks
 from mergeforge.methods.registry import SIDE_SEPARATOR
-from mergeforge.output import RECIPE_FILE, SIDE_FOLDER
 
 # Files of the merged folder that describe the merge, not the task model.
 NOT_COPIED = {"README.md", RECIPE_FILE}

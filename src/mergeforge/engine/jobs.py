@@ -1,0 +1,52 @@
+"""The units of a plan: one :class:`TensorJob` per output tensor, reading :class:`SourceTensor`
+inputs from :class:`TensorSource` models. Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from mergeforge.checkpoint.reader import TensorInfo
+from mergeforge.checkpoint.writer import OutputTensor
+from mergeforge.methods.registry import MethodSpec
+
+
+class TensorSource(Protocol):
+    """What the planner and the executors need of an input model: a folder of safetensors or
+    ``.bin`` files (:class:`~mergeforge.checkpoint.reader.Checkpoint`), or a state dict in memory."""
+
+    ref: str
+    folder: Path
+    config: dict[str, Any] | None
+
+    def names(self) -> list[str]: ...
+    def has(self, name: str) -> bool: ...
+    def info(self, name: str) -> TensorInfo: ...
+    def read(self, name: str, row_start: int = 0, row_stop: int | None = None) -> Any: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One input tensor: tensor ``name`` of model ``model`` (a recipe model reference)."""
+
+    model: str
+    name: str
+
+
+@dataclass
+class TensorJob:
+    """Everything needed to produce one output tensor."""
+
+    output: OutputTensor
+    inputs: list[SourceTensor | None]  # None: the model lacks it; it counts as unchanged from the base
+    base: SourceTensor | None
+    method: MethodSpec | None  # None: copy (integer and boolean tensors)
+    params: dict[str, Any]
+    seed: int
+    input_dtypes: list[str] = field(default_factory=list)  # of the inputs that are present, in order
+
+    @property
+    def numel(self) -> int:
+        return self.output.numel
