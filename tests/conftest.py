@@ -22,6 +22,29 @@ torch.set_num_threads(1)
 VOCAB = 96
 
 
+# Fixtures of tests that merge model folders: those go through an executor, which picks its dtype
+# from the recipe, so they run once.
+_FOLDER_FIXTURES = {"tmp_path", "tmp_path_factory", "model_factory", "llama_family", "plugin_site"}
+
+
+def pytest_generate_tests(metafunc):
+    # The method tests on tensors run in float32 (on the CPU: the NumPy kernels) and in float64 (the
+    # torch code, as on a GPU).
+    names = set(metafunc.fixturenames)
+    if metafunc.module.__name__.startswith("test_methods_") and "method_dtype" in names and not names & _FOLDER_FIXTURES:
+        metafunc.parametrize("method_dtype", [torch.float32, torch.float64], ids=["f32", "f64"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def method_dtype(request):
+    """The dtype methods_support.run_method computes in for this test (float32 outside test_methods_*)."""
+    import methods_support
+
+    methods_support.COMPUTE_DTYPE = getattr(request, "param", torch.float32)
+    yield methods_support.COMPUTE_DTYPE
+    methods_support.COMPUTE_DTYPE = torch.float32
+
+
 def tiny_config(kind: str):
     import transformers as tf
 

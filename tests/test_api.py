@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from methods_support import seeded
+from methods_support import dare_reference, seeded
 
 import mergeforge
-from mergeforge.methods._task_vector_kernels import bernoulli_keep
 
 # ---------------------------------------------------------------- the package
 
@@ -97,29 +96,12 @@ def test_merge_tensors_errors_name_the_parameter():
 # ---------------------------------------------------------------- dare_ties under its seed
 
 
-def dare_ties_reference(base: torch.Tensor, finetunes: list[torch.Tensor], weights: list[float], density: float,
-                        seed: int) -> torch.Tensor:
-    """DARE + TIES computed directly: each task vector keeps an entry where its SFC64 draw (seeded
-    by ``seed + model index`` and the block index 0) is below density·2³², is rescaled to its L1
-    norm, weighted; the sign of the sum is elected and the agreeing entries are summed."""
-    kept = []
-    for index, (finetune, weight) in enumerate(zip(finetunes, weights)):
-        delta = (finetune.double() - base.double()).flatten()
-        keep = torch.from_numpy(bernoulli_keep(seed + index, 0, delta.numel(), density))
-        dropped = delta * keep
-        dropped = dropped * (delta.abs().sum() / dropped.abs().sum())
-        kept.append(dropped * weight)
-    stacked = torch.stack(kept)
-    agree = torch.sign(stacked) == torch.where(stacked.sum(0) >= 0, 1.0, -1.0).double()
-    return (base.double().flatten() + (stacked * agree).sum(0)).reshape(base.shape)
-
-
 def test_dare_ties_values_are_the_direct_computation_under_its_seed():
     base = seeded(16, 8, seed=4)
     finetunes = [base + seeded(16, 8, seed=s, scale=0.1) for s in (5, 6, 7)]
     weights, density, seed = [1.0, 0.6, 0.3], 0.4, 1234
     out = mergeforge.merge_tensors("dare_ties", finetunes, base=base, weight=weights, density=density, seed=seed)
-    expected = dare_ties_reference(base, finetunes, weights, density, seed)
+    expected = dare_reference(base, finetunes, weights, density, seed, consensus=True)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
     # Another seed draws other masks.
     assert not torch.equal(out, mergeforge.merge_tensors("dare_ties", finetunes, base=base, weight=weights, density=density,
@@ -137,7 +119,7 @@ def test_dare_ties_in_a_merge_uses_each_tensors_own_seed(llama_family, tmp_path)
     mergeforge.merge(recipe, tmp_path / "out", quiet=True, seed=9)
     merged, base_state, states = load_state(tmp_path / "out"), load_state(base), [load_state(m) for m in fts]
     for name, tensor in merged.items():
-        expected = dare_ties_reference(base_state[name], [s[name] for s in states], [1.0, 0.5], 0.5, job_seed(9, name))
+        expected = dare_reference(base_state[name], [s[name] for s in states], [1.0, 0.5], 0.5, job_seed(9, name), consensus=True)
         torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
 
 

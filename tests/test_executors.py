@@ -191,3 +191,29 @@ def test_dry_run_lists_the_same_plan_for_either_executor(bf16_family):
     assert fast.plan_lines[:-2] == full.plan_lines[:-2]
     assert fast.plan_lines[-2:][0] == "executor: numpy" and full.plan_lines[-2] == "executor: torch (--executor torch)"
     assert all(line.startswith("estimated peak memory:") for line in (fast.plan_lines[-1], full.plan_lines[-1]))
+
+
+# ---------------------------------------------------------------- the two implementations of a method
+
+
+KERNEL_METHODS = [spec.name for spec in mergeforge.all_methods() if spec.kernel is not None]
+
+
+@pytest.mark.parametrize("name", KERNEL_METHODS)
+def test_a_methods_torch_function_and_numpy_kernel_agree(name):
+    from methods_support import resolve_params, seeded
+
+    spec = mergeforge.get_method(name)
+    base = seeded(64, 48, seed=1)
+    count = 1 if spec.max_models == 1 else 3
+    tensors = [base + seeded(64, 48, seed=2 + i, scale=0.1) for i in range(count)]
+    overrides = {key: value for key, value in {"density": 0.5, "t": 0.3, "gamma": 0.05}.items() if spec.param(key)}
+    if spec.param("weight") is not None:
+        overrides["weight"] = [1.0, 0.6, 0.3][:count]
+    params = resolve_params(spec, count, overrides)
+    with_base = base if spec.base.value != "none" else None
+    kernel = spec.run([t.clone() for t in tensors], with_base, params, torch.Generator().manual_seed(5))  # CPU float32: the kernel
+    kwargs = spec.arguments(params) | ({"generator": torch.Generator().manual_seed(5)} if spec.random else {})
+    direct = spec.fn([t.clone() for t in tensors], with_base, **kwargs)  # the torch code
+    torch.testing.assert_close(kernel, direct, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(kernel, base)

@@ -26,7 +26,7 @@ def tiny_zoo():
 
 
 @pytest.fixture(scope="session")
-def test_scores(tiny_zoo) -> dict[str, dict[str, float]]:
+def split_scores(tiny_zoo) -> dict[str, dict[str, float]]:
     """Test-split accuracy of the base on every task and of each expert on its own task."""
     from mergeforge.evaluate import evaluate_model
 
@@ -94,10 +94,10 @@ def test_experts_are_close_fine_tunes_of_the_base(tiny_zoo):
     assert not torch.equal(scratch["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
 
 
-def test_every_expert_beats_the_base_on_its_task(tiny_zoo, test_scores):
+def test_every_expert_beats_the_base_on_its_task(tiny_zoo, split_scores):
     for expert in tiny_zoo.experts:
-        expert_score = test_scores[expert.name][expert.task]
-        base_score = test_scores["base"][expert.task]
+        expert_score = split_scores[expert.name][expert.task]
+        base_score = split_scores["base"][expert.task]
         assert base_score <= 0.3, (expert.task, base_score)
         assert expert_score >= base_score + 0.4, (expert.task, expert_score, base_score)
 

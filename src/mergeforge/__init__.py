@@ -48,13 +48,26 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # the same names, for type checkers (tests/test_api.py checks the two agree)
-    from mergeforge.engine.api import merge, merge_state_dicts, merge_tensors, plan_merge
-    from mergeforge.engine.materialize import materialize_task
-    from mergeforge.engine.options import MergeOptions
-    from mergeforge.engine.output import MergeResult
-    from mergeforge.engine.plan import MergePlan
-    from mergeforge.engine.recipe import Recipe, load_recipe
-    from mergeforge.errors import CheckpointError, MergeforgeError, MethodError, OutputError, RecipeError
-    from mergeforge.methods.registry import BaseUse, MethodSpec, Param, all_methods, get_method, register_method
+    from mergeforge.engine.api import merge as merge
+    from mergeforge.engine.api import merge_state_dicts as merge_state_dicts
+    from mergeforge.engine.api import merge_tensors as merge_tensors
+    from mergeforge.engine.api import plan_merge as plan_merge
+    from mergeforge.engine.materialize import materialize_task as materialize_task
+    from mergeforge.engine.options import MergeOptions as MergeOptions
+    from mergeforge.engine.output import MergeResult as MergeResult
+    from mergeforge.engine.plan import MergePlan as MergePlan
+    from mergeforge.engine.recipe import Recipe as Recipe
+    from mergeforge.engine.recipe import load_recipe as load_recipe
+    from mergeforge.errors import CheckpointError as CheckpointError
+    from mergeforge.errors import MergeforgeError as MergeforgeError
+    from mergeforge.errors import MethodError as MethodError
+    from mergeforge.errors import OutputError as OutputError
+    from mergeforge.errors import RecipeError as RecipeError
+    from mergeforge.methods.registry import BaseUse as BaseUse
+    from mergeforge.methods.registry import MethodSpec as MethodSpec
+    from mergeforge.methods.registry import Param as Param
+    from mergeforge.methods.registry import all_methods as all_methods
+    from mergeforge.methods.registry import get_method as get_method
+    from mergeforge.methods.registry import register_method as register_method
 
 __getattr__ = lazy_exports(globals(), _EXPORTS)
