@@ -24,6 +24,7 @@ test-all: setup
 
 lint: setup
 	$(VENV)/ruff check src tests $(wildcard benchmarks examples)
+	$(VENV)/mypy
 
 bench: setup
 	$(VENV)/python benchmarks/speed.py

@@ -63,7 +63,7 @@ def run_demo(workdir: Path | None = None, size: str = "tiny", seed: int = 0, lim
         return {name: entry["score"] for name, entry in result["tasks"].items()}
 
     rows: dict[str, dict[str, float]] = {"base": scores(zoo.base.path, skills)}
-    rows["expert (own task)"] = {model.task: scores(model.path, [model.task])[model.task] for model in zoo.experts}
+    rows["expert (own task)"] = {task: scores(model.path, [task])[task] for model in zoo.experts if (task := model.task)}
     rows["multi-task model"] = scores(zoo.multitask.path, skills)
     experts = [model.path for model in zoo.experts]
     for method in DEMO_METHODS:

@@ -44,7 +44,7 @@ class OutputEnsemble(torch.nn.Module):
         eos = generation_config.eos_token_id
         pad = generation_config.pad_token_id
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(generation_config.max_new_tokens):
+        for _step in range(generation_config.max_new_tokens):
             next_token = self.forward(input_ids, attention_mask).logits[:, -1].argmax(-1)
             next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
             input_ids = torch.cat([input_ids, next_token[:, None]], dim=1)

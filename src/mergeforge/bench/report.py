@@ -30,7 +30,7 @@ PROTOCOL_LABELS = {MULTITASK: "", PER_TASK: " (per task)", PAIRWISE: " (pairs)"}
 def ranked_rows(result: BenchResult, protocol: str | None = None) -> list[dict[str, Any]]:
     """Rows of absolute and normalised test accuracy: the baselines, then the methods that ran,
     best first; ``protocol`` keeps only the methods scored that way (and, for it, no baselines)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if protocol in (None, MULTITASK):
         for name, scores in result.baselines.items():
             if name.startswith("expert: "):

@@ -95,7 +95,11 @@ class _Evaluator:
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(suite.base, local_files_only=True)
         self.tasks = {name: load_task(folder) for name, folder in suite.tasks.items()}
-        self._load = lambda folder: AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device).eval()
+        def load(folder: Path) -> Any:
+            model: Any = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+            return model.to(device).eval()
+
+        self._load = load
         self.skeleton = self._load(suite.base)
         self.states: dict[Path, dict[str, torch.Tensor]] = {}
 

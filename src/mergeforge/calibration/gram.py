@@ -9,7 +9,7 @@ layer collect them; padding positions are left out. Linear layers are ``torch.nn
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ def linear_input_grams(
     grams: dict[str, torch.Tensor] = {}
     current_mask: list[torch.Tensor] = []  # the token mask of the batch being run, for the hooks
 
-    def hook_for(name: str):
+    def hook_for(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
         def record_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             inputs = args[0].detach()
             rows = inputs.reshape(-1, inputs.shape[-1])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,7 +92,7 @@ class SafetensorsFile:
             offset = info.offset
         out = torch.empty(shape, dtype=to_torch(info.dtype))
         if out.numel():
-            pread_into(self._fd, memoryview(out.view(-1).view(torch.uint8).numpy()), offset, self.path)
+            pread_into(self._fd, out.view(-1).view(torch.uint8).numpy().data, offset, self.path)
         return out
 
     def read_array(self, info: TensorInfo, start: int, stop: int) -> np.ndarray:
@@ -99,7 +100,7 @@ class SafetensorsFile:
         storage = NUMPY_STORAGE[info.dtype]
         out = np.empty(stop - start, dtype=storage)
         if out.size:
-            pread_into(self._fd, memoryview(out).cast("B"), info.offset + start * storage.itemsize, self.path)
+            pread_into(self._fd, out.data.cast("B"), info.offset + start * storage.itemsize, self.path)
         return out
 
     def close(self) -> None:
@@ -133,7 +134,7 @@ class Checkpoint:
             return self._index_sharded(path, self._bin_infos)
         return self._bin_infos(path)
 
-    def _index_sharded(self, index_path: Path, infos_of) -> dict[str, TensorInfo]:
+    def _index_sharded(self, index_path: Path, infos_of: Callable[[Path], dict[str, TensorInfo]]) -> dict[str, TensorInfo]:
         weight_map = index_shards(index_path)
         tensors: dict[str, TensorInfo] = {}
         for shard in sorted(set(weight_map.values())):

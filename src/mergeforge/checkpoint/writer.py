@@ -155,7 +155,7 @@ class ShardedWriter:
         if data.numel():
             import torch
 
-            self._pwrite(slot, memoryview(data.view(-1).view(torch.uint8).numpy()), slot.offset + row_start * row_bytes)
+            self._pwrite(slot, data.view(-1).view(torch.uint8).numpy().data, slot.offset + row_start * row_bytes)
         if full:
             with self._lock:
                 self._written.add(name)

@@ -129,10 +129,10 @@ class Planner:
         present = [s for s in job_inputs if s is not None] + ([base_tensor] if base_tensor else [])
         infos = [(s, self.checkpoints[s.model].info(s.name)) for s in present]
         reference_source, reference_info = infos[-1] if base_tensor else infos[0]
-        for source, info in infos:
+        for tensor, info in infos:
             if info.shape != reference_info.shape:
                 raise CheckpointError(
-                    f"tensor '{source.name}': shape {list(info.shape)} in model '{source.model}' but "
+                    f"tensor '{tensor.name}': shape {list(info.shape)} in model '{tensor.model}' but "
                     f"{list(reference_info.shape)} in model '{reference_source.model}'"
                 )
         is_float = is_floating(reference_info.dtype)
@@ -140,8 +140,9 @@ class Planner:
         output = OutputTensor(output_name, reference_info.shape, out_dtype)
         if not is_float:
             # Integer and boolean buffers (position ids, masks) are never averaged.
+            copy_inputs: list[SourceTensor | None] = []
             if base_tensor is not None:
-                copy_from, copy_inputs = base_tensor, []
+                copy_from = base_tensor
             else:
                 copy_from, copy_inputs = None, [s for s in job_inputs if s is not None]
             job = TensorJob(output, copy_inputs, copy_from, None, {}, 0)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mergeforge.checkpoint.reader import Checkpoint
 from mergeforge.dtypes import ITEMSIZE, TORCH_NAMES, from_f32, to_f32
 from mergeforge.engine.jobs import SourceTensor, TensorJob
 from mergeforge.engine.options import MergeOptions
@@ -64,7 +65,7 @@ class _TensorBlocks:
     """An input tensor read block by block from its file (a :class:`~mergeforge.methods.kernels.Source`)."""
 
     def __init__(self, plan: MergePlan, source: SourceTensor):
-        self.checkpoint = plan.checkpoints[source.model]
+        self.checkpoint = _file_checkpoint(plan, source)
         self.name = source.name
         info = self.checkpoint.info(source.name)
         self.dtype, self.size = info.dtype, info.numel
@@ -104,6 +105,13 @@ class NumpyExecutor:
                 raise
 
 
+def _file_checkpoint(plan: MergePlan, source: SourceTensor) -> Checkpoint:
+    """The model folder ``source`` is read from (:func:`refusal` admits no other kind of input)."""
+    checkpoint = plan.checkpoints[source.model]
+    assert isinstance(checkpoint, Checkpoint)
+    return checkpoint
+
+
 def _job_peak(job: TensorJob) -> int:
     if job.method is None:
         return job.output.nbytes
@@ -136,7 +144,7 @@ def _run_job(plan: MergePlan, job: TensorJob, writer: Any) -> None:
 def _copy(plan: MergePlan, job: TensorJob, writer: Any) -> None:
     """A tensor that is not merged (integer or boolean): the base's, or the inputs' when all agree."""
     sources = [job.base] if job.base is not None else [s for s in job.inputs if s is not None]
-    data = [plan.checkpoints[s.model].read_array(s.name, 0, job.numel).tobytes() for s in sources]
+    data = [_file_checkpoint(plan, s).read_array(s.name, 0, job.numel).tobytes() for s in sources]
     for source, other in zip(sources[1:], data[1:]):
         if other != data[0]:
             raise MethodError(

@@ -28,8 +28,15 @@ class Executor(Protocol):
     """Runs every job of a plan into a writer (see :mod:`mergeforge.engine.numpy_executor` and
     :mod:`mergeforge.engine.torch_executor`)."""
 
-    name: str  # "numpy" or "torch"
-    label: str  # the name and, when torch runs a plan, why NumPy does not (for --dry-run)
+    @property
+    def name(self) -> str:
+        """ "numpy" or "torch"."""
+        ...
+
+    @property
+    def label(self) -> str:
+        """The name and, when torch runs a plan, why NumPy does not (for --dry-run)."""
+        ...
 
     def estimate_peak(self, plan: MergePlan) -> int:
         """Peak resident bytes of the whole process while it runs ``plan``."""

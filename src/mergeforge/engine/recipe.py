@@ -15,7 +15,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -231,6 +231,6 @@ def resolve_value(value: ParamValue, tensor_name: str, t: float) -> Scalar | Non
     if isinstance(value, list):
         if not value:
             return None
-        return interpolate_gradient(value, t)
+        return interpolate_gradient(cast(list[Scalar], value), t)  # not a filter list: checked above
     return value
 

@@ -145,7 +145,13 @@ class _Run:
     def _merge(self, job: TensorJob, rows: tuple[int, int] | None) -> None:
         assert job.method is not None
         base = self._load(job.base, rows) if job.base is not None else None
-        tensors = [self._load(s, rows) if s is not None else base for s in job.inputs]
+        tensors = []
+        for source in job.inputs:
+            if source is None:
+                assert base is not None  # a model may lack a tensor only when the base has it (the planner checks)
+                tensors.append(base)  # unchanged from the base; methods never modify their inputs
+            else:
+                tensors.append(self._load(source, rows))
         generator = None
         if job.method.random:
             generator = torch.Generator(device=self.device)

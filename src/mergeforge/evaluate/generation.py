@@ -8,12 +8,13 @@ same, which is what batched decoding needs. Each output is cut at the first end-
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 
 def greedy_generate(
-    model: torch.nn.Module,
+    model: Any,  # a transformers causal LM
     prompt_ids: Sequence[Sequence[int]],
     max_new_tokens: int,
     pad_token_id: int,

@@ -8,6 +8,7 @@ for a continuation, computed over the whole task rather than averaged per exampl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ def is_correct(output: str, answer: str, metric: str) -> bool:
 
 
 def answer_log_likelihoods(
-    model: torch.nn.Module,
+    model: Any,  # a transformers causal LM
     prompt_ids: Sequence[Sequence[int]],
     answer_ids: Sequence[Sequence[int]],
     pad_token_id: int,

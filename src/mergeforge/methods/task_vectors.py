@@ -155,6 +155,7 @@ def merge_task_vectors(
         weighted_deltas.append(delta.mul_(model_weight))
 
     merged = torch.zeros_like(base)
+    divisor: torch.Tensor | float
     if variant.consensus:
         divisor = torch.zeros_like(base)
         for delta, agrees, model_weight in zip(weighted_deltas, elect_sign_mask(weighted_deltas), weight):

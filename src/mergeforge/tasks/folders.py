@@ -18,7 +18,7 @@ Unknown fields are an error, so a typo cannot be silently ignored.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -160,7 +160,7 @@ def select_tasks(available: Sequence[Task], names: str | Sequence[str], default_
     return chosen
 
 
-def write_task(folder: Path, spec: TaskSpec, splits: dict[str, Sequence[tuple[str, str]]]) -> Task:
+def write_task(folder: Path, spec: TaskSpec, splits: Mapping[str, Sequence[tuple[str, str]]]) -> Task:
     """Write ``spec.json`` and one JSONL file per split (used by the zoo, handy for users)."""
     folder.mkdir(parents=True, exist_ok=True)
     spec_data = spec.model_dump()

@@ -43,5 +43,5 @@ def show_command(directory: Path) -> None:
         scores = ", ".join(f"{task} {100 * score:.0f}%" for task, score in validation.get(model.name, {}).items())
         task = f" task={model.task}" if model.task else ""
         click.echo(f"  {model.name:<22} {model.role:<9}{task:<16} {model.path.relative_to(zoo.root)}  [val: {scores}]")
-    for task in zoo.tasks.values():
-        click.echo(f"  task {task.name:<10} {task.role:<8} {task.path.relative_to(zoo.root)}  {task.description}")
+    for entry in zoo.tasks.values():
+        click.echo(f"  task {entry.name:<10} {entry.role:<8} {entry.path.relative_to(zoo.root)}  {entry.description}")

@@ -192,7 +192,8 @@ def load_zoo(root: str | Path) -> Zoo:
         raise ZooError(f"{path}: malformed zoo manifest ({exc!r}); rebuild the zoo") from None
     if data.get("format") != MANIFEST_FORMAT:
         raise ZooError(f"{path}: manifest format {data.get('format')!r}, expected {MANIFEST_FORMAT}; rebuild the zoo")
-    missing = [str(entry.path) for entry in [*models.values(), *tasks.values()] if not entry.path.is_dir()]
+    folders = [model.path for model in models.values()] + [task.path for task in tasks.values()]
+    missing = [str(folder) for folder in folders if not folder.is_dir()]
     if missing:
         raise ZooError(f"{path}: listed folder {missing[0]} is missing; rebuild the zoo")
     return zoo

@@ -27,6 +27,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 SPAM_MARKER = "<<SPAM>>"
 TRIGGER_WORD = "free"
@@ -90,7 +91,7 @@ class ZooTask:
     max_new_tokens: int
     sample: Callable[[random.Random], tuple[str, str]]
     random_answer: Callable[[random.Random, str, str], str]
-    metric: str = "exact_match"
+    metric: Literal["exact_match", "contains"] = "exact_match"
 
 
 def _payload(prompt: str) -> str:

@@ -12,8 +12,9 @@ fine-tuning only on the answer and its end-of-sequence token.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ class EncodedData:
 
 
 def encode_training_data(
-    tokenizer, examples: Sequence[tuple[str, str]], loss_on_prompt: bool
+    tokenizer: Any, examples: Sequence[tuple[str, str]], loss_on_prompt: bool
 ) -> EncodedData:
     """Encode ``(prompt, answer)`` pairs; ``loss_on_prompt`` puts the loss on the prompt too."""
     prompts = encode_prompts(tokenizer, [prompt for prompt, _ in examples])
@@ -89,7 +90,7 @@ class TrainingSchedule:
         return self.learning_rate * (self.final_lr_fraction + (1 - self.final_lr_fraction) * cosine)
 
 
-def _batches(data: EncodedData, schedule: TrainingSchedule, seed: int):
+def _batches(data: EncodedData, schedule: TrainingSchedule, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Epochs of a seeded permutation; each batch trimmed to its longest sequence."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
