@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -51,3 +52,15 @@ def test_unknown_command_is_one_line():
     assert result.returncode == 2
     assert "No such command" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_missing_optional_package_gets_an_install_hint(tmp_path):
+    # A transformers that cannot be imported, as on an install without the [hf] extra.
+    blocked = tmp_path / "blocked" / "transformers"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'transformers'\", name='transformers')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocked"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "mergeforge", "demo", "--workdir", str(tmp_path / "demo")],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "error: this needs transformers, which is not installed: pip install 'mergeforge[hf]'"

@@ -158,6 +158,16 @@ def test_the_numpy_executor_refuses_what_it_cannot_run_and_says_why(bf16_family,
         "torch ('karcher' has no NumPy kernel)"
     assert executor_of({"merge_method": "linear", "models": [{"model": str(bin_model), "parameters": {"weight": 1}}]}) == \
         f"torch (model '{bin_model}' is not in safetensors files)"
+    # An FP8 base (NumPy has no FP8) sends the plan to torch, even when the fine-tunes are bf16.
+    fp8 = tmp_path / "fp8"
+    fp8.mkdir()
+    state = load_file(Path(ft) / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in state.items()}, fp8 / "model.safetensors")
+    ties = {"merge_method": "ties", "base_model": str(fp8), "models": [{"model": ft, "parameters": {"weight": 1, "density": 0.5}}]}
+    assert executor_of(ties).startswith("torch (tensor '") and executor_of(ties).endswith("' is F8_E4M3)")
+    assert mergeforge.merge(ties, tmp_path / "from-fp8", quiet=True).executor == "torch"
     with pytest.raises(mergeforge.MergeforgeError, match="--executor numpy: the NumPy executor cannot run this merge: "
                                                          "'karcher' has no NumPy kernel"):
         mergeforge.merge({"merge_method": "karcher", "models": [{"model": base}, {"model": ft}]}, tmp_path / "out",

@@ -49,14 +49,16 @@ def refusal(plan: MergePlan, options: MergeOptions) -> str | None:
     if plan.compute_dtype != "F32":
         return "computes in float64"
     for job in plan.jobs:
-        for source in [*job.inputs, job.base]:
-            if source is not None and not plan.checkpoints[source.model].info(source.name).in_safetensors:
+        infos = [(s, plan.checkpoints[s.model].info(s.name)) for s in [*job.inputs, job.base] if s is not None]
+        for source, info in infos:
+            if not info.in_safetensors:
                 return f"model '{source.model}' is not in safetensors files"
         if job.method is None:
             continue
-        if not set(job.input_dtypes) <= COMPUTABLE:
-            return f"tensor '{job.output.name}' is {sorted(set(job.input_dtypes) - COMPUTABLE)[0]}"
-        if plan.cast_dtype not in (None, "F32") and set(job.input_dtypes) != {plan.cast_dtype}:
+        dtypes = {info.dtype for _, info in infos}
+        if not dtypes <= COMPUTABLE:
+            return f"tensor '{job.output.name}' is {sorted(dtypes - COMPUTABLE)[0]}"
+        if plan.cast_dtype not in (None, "F32") and dtypes != {plan.cast_dtype}:
             return f"dtype {plan.cast_dtype} rounds the inputs first"
     return None
 

@@ -79,6 +79,11 @@ def ranges(size: int) -> Iterator[tuple[int, int]]:
         yield start, min(size, start + BLOCK)
 
 
+def block_index(start: int) -> int:
+    """Which block of :func:`ranges` begins at element ``start`` (DARE seeds its draws by it)."""
+    return start // BLOCK
+
+
 def collect(blocks: Blocks, size: int) -> np.ndarray:
     """All blocks of a kernel into one float32 array."""
     out = np.empty(size, dtype=np.float32)

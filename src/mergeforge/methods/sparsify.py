@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mergeforge.methods._task_vector_kernels import BLOCK, TopK, bernoulli_keep, outlier_counts
+from mergeforge.methods._task_vector_kernels import TopK, bernoulli_keep, outlier_counts
+from mergeforge.methods.kernels import block_index, ranges
 
 
 def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,9 +49,8 @@ def bernoulli_mask(delta: torch.Tensor, density: float, seed: int) -> torch.Tens
     so a seed gives the same mask on every device and in the NumPy kernel."""
     n = delta.numel()
     keep = np.empty(n, dtype=bool)
-    for start in range(0, n, BLOCK):
-        stop = min(n, start + BLOCK)
-        keep[start:stop] = bernoulli_keep(seed, start // BLOCK, stop - start, density)
+    for start, stop in ranges(n):
+        keep[start:stop] = bernoulli_keep(seed, block_index(start), stop - start, density)
     return torch.from_numpy(keep).view(delta.shape).to(delta.device)
 
 
