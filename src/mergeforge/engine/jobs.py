@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 from mergeforge.checkpoint.reader import TensorInfo
 from mergeforge.checkpoint.writer import OutputTensor
+from mergeforge.dtypes import TORCH_NAMES
+from mergeforge.errors import MethodError
 from mergeforge.methods.registry import MethodSpec
 
 
@@ -50,3 +52,10 @@ class TensorJob:
     @property
     def numel(self) -> int:
         return self.output.numel
+
+    def copies_differ(self, first: SourceTensor, other: SourceTensor) -> MethodError:
+        """The error of a copy job (no base) whose inputs disagree, the same from either executor."""
+        return MethodError(
+            f"tensor '{self.output.name}' (torch.{TORCH_NAMES[self.output.dtype]}, not mergeable) differs between models "
+            f"'{first.model}' and '{other.model}'; give a base_model to copy it from"
+        )

@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 
 from mergeforge.checkpoint.reader import Checkpoint
-from mergeforge.dtypes import ITEMSIZE, TORCH_NAMES, from_f32, to_f32
+from mergeforge.dtypes import ITEMSIZE, from_f32, to_f32
 from mergeforge.engine.jobs import SourceTensor, TensorJob
 from mergeforge.engine.options import MergeOptions
 from mergeforge.engine.plan import MergePlan
-from mergeforge.errors import MethodError
 from mergeforge.methods.kernels import Blocks
 
 # Resident memory of the process before any tensor work: the interpreter with NumPy, pydantic,
@@ -149,9 +148,6 @@ def _copy(plan: MergePlan, job: TensorJob, writer: Any) -> None:
     data = [_file_checkpoint(plan, s).read_array(s.name, 0, job.numel).tobytes() for s in sources]
     for source, other in zip(sources[1:], data[1:]):
         if other != data[0]:
-            raise MethodError(
-                f"tensor '{job.output.name}' (torch.{TORCH_NAMES[job.output.dtype]}, not mergeable) differs between models '{sources[0].model}' and "
-                f"'{source.model}'; give a base_model to copy it from"
-            )
+            raise job.copies_differ(sources[0], source)
     writer.write_bytes(job.output.name, data[0], complete=True)
 

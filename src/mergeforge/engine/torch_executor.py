@@ -136,10 +136,7 @@ class _Run:
         for source in sources[1:]:
             other = self.plan.checkpoints[source.model].read(source.name)
             if not torch.equal(first, other):
-                raise MethodError(
-                    f"tensor '{name}' ({first.dtype}, not mergeable) differs between models '{sources[0].model}' and "
-                    f"'{source.model}'; give a base_model to copy it from"
-                )
+                raise job.copies_differ(sources[0], source)
         self.writer.write(name, first)
 
     def _merge(self, job: TensorJob, rows: tuple[int, int] | None) -> None:
