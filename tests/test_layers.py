@@ -11,7 +11,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "mergeforge"
 
 # Module prefix -> layer (the longest matching prefix wins); the table of docs/architecture.md.
 LAYERS = {
-    "mergeforge.errors": 1, "mergeforge.dtypes": 1, "mergeforge._lazy": 1,
+    "mergeforge.errors": 1, "mergeforge.dtypes": 1, "mergeforge._lazy": 1, "mergeforge.cache": 1,
     "mergeforge.tasks": 2,
     "mergeforge.checkpoint": 3,
     "mergeforge.methods.registry": 4, "mergeforge.methods.params": 4, "mergeforge.methods.kernels": 4,

@@ -35,7 +35,7 @@ def _feature_available(target: str) -> bool:
 
 
 # Optional dependencies (imported where they are used) and the extra that installs each.
-OPTIONAL_PACKAGES = {"transformers": "hf", "tokenizers": "hf", "peft": "zoo", "matplotlib": "zoo", "lm_eval": "lmeval"}
+OPTIONAL_PACKAGES = {"transformers": "hf", "tokenizers": "hf", "peft": "zoo", "matplotlib": "zoo", "lm_eval": "lmeval", "gguf": "gguf"}
 
 
 class _Group(click.Group):
@@ -124,6 +124,11 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, bytes to read and write, executor, peak memory); write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random methods (DARE, DELLA).")
+@click.option("--out-format", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
+              help="hf: safetensors shards; gguf: OUT_DIR/model.gguf, which llama.cpp loads.")
+@click.option("--out-type", default=None,
+              help="Type of a GGUF output: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant such as q4_k_m "
+                   "(needs llama-quantize on PATH). Default: the merge's output dtype.")
 @click.option("--executor", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True,
               help="auto: NumPy when it can run the merge (no torch import), else torch.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or warnings.")
@@ -143,6 +148,26 @@ def merge_command(config: str, out_dir: str | None, quiet: bool, **flags: Any) -
     if not quiet:
         click.echo(f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into {result.out_dir} in {result.seconds:.1f} s",
                    err=True)
+
+
+@main.command("convert")
+@click.argument("source", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--out-format", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True,
+              help="gguf: one GGUF file (OUT ending in .gguf, else OUT/model.gguf); hf: a Hugging Face folder of safetensors.")
+@click.option("--out-type", default=None,
+              help="gguf: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant such as q4_k_m (needs "
+                   "llama-quantize); hf: f32, f16 or bf16 (default: as read, float32 for quantized tensors).")
+@click.option("--name", default=None, help="general.name of a GGUF output.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def convert_command(source: str, out: str, out_format: str, out_type: str | None, name: str | None, overwrite: bool) -> None:
+    """Convert SOURCE (a Hugging Face folder or a GGUF file) into OUT: HF <-> GGUF, or requantize."""
+    from mergeforge.checkpoint.convert import convert
+
+    written, warnings = convert(source, out, out_format, out_type, overwrite=overwrite, name=name)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"wrote {written}", err=True)
 
 
 @main.group("emr")

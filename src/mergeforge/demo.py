@@ -44,11 +44,12 @@ def demo_recipe(method: str, base: Path, experts: list[Path]) -> dict[str, Any]:
 def run_demo(workdir: Path | None = None, size: str = "tiny", seed: int = 0, limit: int | None = None,
              echo: Any = print) -> dict[str, Any]:
     """Build the zoo, merge, evaluate; returns ``{"zoo", "rows": {label: {task: score}}, "table"}``."""
+    from mergeforge.cache import cache_root
     from mergeforge.engine.api import merge
     from mergeforge.evaluate.api import evaluate_model, load_model_and_tokenizer
     from mergeforge.evaluate.report import format_table
     from mergeforge.tasks.folders import load_task
-    from mergeforge.zoo.build import build_zoo, cache_root
+    from mergeforge.zoo.build import build_zoo
 
     started = time.perf_counter()
     zoo = build_zoo(None, size=size, seed=seed, log=echo)

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -37,6 +37,8 @@ from mergeforge.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
+
+    from mergeforge.checkpoint.gguf_reader import GGUFCheckpoint
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,31 @@ class TensorInfo:
     def in_safetensors(self) -> bool:
         """True when the bytes lie at ``offset`` in ``file``, so they can be read in any range."""
         return self.offset >= 0
+
+
+class TensorSource(Protocol):
+    """What the planner and the executors need of an input model: a folder of safetensors or
+    ``.bin`` files (:class:`~mergeforge.checkpoint.reader.Checkpoint`), a GGUF file
+    (:class:`~mergeforge.checkpoint.gguf_reader.GGUFCheckpoint`), or a state dict in memory."""
+
+    @property
+    def ref(self) -> str: ...
+    @property
+    def folder(self) -> Path:
+        """The Hugging Face files besides the weights (config, tokenizer, ...)."""
+        ...
+    @property
+    def location(self) -> Path:
+        """The file or folder the weights are read from (an output must not overwrite it)."""
+        ...
+    @property
+    def config(self) -> dict[str, Any] | None: ...
+
+    def names(self) -> list[str]: ...
+    def has(self, name: str) -> bool: ...
+    def info(self, name: str) -> TensorInfo: ...
+    def read(self, name: str, row_start: int = 0, row_stop: int | None = None) -> Any: ...
+    def close(self) -> None: ...
 
 
 class SafetensorsFile:
@@ -123,6 +150,11 @@ class Checkpoint:
         self._bin_lock = threading.Lock()
         self.tensors: dict[str, TensorInfo] = self._index()
         self.config: dict[str, Any] | None = read_json(self.folder / "config.json")
+
+    @property
+    def location(self) -> Path:
+        """The file or folder the model is read from."""
+        return self.folder
 
     def _index(self) -> dict[str, TensorInfo]:
         kind, path = weights_layout(self.folder)
@@ -225,13 +257,26 @@ class Checkpoint:
         self.close()
 
 
-def open_checkpoint(ref: str | os.PathLike[str], relative_to: Path | None = None) -> Checkpoint:
-    """Open a model folder (or cached hub id) lazily.
+def open_checkpoint(ref: str | os.PathLike[str], relative_to: Path | None = None) -> Checkpoint | GGUFCheckpoint:
+    """Open a model lazily: a folder of safetensors or ``.bin`` weights (or a cached hub id), a
+    ``.gguf`` file, or a folder holding exactly one ``.gguf`` file.
 
     Example:
         >>> with open_checkpoint("path/to/model") as ckpt:
         ...     weight = ckpt.read("model.embed_tokens.weight")
     """
-    ref = str(ref)
-    return Checkpoint(resolve_model_path(ref, relative_to), ref)
+    from mergeforge.checkpoint.gguf_reader import GGUFCheckpoint, gguf_file_of
 
+    ref = str(ref)
+    candidate = Path(ref).expanduser()
+    if not candidate.is_absolute() and relative_to is not None and (relative_to / candidate).exists():
+        candidate = relative_to / candidate
+    if candidate.is_file():
+        if candidate.suffix != ".gguf":
+            raise CheckpointError(f"model '{ref}': is a file; give a model folder or a .gguf file")
+        return GGUFCheckpoint(candidate, ref)
+    folder = resolve_model_path(ref, relative_to)
+    gguf_path = gguf_file_of(folder)
+    if gguf_path is not None:
+        return GGUFCheckpoint(gguf_path, ref)
+    return Checkpoint(folder, ref)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergeforge.checkpoint import folder as folder_files
+from mergeforge.checkpoint.gguf_reader import GGUFCheckpoint
 from mergeforge.checkpoint.reader import TensorInfo
 from mergeforge.dtypes import from_torch
 from mergeforge.engine.options import MergeOptions
@@ -97,6 +98,14 @@ def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, opt
     started = time.perf_counter()
     plan = plan_merge(recipe, options)
     try:
+        if options.out_format == "gguf":
+            from mergeforge.engine.gguf_output import check_gguf_output
+
+            check_gguf_output(plan, options)
+        if any(isinstance(c, GGUFCheckpoint) for c in plan.checkpoints.values()):
+            from mergeforge.engine.gguf_output import quantization_warnings
+
+            plan.warnings.extend(quantization_warnings(plan))
         for message in plan.warnings:
             log.warning(message)
         executor = choose_executor(plan, options)
@@ -113,6 +122,12 @@ def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, opt
         )
         if options.dry_run:
             result.plan_lines = describe(plan, executor.label, peak, options.shard_bytes)
+            from mergeforge.engine.gguf_output import input_type_lines, out_type
+
+            extra = input_type_lines(plan)
+            if options.out_format == "gguf":
+                extra.append(f"output: GGUF {out_type(plan, options)} (model.gguf)")
+            result.plan_lines[2:2] = extra  # after "method:" and "models:"
             if plan.method.calibrate is not None:
                 from mergeforge.engine.calibrate import calibration_summary
 
@@ -121,7 +136,7 @@ def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, opt
         if out_dir is None:
             raise OutputError("an output folder is required unless dry_run is set")
         out_path = Path(out_dir)
-        folder_files.check_output_location(out_path, [c.folder for c in plan.checkpoints.values()], options.overwrite)
+        folder_files.check_output_location(out_path, [c.location for c in plan.checkpoints.values()], options.overwrite)
         if plan.method.calibrate is not None:
             # Data-aware methods: forward/backward passes on whole models, before the streaming merge.
             from mergeforge.engine.calibrate import run_calibration
@@ -146,7 +161,7 @@ class _MemoryCheckpoint:
 
     def __init__(self, state: Mapping[str, torch.Tensor], ref: str):
         self.ref = ref
-        self.folder = Path(".")
+        self.folder = self.location = Path(".")
         self.config: dict[str, Any] | None = None
         self.state = state
         self.tensors = {name: TensorInfo(name, tuple(t.shape), from_torch(t.dtype), Path(ref), -1) for name, t in state.items()}

@@ -16,6 +16,7 @@ import torch
 
 from mergeforge.calibration.context import CalibrationContext, ModelLoader
 from mergeforge.calibration.data import CalibrationError, load_examples
+from mergeforge.checkpoint.gguf_reader import GGUFCheckpoint
 from mergeforge.dtypes import is_floating
 from mergeforge.engine.plan import MergePlan
 from mergeforge.methods.registry import STATISTICS, BaseUse
@@ -39,11 +40,16 @@ def folder_loader(plan: MergePlan) -> ModelLoader:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as transformers_logging
 
-        folder = plan.checkpoints[ref].folder
+        checkpoint = plan.checkpoints[ref]
+        folder = checkpoint.folder
+        # transformers reads a GGUF file itself (dequantized, Q/K un-permuted), as the merge does.
+        gguf_file = checkpoint.path if isinstance(checkpoint, GGUFCheckpoint) else None
         # Our own progress bar covers calibration; transformers' per-model loading bar is noise.
         bar_was_enabled = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()
         try:
+            if gguf_file is not None:
+                return AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
             return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         except (OSError, ValueError, KeyError) as exc:
             raise CalibrationError(

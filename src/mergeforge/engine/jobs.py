@@ -1,32 +1,15 @@
 """The units of a plan: one :class:`TensorJob` per output tensor, reading :class:`SourceTensor`
-inputs from :class:`TensorSource` models. Torch-free."""
+inputs from :class:`~mergeforge.checkpoint.reader.TensorSource` models. Torch-free."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from mergeforge.checkpoint.reader import TensorInfo
 from mergeforge.checkpoint.writer import OutputTensor
 from mergeforge.dtypes import TORCH_NAMES
 from mergeforge.errors import MethodError
 from mergeforge.methods.registry import MethodSpec
-
-
-class TensorSource(Protocol):
-    """What the planner and the executors need of an input model: a folder of safetensors or
-    ``.bin`` files (:class:`~mergeforge.checkpoint.reader.Checkpoint`), or a state dict in memory."""
-
-    ref: str
-    folder: Path
-    config: dict[str, Any] | None
-
-    def names(self) -> list[str]: ...
-    def has(self, name: str) -> bool: ...
-    def info(self, name: str) -> TensorInfo: ...
-    def read(self, name: str, row_start: int = 0, row_stop: int | None = None) -> Any: ...
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from mergeforge.checkpoint.reader import TensorSource
 from mergeforge.checkpoint.writer import OutputTensor
 from mergeforge.dtypes import is_floating, parse_recipe_dtype
-from mergeforge.engine.jobs import SourceTensor, TensorJob, TensorSource
+from mergeforge.engine.jobs import SourceTensor, TensorJob
 from mergeforge.engine.recipe import OutputSlice, Parameters, Recipe, SliceSource
 from mergeforge.engine.rules import (
     count_layers,

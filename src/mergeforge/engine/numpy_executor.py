@@ -51,7 +51,8 @@ def refusal(plan: MergePlan, options: MergeOptions) -> str | None:
         infos = [(s, plan.checkpoints[s.model].info(s.name)) for s in [*job.inputs, job.base] if s is not None]
         for source, info in infos:
             if not info.in_safetensors:
-                return f"model '{source.model}' is not in safetensors files"
+                kind = "a GGUF file" if info.file.suffix == ".gguf" else "not in safetensors files"
+                return f"model '{source.model}' is {kind}"
         if job.method is None:
             continue
         dtypes = {info.dtype for _, info in infos}

@@ -44,12 +44,18 @@ class MergeOptions:
     # "auto": the NumPy executor when it takes the plan (CPU, safetensors inputs, float32 compute,
     # a NumPy kernel for the method, no calibration), else torch; "numpy" or "torch" forces one.
     executor: str = "auto"
+    out_format: str = "hf"  # "hf": safetensors shards; "gguf": OUT_DIR/model.gguf
+    out_type: str | None = None  # GGUF tensor type (f16, q8_0, q4_k_m, ...); None: the merge's output dtype
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise MergeforgeError("--threads must be at least 1")
         if self.executor not in EXECUTORS:
             raise MergeforgeError(f"--executor: unknown executor '{self.executor}'; use one of {', '.join(EXECUTORS)}")
+        if self.out_format not in ("hf", "gguf"):
+            raise MergeforgeError(f"--out-format: unknown format '{self.out_format}'; use hf or gguf")
+        if self.out_type is not None and self.out_format != "gguf":
+            raise MergeforgeError("--out-type sets the type of a GGUF output; add --out-format gguf (or use --out-dtype)")
         self.shard_bytes  # noqa: B018 - sizes are checked here, not halfway through a merge
         self.budget_bytes  # noqa: B018
 

@@ -93,14 +93,23 @@ def write_merge(plan: MergePlan, out_dir: Path, executor: Executor, options: Mer
     parent = out_dir.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(parent).free
-    if plan.bytes_to_write > free:
-        raise OutputError(
-            f"{parent}: disk full: the merge writes {human_size(plan.bytes_to_write)} but only {human_size(free)} are free"
-        )
+    # A GGUF output is written from a safetensors merge in the same temporary folder: twice the bytes at most.
+    needed = plan.bytes_to_write * (2 if options.out_format == "gguf" else 1)
+    if needed > free:
+        raise OutputError(f"{parent}: disk full: the merge writes {human_size(needed)} but only {human_size(free)} are free")
+
+    def write_hf(folder: Path) -> None:
+        _write_weights(plan, folder, executor, options)
+        finish_folder(plan, folder, options.copy_tokenizer)
+
     try:
         with folder_files.atomic_output_folder(out_dir) as temp:
-            _write_weights(plan, temp, executor, options)
-            finish_folder(plan, temp, options.copy_tokenizer)
+            if options.out_format == "gguf":
+                from mergeforge.engine.gguf_output import write_gguf_folder
+
+                write_gguf_folder(plan, temp, options, write_hf)
+            else:
+                write_hf(temp)
     except OSError as exc:
         raise output_error(exc, Path(exc.filename) if exc.filename else out_dir) from None
 

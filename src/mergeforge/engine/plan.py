@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergeforge.checkpoint.reader import Checkpoint, open_checkpoint
+from mergeforge.checkpoint.reader import TensorSource, open_checkpoint
 from mergeforge.checkpoint.writer import OutputTensor
-from mergeforge.engine.jobs import SourceTensor, TensorJob, TensorSource
+from mergeforge.engine.jobs import SourceTensor, TensorJob
 from mergeforge.engine.layouts import Planner
 from mergeforge.engine.recipe import Parameters, Recipe
 from mergeforge.errors import RecipeError
@@ -132,8 +132,8 @@ def _check_calibration(recipe: Recipe, method: MethodSpec) -> None:
         raise RecipeError(f"slices: merge_method '{method.name}' (data-aware) merges whole models; use 'models' instead of 'slices'")
 
 
-def open_models(recipe: Recipe, relative_to: Path | None = None) -> dict[str, Checkpoint]:
-    checkpoints: dict[str, Checkpoint] = {}
+def open_models(recipe: Recipe, relative_to: Path | None = None) -> dict[str, TensorSource]:
+    checkpoints: dict[str, TensorSource] = {}
     try:
         for ref in recipe.referenced_models():
             checkpoints[ref] = open_checkpoint(ref, relative_to)

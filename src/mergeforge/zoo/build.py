@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergeforge.cache import cache_root
 from mergeforge.zoo.manifest import (
     MANIFEST,
     MANIFEST_FORMAT,
@@ -77,14 +78,6 @@ def zoo_content_hash(size: str, seed: int) -> str:
         digest.update(f"{module}\n".encode())
         digest.update(Path(spec.origin).read_bytes())
     return digest.hexdigest()
-
-
-def cache_root() -> Path:
-    """``$MERGEFORGE_CACHE``, else ``$XDG_CACHE_HOME/mergeforge``, else ``~/.cache/mergeforge``."""
-    if os.environ.get("MERGEFORGE_CACHE"):
-        return Path(os.environ["MERGEFORGE_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "mergeforge"
 
 
 def default_zoo_dir(size: str = "tiny", seed: int = 0) -> Path:
