@@ -337,3 +337,25 @@ def test_llama_cpp_loads_our_gguf_with_transformers_logits(arch, family):
         model.eval(ids)
         difference = np.abs(np.array(model.scores[: len(ids)]) - expected).max()
         assert difference < bound, (kind, difference)
+
+
+def test_the_readme_gguf_commands_run(family, tmp_path):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## GGUF (llama.cpp) models")
+    block = re.search(r"```bash\n(.*?)```", readme[start:], flags=re.S).group(1)
+    commands = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["mergeforge", "merge"], ["mergeforge", "convert"], ["mergeforge", "convert"]]
+    models = family["llama"]
+    convert(models["base"], tmp_path / "model.Q4_1.gguf", "gguf", "q4_1")
+    recipe_file(tmp_path / "recipe.yml", "task_arithmetic", tmp_path / "model.Q4_1.gguf", [models["ft1"], models["ft2"]],
+                {"weight": 0.5})
+    for command in commands:
+        result = run_cli(*command[1:], cwd=tmp_path)
+        assert result.returncode == 0, (command, result.stderr)
+    for path in (tmp_path / "out" / "model.gguf", tmp_path / "model.q8_0.gguf"):
+        assert gguf.GGUFReader(path).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    with GGUFCheckpoint(tmp_path / "model.Q4_1.gguf") as q4:
+        back = load_state(tmp_path / "hf")
+        assert all(torch.equal(back[name], q4.read(name)) for name in q4.names())

@@ -17,7 +17,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def merge_section_blocks() -> dict[str, str]:
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Merge models"):text.index("## Measure what a merge keeps")]
+    start = text.index("## Merge models")
+    section = text[start:text.index("\n## ", start)]
     blocks = re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S)
     return {language: body for language, body in blocks}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -225,6 +226,9 @@ def write_gguf(source: TensorSource, names: list[str], output: GGUFOutput, path:
             writer.write_tensor_data(data)
             if on_tensor is not None and item.hf_name is not None:
                 on_tensor(item.hf_name)
+        writer.close()
+        with open(path, "rb+") as handle:  # on disk before the caller renames it into place
+            os.fsync(handle.fileno())
     except OSError as exc:
         raise OutputError(f"{path}: cannot write: {exc.strerror}") from None
     finally:
@@ -253,7 +257,8 @@ def _add_metadata(writer: gguf.GGUFWriter, output: GGUFOutput, out_type: str) ->
     source = output.metadata_source
     if source is not None:
         depth = f"{arch}.block_count"
-        _copy_fields(writer, source, lambda key: not key.startswith("tokenizer.") and key != depth)
+        renamed = "general.name" if output.name else None
+        _copy_fields(writer, source, lambda key: not key.startswith("tokenizer.") and key not in (depth, renamed))
         layers = output.config.get("num_hidden_layers", field_value(source.reader, depth))
         writer.add_uint32(depth, int(layers))  # from the output's config: slices change the depth
     else:
@@ -356,7 +361,8 @@ def add_hf_tokenizer(writer: gguf.GGUFWriter, folder: Path, where: str) -> str |
         scores.append(score)
         types.append(gguf.TokenType.CONTROL if index in special_ids and kind == gguf.TokenType.NORMAL else kind)
     writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
+    if model_type == "BPE" and tokenizer_json["model"].get("byte_fallback"):
+        writer.add_token_scores(scores)  # SentencePiece-style merges rank by score; byte-level BPE has none
     writer.add_token_types(types)
     SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
     return warning
