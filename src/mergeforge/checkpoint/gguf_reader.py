@@ -30,7 +30,7 @@ from mergeforge.checkpoint.gguf_arch import (
 )
 from mergeforge.checkpoint.reader import TensorInfo
 from mergeforge.checkpoint.safetensors_format import read_json
-from mergeforge.dtypes import to_torch
+from mergeforge.dtypes import bf16_to_f32, to_torch
 from mergeforge.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -177,8 +177,6 @@ class GGUFCheckpoint:
         else:
             values = gguf.quants.dequantize(picked, tensor.tensor_type)
         if self.arch.norm_offset and self.arch.is_norm(name):
-            from mergeforge.dtypes import bf16_to_f32
-
             values = (bf16_to_f32(values) if kind == "BF16" else values.astype(np.float32)) - np.float32(self.arch.norm_offset)
         shape = (stop - row_start, *info.shape[1:]) if info.shape else ()
         return values.reshape(shape)

@@ -31,7 +31,6 @@ import numpy as np
 from mergeforge.checkpoint.gguf_arch import (
     Architecture,
     arch_metadata,
-    architecture,
     architecture_of_config,
     to_gguf_order,
 )
@@ -110,10 +109,7 @@ class GGUFOutput:
         self.tokenizer_source = tokenizer_source if tokenizer_source is not None else metadata_source
         self.name = name
         self.where = where
-        self.arch: Architecture = (
-            architecture(metadata_source.arch.name, str(metadata_source.path)) if metadata_source is not None
-            else architecture_of_config(config, where)
-        )
+        self.arch: Architecture = metadata_source.arch if metadata_source is not None else architecture_of_config(config, where)
         self.pre_tokenizer_guess: str | None = None
 
 
@@ -122,7 +118,7 @@ def plan_tensors(output: GGUFOutput, tensors: list[tuple[str, tuple[int, ...]]],
     before anything is written."""
     import gguf
 
-    wanted = _ggml_type(out_type)
+    wanted = _ggml_type(out_type if out_type in PYTHON_TYPES else "bf16")  # llama-quantize starts from BF16
     block, _ = gguf.GGML_QUANT_SIZES[wanted]
     planned = []
     for name, shape in tensors:
@@ -183,8 +179,7 @@ def _gguf_values(source: TensorSource, name: str, arch: Architecture, heads: int
     return values
 
 
-def write_gguf(source: TensorSource, names: list[str], output: GGUFOutput, path: Path, out_type: str,
-               on_tensor: Callable[[str], None] | None = None) -> None:
+def write_gguf(source: TensorSource, names: list[str], output: GGUFOutput, path: Path, out_type: str) -> None:
     """Write tensors ``names`` of ``source`` (Hugging Face names) to the GGUF file ``path``.
 
     ``path``'s folder must be the caller's temporary output folder: the file is complete only
@@ -193,7 +188,7 @@ def write_gguf(source: TensorSource, names: list[str], output: GGUFOutput, path:
     check_out_type(out_type)
     if out_type in LLAMA_QUANTIZE_TYPES:
         staging = path.with_name(path.stem + ".bf16.gguf")
-        write_gguf(source, names, output, staging, "bf16", on_tensor)
+        write_gguf(source, names, output, staging, "bf16")
         try:
             _llama_quantize(staging, path, out_type)
         finally:
@@ -202,6 +197,10 @@ def write_gguf(source: TensorSource, names: list[str], output: GGUFOutput, path:
     import gguf
 
     planned = plan_tensors(output, [(n, source.info(n).shape) for n in names], out_type)
+    heads = int(output.config.get("num_attention_heads") or 0)
+    kv_heads = int(output.config.get("num_key_value_heads") or heads)
+    if output.arch.permute_qk and not heads:
+        raise CheckpointError(f"{output.where}: config.json has no num_attention_heads, which the Q/K permutation needs")
     writer = gguf.GGUFWriter(path, output.arch.name, use_temp_file=False)
     try:
         _add_metadata(writer, output, out_type)
@@ -213,9 +212,6 @@ def write_gguf(source: TensorSource, names: list[str], output: GGUFOutput, path:
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        config = output.config
-        heads = int(config.get("num_attention_heads") or 0)
-        kv_heads = int(config.get("num_key_value_heads") or heads)
         for item in planned:
             if item.hf_name is None:
                 assert output.metadata_source is not None
@@ -224,8 +220,6 @@ def write_gguf(source: TensorSource, names: list[str], output: GGUFOutput, path:
                 values = _gguf_values(source, item.hf_name, output.arch, heads, kv_heads)
                 data = gguf.quants.quantize(values, item.kind)
             writer.write_tensor_data(data)
-            if on_tensor is not None and item.hf_name is not None:
-                on_tensor(item.hf_name)
         writer.close()
         with open(path, "rb+") as handle:  # on disk before the caller renames it into place
             os.fsync(handle.fileno())

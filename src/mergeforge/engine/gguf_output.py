@@ -16,7 +16,7 @@ import numpy as np
 from mergeforge.checkpoint.convert import GGUF_FILE
 from mergeforge.checkpoint.gguf_reader import FLOAT_TYPES, GGUFCheckpoint
 from mergeforge.checkpoint.gguf_writer import GGUFOutput, check_out_type, plan_tensors, write_gguf
-from mergeforge.checkpoint.reader import Checkpoint
+from mergeforge.checkpoint.reader import Checkpoint, TensorSource
 from mergeforge.checkpoint.safetensors_format import read_json
 from mergeforge.dtypes import bf16_to_f32, is_floating, to_f32
 from mergeforge.engine.options import MergeOptions
@@ -92,7 +92,7 @@ def input_type_lines(plan: MergePlan) -> list[str]:
             kinds = Counter(checkpoint.gguf_types.values())
             fmt = f"GGUF {checkpoint.arch.name}"
         else:
-            kinds = Counter(info.dtype for info in checkpoint.tensors.values()) if hasattr(checkpoint, "tensors") else Counter()
+            kinds = Counter(checkpoint.info(name).dtype for name in checkpoint.names())
             fmt = "safetensors" if isinstance(checkpoint, Checkpoint) else "in memory"
         counts = ", ".join(f"{kind} x{count}" for kind, count in kinds.most_common())
         lines.append(f"input {ref}: {fmt}; tensor types: {counts}")
@@ -114,7 +114,7 @@ def expected_noise(kind: str) -> float | None:
     return float(np.linalg.norm(restored - weights) / np.linalg.norm(weights))
 
 
-def _values(checkpoint: object, name: str) -> np.ndarray:
+def _values(checkpoint: TensorSource, name: str) -> np.ndarray:
     """A tensor, flattened, as float64 NumPy (without torch for GGUF and safetensors inputs)."""
     if isinstance(checkpoint, GGUFCheckpoint):
         values = checkpoint.read_numpy(name)
@@ -122,7 +122,7 @@ def _values(checkpoint: object, name: str) -> np.ndarray:
     if isinstance(checkpoint, Checkpoint) and checkpoint.info(name).in_safetensors:
         info = checkpoint.info(name)
         return to_f32(checkpoint.read_array(name, 0, info.numel), info.dtype).astype(np.float64)
-    return np.asarray(checkpoint.read(name).double().numpy()).reshape(-1)  # type: ignore[attr-defined]
+    return np.asarray(checkpoint.read(name).double().numpy()).reshape(-1)
 
 
 def quantization_warnings(plan: MergePlan, samples: int = 4) -> list[str]:
@@ -140,10 +140,15 @@ def quantization_warnings(plan: MergePlan, samples: int = 4) -> list[str]:
             continue
         kind = Counter(checkpoint.gguf_types[n] for n in quantized).most_common(1)[0][0]
         noise = expected_noise(kind)
-        noise_text = f"{kind} adds about {noise:.2%} relative weight noise" if noise is not None else f"{kind}'s noise is unknown"
-        if ref == base_ref or base is None:
-            messages.append(f"model '{ref}' is quantized ({kind}): {noise_text} to every merged tensor; prefer a float "
-                            "(F32/F16/BF16) checkpoint as the base")
+        noise_text = (f"{kind} adds about {noise:.2%} relative weight noise" if noise is not None
+                      else f"the noise {kind} adds cannot be measured in Python")
+        if ref == base_ref:
+            messages.append(f"model '{ref}' is quantized ({kind}): {noise_text}, and the base's noise reaches every merged "
+                            "tensor; prefer a float (F32/F16/BF16) checkpoint as the base")
+            continue
+        if base is None:
+            messages.append(f"model '{ref}' is quantized ({kind}): {noise_text}, which the merge averages in; prefer a float "
+                            "(F32/F16/BF16) checkpoint of it")
             continue
         names = [n for n in quantized if base.has(n) and base.info(n).shape == checkpoint.tensors[n].shape]
         if not names:
