@@ -13,6 +13,7 @@ per file, into the mergeforge cache (:attr:`GGUFCheckpoint.folder`).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 from functools import cached_property
@@ -179,7 +180,18 @@ class GGUFCheckpoint:
         if self.arch.norm_offset and self.arch.is_norm(name):
             values = (bf16_to_f32(values) if kind == "BF16" else values.astype(np.float32)) - np.float32(self.arch.norm_offset)
         shape = (stop - row_start, *info.shape[1:]) if info.shape else ()
-        return values.reshape(shape)
+        values = values.reshape(shape)
+        self._release(tensor)
+        return values
+
+    def _release(self, tensor: Any) -> None:
+        """Drop the tensor's mapped pages from this process once read (they stay in the page cache),
+        so resident memory is bounded by the tensors in flight, not by the file size."""
+        mapping = getattr(self.reader.data, "_mmap", None)  # numpy.memmap's mmap.mmap
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
 
     def read(self, name: str, row_start: int = 0, row_stop: int | None = None) -> torch.Tensor:
         import torch
