@@ -92,3 +92,21 @@ def logits(folder: Path, gguf_file: str | None = None, ids: list[int] | None = N
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     with torch.no_grad():
         return model(torch.tensor([ids or [1, 5, 9, 42, 7, 100, 3, 250]])).logits[0]
+
+
+def save_sentencepiece_style_tokenizer(path: Path) -> int:
+    """A Llama-2-style tokenizer: BPE over '▁'-joined words with byte fallback (<0xNN> tokens),
+    which GGUF stores as a ``llama`` tokenizer with scores. Returns its size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)]],
+                                  show_progress=False)
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    return len(fast)

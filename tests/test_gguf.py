@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import load_state, run_cli
-from gguf_support import ARCHS, build, logits, save_bpe_tokenizer
+from gguf_support import ARCHS, build, logits, save_bpe_tokenizer, save_sentencepiece_style_tokenizer, tiny_config
 
 import mergeforge
 from mergeforge.checkpoint.convert import convert
@@ -141,6 +141,26 @@ def test_requantizing_keeps_the_metadata_and_norms_stay_f32(family, tmp_path):
         assert reader.fields[key].contents() == original.fields[key].contents(), key
     assert reader.fields["general.name"].contents() == "tiny q4"
     assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
+
+
+def test_a_sentencepiece_style_tokenizer_is_written_as_a_llama_vocabulary(tmp_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    size = save_sentencepiece_style_tokenizer(tmp_path / "m")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config("llama", size)).save_pretrained(tmp_path / "m")
+    path, warnings = convert(tmp_path / "m", tmp_path / "m.gguf", "gguf", "f32")
+    assert warnings == []
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert len(reader.fields["tokenizer.ggml.scores"].contents()) == size
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[3] == gguf.TokenType.BYTE and types[1] == gguf.TokenType.CONTROL
+    text = "the quick brown fox 123 zebra!"
+    original = AutoTokenizer.from_pretrained(tmp_path / "m")(text).input_ids
+    converted = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")(text).input_ids
+    assert converted[-len(original):] == original  # transformers' GGUF tokenizer adds <s> first, as Llama 2's does
+    assert torch.equal(logits(tmp_path / "m"), logits(tmp_path, "m.gguf"))
 
 
 # -- merging -------------------------------------------------------------------------------------
