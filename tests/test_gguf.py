@@ -15,7 +15,14 @@ import pytest
 import torch
 import yaml
 from conftest import load_state, run_cli
-from gguf_support import ARCHS, build, logits, save_bpe_tokenizer, save_sentencepiece_style_tokenizer, tiny_config
+from gguf_support import (
+    ARCHS,
+    build,
+    logits,
+    save_bpe_tokenizer,
+    save_sentencepiece_style_tokenizer,
+    tiny_config,
+)
 
 import mergeforge
 from mergeforge.checkpoint.convert import convert
