@@ -410,3 +410,16 @@ def test_reading_a_gguf_keeps_resident_memory_bounded_by_tensors_not_the_file(tm
         recipe = recipe_file(tmp_path / f"{name}.yml", "task_arithmetic", base, [tmp_path / "ft"], {"weight": 0.5})
         peaks[name] = peak_rss(recipe, tmp_path / f"out-{name}", "--executor", "torch")
     assert peaks["gguf"] < peaks["safetensors"] + size / 2, (peaks, size)
+
+
+@pytest.mark.skipif(shutil.which("llama-quantize") is None, reason="llama.cpp's llama-quantize is not on PATH (hand-run check)")
+def test_k_quants_go_through_llama_quantize(family, tmp_path):
+    models = family["llama"]
+    recipe = recipe_file(tmp_path / "r.yml", "task_arithmetic", models["base-f32"], [models["ft1"]], {"weight": 0.5})
+    result = run_cli("merge", recipe, tmp_path / "out", "--out-format", "gguf", "--out-type", "q4_k_m", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "mergeforge_config.yml", "model.gguf"]
+    reader = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    mergeforge.merge(recipe, tmp_path / "hf", quiet=True)
+    assert (logits(tmp_path / "out", "model.gguf") - logits(tmp_path / "hf")).abs().max().item() < 0.3
