@@ -29,7 +29,7 @@ from mergeforge.checkpoint.gguf_arch import (
     architecture,
     permuted_rows,
 )
-from mergeforge.checkpoint.reader import TensorInfo
+from mergeforge.checkpoint.reader import TensorIndex, TensorInfo
 from mergeforge.checkpoint.safetensors_format import read_json
 from mergeforge.dtypes import bf16_to_f32, to_torch
 from mergeforge.errors import CheckpointError
@@ -93,8 +93,9 @@ def field_value(reader: gguf.GGUFReader, key: str) -> Any:
     return None if field is None else field.contents()
 
 
-class GGUFCheckpoint:
-    """A GGUF file seen through the interface the planner and the torch executor read.
+class GGUFCheckpoint(TensorIndex):
+    """A GGUF file seen through the interface the planner and the torch executor read (its memory
+    map is released with the reader).
 
     Example:
         >>> with GGUFCheckpoint(Path("model.Q8_0.gguf")) as ckpt:
@@ -144,18 +145,6 @@ class GGUFCheckpoint:
     @property
     def location(self) -> Path:
         return self.path
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"model '{self.ref}': tensor '{name}' not found") from None
 
     def read_numpy(self, name: str, row_start: int = 0, row_stop: int | None = None) -> np.ndarray:
         """The tensor (or rows ``[row_start, row_stop)``) in Hugging Face layout: float32 for
@@ -207,15 +196,6 @@ class GGUFCheckpoint:
             if tensor.name == gguf_name:
                 return tensor
         return None
-
-    def close(self) -> None:
-        pass  # the memory map is released with the reader
-
-    def __enter__(self) -> GGUFCheckpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- Hugging Face files ----------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import numpy as np
 
@@ -90,6 +90,35 @@ class TensorSource(Protocol):
     def close(self) -> None: ...
 
 
+class TensorIndex:
+    """``names``, ``has`` and ``info`` over ``self.tensors`` (name -> :class:`TensorInfo`), and
+    ``with`` closing: what every :class:`TensorSource` shares."""
+
+    ref: str
+    tensors: dict[str, TensorInfo]
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"model '{self.ref}': tensor '{name}' not found") from None
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class SafetensorsFile:
     """One validated safetensors file, read tensor by tensor with ``pread``."""
 
@@ -136,7 +165,7 @@ class SafetensorsFile:
             self._fd = -1
 
 
-class Checkpoint:
+class Checkpoint(TensorIndex):
     """A model folder opened lazily: tensor names, shapes and dtypes, and per-tensor reads.
 
     Inputs are only ever opened read-only.
@@ -215,18 +244,6 @@ class Checkpoint:
 
     # -- public -------------------------------------------------------------------------------
 
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"model '{self.ref}': tensor '{name}' not found") from None
-
     def read(self, name: str, row_start: int = 0, row_stop: int | None = None) -> torch.Tensor:
         """The tensor (or a block of its rows) as a new CPU tensor in its stored dtype."""
         info = self.info(name)
@@ -250,11 +267,6 @@ class Checkpoint:
         self._files.clear()
         self._bin_state.clear()
 
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def open_checkpoint(ref: str | os.PathLike[str], relative_to: Path | None = None) -> Checkpoint | GGUFCheckpoint:

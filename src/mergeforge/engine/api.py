@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergeforge.checkpoint import folder as folder_files
 from mergeforge.checkpoint.gguf_reader import GGUFCheckpoint
-from mergeforge.checkpoint.reader import TensorInfo
+from mergeforge.checkpoint.reader import TensorIndex, TensorInfo
 from mergeforge.dtypes import from_torch
 from mergeforge.engine.options import MergeOptions
 from mergeforge.engine.output import Executor, MergeResult, describe, write_merge
@@ -156,7 +156,7 @@ def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, opt
 # In memory
 
 
-class _MemoryCheckpoint:
+class _MemoryCheckpoint(TensorIndex):
     """A state dict seen through the interface the planner and the torch executor read."""
 
     def __init__(self, state: Mapping[str, torch.Tensor], ref: str):
@@ -166,21 +166,9 @@ class _MemoryCheckpoint:
         self.state = state
         self.tensors = {name: TensorInfo(name, tuple(t.shape), from_torch(t.dtype), Path(ref), -1) for name, t in state.items()}
 
-    def names(self) -> list[str]:
-        return list(self.state)
-
-    def has(self, name: str) -> bool:
-        return name in self.state
-
-    def info(self, name: str) -> TensorInfo:
-        return self.tensors[name]
-
     def read(self, name: str, row_start: int = 0, row_stop: int | None = None) -> torch.Tensor:
         tensor = self.state[name]
         return tensor[row_start:row_stop] if row_stop is not None else tensor
-
-    def close(self) -> None:
-        pass
 
 
 class _MemoryWriter:
