@@ -60,7 +60,7 @@ def tiny_config(arch: str, vocab: int):
 
 def build(arch: str, path: Path, seed: int = 0, base: Path | None = None, noise: float = 0.02) -> Path:
     """A random tiny model, or ``base`` plus Gaussian noise, with the BPE tokenizer."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     if base is not None:
@@ -70,7 +70,7 @@ def build(arch: str, path: Path, seed: int = 0, base: Path | None = None, noise:
             for parameter in model.parameters():
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * noise)
         model.save_pretrained(path)
-        save_bpe_tokenizer(path)
+        AutoTokenizer.from_pretrained(base).save_pretrained(path)
         return path
     path.mkdir(parents=True)
     vocab = save_bpe_tokenizer(path)
@@ -80,6 +80,9 @@ def build(arch: str, path: Path, seed: int = 0, base: Path | None = None, noise:
             if "norm" in name:
                 parameter.add_(torch.randn(parameter.shape) * 0.1)
     model.save_pretrained(path)
+    # As transformers saves the tokenizer for this model type: for qwen2 it is Qwen2Tokenizer,
+    # whose own pre-tokenizer (digits one by one) replaces the trained one, as in real Qwen2 folders.
+    AutoTokenizer.from_pretrained(path).save_pretrained(path)
     return path
 
 

@@ -359,11 +359,16 @@ def test_llama_cpp_loads_our_gguf_with_transformers_logits(arch, family):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional, hand-run check")
     ids = [1, 5, 9, 42, 7, 100, 3, 250]
     expected = logits(family[arch]["base"], ids=ids).numpy()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(family[arch]["base"])
     for kind, bound in (("f32", 1e-3), ("q8_0", BOUNDS["q8_0"])):
         model = llama_cpp.Llama(model_path=str(family[arch][f"base-{kind}"]), logits_all=True, verbose=False, n_ctx=64)
         model.eval(ids)
         difference = np.abs(np.array(model.scores[: len(ids)]) - expected).max()
         assert difference < bound, (kind, difference)
+        for text in ("the quick brown fox 123", "one two three 12345", "  multiple   spaces", "gguf files; 42!"):
+            assert model.tokenize(text.encode(), add_bos=False) == tokenizer(text).input_ids, (kind, text)
 
 
 def test_the_readme_gguf_commands_run(family, tmp_path):
