@@ -16,7 +16,7 @@ import hashlib
 import mmap
 import os
 import shutil
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,10 +57,33 @@ def gguf_file_of(path: Path) -> Path | None:
     return found[0]
 
 
+@cache
+def _reader_class() -> type[gguf.GGUFReader]:
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        """``GGUFReader`` parsing over a plain ndarray view of its memmap: slicing a ``numpy.memmap``
+        runs ``memmap.__array_finalize__`` in Python for each of the ~200k views a large vocabulary
+        makes, which was 60% of the open time (3.6 s against 1.4-1.7 s for SmolLM2). Same fields
+        and tensors; ``mapping`` keeps the memmap."""
+
+        mapping: np.memmap
+
+        @property  # type: ignore[override]
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, value: np.memmap) -> None:
+            self.mapping = value
+            self._plain = value.view(np.ndarray)
+
+    return Reader
+
+
 def open_reader(path: Path) -> gguf.GGUFReader:
     """``gguf.GGUFReader`` on ``path``, with every way a file can be broken reported as one
     :class:`CheckpointError` that names it."""
-    import gguf
 
     size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -71,7 +94,7 @@ def open_reader(path: Path) -> gguf.GGUFReader:
     if version not in (2, 3):
         raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _reader_class()(path)
     except ValueError as exc:
         message = str(exc)
         if "GGMLQuantizationType" in message:
@@ -176,7 +199,7 @@ class GGUFCheckpoint(TensorIndex):
     def _release(self, tensor: Any) -> None:
         """Drop the tensor's mapped pages from this process once read (they stay in the page cache),
         so resident memory is bounded by the tensors in flight, not by the file size."""
-        mapping = getattr(self.reader.data, "_mmap", None)  # numpy.memmap's mmap.mmap
+        mapping = getattr(getattr(self.reader, "mapping", None), "_mmap", None)  # numpy.memmap's mmap.mmap
         if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
