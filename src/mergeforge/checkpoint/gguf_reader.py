@@ -140,7 +140,6 @@ class GGUFCheckpoint(TensorIndex):
         kv_heads = field_value(self.reader, f"{arch_name}.attention.head_count_kv")
         self.heads, self.kv_heads = heads, kv_heads if isinstance(kv_heads, int) else heads
         self.gguf_types: dict[str, str] = {}  # HF name -> GGUF tensor type (Q4_1, F32, ...)
-        self.gguf_names: dict[str, str] = {}
         self._tensors: dict[str, Any] = {}
         self.tensors: dict[str, TensorInfo] = {}
         readable: set[str] = set()
@@ -160,7 +159,6 @@ class GGUFCheckpoint(TensorIndex):
             shape = tuple(reversed([int(d) for d in tensor.shape]))
             self.tensors[hf] = TensorInfo(hf, shape, dtype, self.path, -1)
             self.gguf_types[hf] = kind
-            self.gguf_names[hf] = tensor.name
             self._tensors[hf] = tensor
 
     # -- the TensorSource interface ------------------------------------------------------------
@@ -199,7 +197,7 @@ class GGUFCheckpoint(TensorIndex):
     def _release(self, tensor: Any) -> None:
         """Drop the tensor's mapped pages from this process once read (they stay in the page cache),
         so resident memory is bounded by the tensors in flight, not by the file size."""
-        mapping = getattr(getattr(self.reader, "mapping", None), "_mmap", None)  # numpy.memmap's mmap.mmap
+        mapping = getattr(getattr(self.reader, "mapping", None), "_mmap", None)  # open_reader's memmap, its mmap.mmap
         if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
@@ -232,7 +230,7 @@ class GGUFCheckpoint(TensorIndex):
             derive_hf_files(self.path, target)
         return target
 
-    @property
+    @cached_property
     def config(self) -> dict[str, Any] | None:
         return read_json(self.folder / "config.json")
 

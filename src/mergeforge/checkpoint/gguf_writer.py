@@ -17,7 +17,6 @@ Hugging Face tokenizer (``gguf.vocab``).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -43,9 +42,7 @@ if TYPE_CHECKING:
 
     from mergeforge.checkpoint.reader import TensorSource
 
-log = logging.getLogger("mergeforge")
-
-# --out-type -> (GGML type written by Python, llama.cpp file type)
+# --out-type values the gguf package quantizes in Python
 PYTHON_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # --out-type values made by llama-quantize (its type names, upper-cased)
 LLAMA_QUANTIZE_TYPES = (
@@ -203,30 +200,40 @@ def write_gguf(source: TensorSource, names: list[str], output: GGUFOutput, path:
         raise CheckpointError(f"{output.where}: config.json has no num_attention_heads, which the Q/K permutation needs")
     writer = gguf.GGUFWriter(path, output.arch.name, use_temp_file=False)
     try:
-        _add_metadata(writer, output, out_type)
-        for item in planned:
-            byte_shape = gguf.quants.quant_shape_to_byte_shape(item.shape, item.kind) if _is_quantized(item.kind) else item.shape
-            dtype = np.uint8 if _is_quantized(item.kind) else (np.float16 if item.kind == gguf.GGMLQuantizationType.F16 else np.float32)
-            writer.add_tensor_info(item.gguf_name, byte_shape, np.dtype(dtype), item.nbytes,
-                                   raw_dtype=item.kind if _is_quantized(item.kind) else None)
-        writer.write_header_to_file(path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for item in planned:
-            if item.hf_name is None:
-                assert output.metadata_source is not None
-                data = np.array(output.metadata_source.raw_tensor(item.gguf_name).data)
-            else:
-                values = _gguf_values(source, item.hf_name, output.arch, heads, kv_heads)
-                data = gguf.quants.quantize(values, item.kind)
-            writer.write_tensor_data(data)
-        writer.close()
+        try:
+            _write_file(writer, path, output, planned, source, heads, kv_heads, out_type)
+        finally:
+            writer.close()
         with open(path, "rb+") as handle:  # on disk before the caller renames it into place
             os.fsync(handle.fileno())
     except OSError as exc:
         raise OutputError(f"{path}: cannot write: {exc.strerror}") from None
-    finally:
-        writer.close()
+
+
+def _write_file(writer: gguf.GGUFWriter, path: Path, output: GGUFOutput, planned: list[_Planned], source: TensorSource,
+                heads: int, kv_heads: int, out_type: str) -> None:
+    """Header, metadata and tensor table, then every tensor in plan order."""
+    import gguf
+
+    _add_metadata(writer, output, out_type)
+    for item in planned:
+        if _is_quantized(item.kind):
+            writer.add_tensor_info(item.gguf_name, gguf.quants.quant_shape_to_byte_shape(item.shape, item.kind),
+                                   np.dtype(np.uint8), item.nbytes, raw_dtype=item.kind)
+        else:
+            dtype = np.float16 if item.kind == gguf.GGMLQuantizationType.F16 else np.float32
+            writer.add_tensor_info(item.gguf_name, item.shape, np.dtype(dtype), item.nbytes)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for item in planned:
+        if item.hf_name is None:
+            assert output.metadata_source is not None
+            data = np.array(output.metadata_source.raw_tensor(item.gguf_name).data)
+        else:
+            values = _gguf_values(source, item.hf_name, output.arch, heads, kv_heads)
+            data = gguf.quants.quantize(values, item.kind)
+        writer.write_tensor_data(data)
 
 
 def _is_quantized(kind: gguf.GGMLQuantizationType) -> bool:
