@@ -194,6 +194,11 @@ class GGUFCheckpoint(TensorIndex):
         self._release(tensor)
         return values
 
+    def read_float32(self, name: str) -> np.ndarray:
+        """The whole tensor as float32 NumPy in Hugging Face layout (BF16 widened), without torch."""
+        values = self.read_numpy(name)
+        return bf16_to_f32(values) if self.tensors[name].dtype == "BF16" else values.astype(np.float32, copy=False)
+
     def _release(self, tensor: Any) -> None:
         """Drop the tensor's mapped pages from this process once read (they stay in the page cache),
         so resident memory is bounded by the tensors in flight, not by the file size."""

@@ -34,7 +34,6 @@ from mergeforge.checkpoint.gguf_arch import (
     to_gguf_order,
 )
 from mergeforge.checkpoint.gguf_reader import GGUFCheckpoint, field_value
-from mergeforge.dtypes import bf16_to_f32
 from mergeforge.errors import CheckpointError, OutputError
 
 if TYPE_CHECKING:
@@ -160,14 +159,11 @@ def _nbytes(shape: tuple[int, ...], kind: gguf.GGMLQuantizationType) -> int:
 def _gguf_values(source: TensorSource, name: str, arch: Architecture, heads: int, kv_heads: int) -> np.ndarray:
     """A tensor of ``source`` as float32 in llama.cpp's layout."""
     if isinstance(source, GGUFCheckpoint):
-        values = source.read_numpy(name)
-        if source.tensors[name].dtype == "BF16":
-            values = bf16_to_f32(values)
+        values = source.read_float32(name)
     else:
         import torch
 
         values = source.read(name).to(torch.float32).numpy()
-    values = np.asarray(values, dtype=np.float32)
     permute = arch.qk_heads(name, heads, kv_heads)
     if permute:
         values = to_gguf_order(values, permute)

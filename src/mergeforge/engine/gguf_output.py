@@ -18,7 +18,7 @@ from mergeforge.checkpoint.gguf_reader import FLOAT_TYPES, GGUFCheckpoint
 from mergeforge.checkpoint.gguf_writer import GGUFOutput, check_out_type, plan_tensors, write_gguf
 from mergeforge.checkpoint.reader import Checkpoint, TensorSource
 from mergeforge.checkpoint.safetensors_format import read_json
-from mergeforge.dtypes import bf16_to_f32, is_floating, to_f32
+from mergeforge.dtypes import is_floating, to_f32
 from mergeforge.engine.options import MergeOptions
 from mergeforge.engine.plan import MergePlan
 from mergeforge.errors import OutputError
@@ -117,8 +117,7 @@ def expected_noise(kind: str) -> float | None:
 def _values(checkpoint: TensorSource, name: str) -> np.ndarray:
     """A tensor, flattened, as float64 NumPy (without torch for GGUF and safetensors inputs)."""
     if isinstance(checkpoint, GGUFCheckpoint):
-        values = checkpoint.read_numpy(name)
-        return (bf16_to_f32(values) if checkpoint.tensors[name].dtype == "BF16" else values).astype(np.float64).reshape(-1)
+        return checkpoint.read_float32(name).astype(np.float64).reshape(-1)
     if isinstance(checkpoint, Checkpoint) and checkpoint.info(name).in_safetensors:
         info = checkpoint.info(name)
         return to_f32(checkpoint.read_array(name, 0, info.numel), info.dtype).astype(np.float64)
