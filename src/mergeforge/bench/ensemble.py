@@ -24,6 +24,7 @@ class OutputEnsemble(torch.nn.Module):
             raise ValueError("an ensemble needs at least one member")
         self.members = torch.nn.ModuleList(members)
         self.name_or_path = f"ensemble of {len(members)}"
+        self.config = getattr(members[0], "config", None)  # the members share an architecture and a vocabulary
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> SimpleNamespace:
         if attention_mask is None:

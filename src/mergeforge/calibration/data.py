@@ -34,6 +34,8 @@ class CalibrationExample:
 
     prompt: str
     answer: str | None = None
+    chat: bool = False  # the prompt is a user message, sent in the tokenizer's chat template
+    system: str | None = None  # the system message sent with it
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ def read_task_folder(folder: Path, split: str, samples: int) -> list[Calibration
     from mergeforge.tasks.folders import load_task
 
     task = load_task(folder)
-    return [CalibrationExample(example.prompt, example.answer) for example in task.examples(split, samples)]
+    return [CalibrationExample(example.prompt, example.answer, task.spec.chat, task.spec.system)
+            for example in task.examples(split, samples)]
 
 
 def read_source(source: str, config: CalibrationConfig, relative_to: Path | None, field: str) -> list[CalibrationExample]:
@@ -137,7 +140,7 @@ def encode_examples(
     keep their last ``max_length`` tokens, where the answer (or the end of the prompt) is."""
     from mergeforge.tasks.encoding import encode_answers, encode_prompts
 
-    prompt_ids = encode_prompts(tokenizer, [example.prompt for example in examples])
+    prompt_ids = [encode_prompts(tokenizer, [example.prompt], example.chat, example.system)[0] for example in examples]
     with_answer = [i for i, example in enumerate(examples) if example.answer is not None and not prompts_only]
     answer_ids = dict(zip(with_answer, encode_answers(tokenizer, [examples[i].answer or "" for i in with_answer])))
     encoded: list[EncodedExample] = []

@@ -13,7 +13,7 @@ import torch
 
 from mergeforge.errors import CheckpointError
 from mergeforge.evaluate.generation import greedy_generate
-from mergeforge.evaluate.scoring import answer_log_likelihoods, is_correct, normalise
+from mergeforge.evaluate.scoring import answer_scores, is_correct, normalise
 from mergeforge.tasks.encoding import encode_answers, encode_prompts
 from mergeforge.tasks.folders import Task, TaskError, load_task
 
@@ -108,6 +108,7 @@ def evaluate_model(
     return_predictions: bool = False,
     with_loss: bool = True,
     threads: int | None = None,
+    scoring: str = "generate",
 ) -> dict[str, Any]:
     """Score a model on tasks by greedy generation and by the loss of the reference answers.
 
@@ -123,6 +124,14 @@ def evaluate_model(
         threads: torch threads while scoring; default 1 for models under 100M parameters
             (they gain nothing from intra-op threads, and lose a factor of 20 when the cores are
             shared with other processes), else torch's setting.
+        scoring: ``generate`` decodes every prompt greedily. ``forced`` first runs one
+            teacher-forced pass: an example whose every answer token (and the end of sequence)
+            is the model's top choice is one that greedy decoding answers exactly, so it is
+            correct without decoding; only the others are generated. Same verdicts as
+            ``generate`` (up to floating-point ties), at the cost of one forward pass plus the
+            misses' decoding. The result counts, per task, how many examples needed decoding
+            (``generated``) and how many of those were correct after all (``generated_correct``:
+            a different tokenisation of the answer, or a stop before the end of sequence).
 
     Returns:
         ``{"model", "split", "tasks": {name: {"metric", "score", "correct", "n", "loss",
@@ -151,7 +160,8 @@ def evaluate_model(
     model.eval()
     try:
         with scoring_threads(model, threads):
-            results = _score_tasks(model, tokenizer, task_list, split, batch_size, max_examples, return_predictions, with_loss)
+            results = _score_tasks(model, tokenizer, task_list, split, batch_size, max_examples, return_predictions, with_loss,
+                                   scoring)
     finally:
         if was_training:
             model.train()
@@ -164,26 +174,45 @@ def evaluate_model(
     }
 
 
+SCORING = ("generate", "forced")
+
+
 def _score_tasks(model: Any, tokenizer: Any, task_list: list[Task], split: str, batch_size: int,
-                 max_examples: int | None, return_predictions: bool, with_loss: bool) -> dict[str, Any]:
+                 max_examples: int | None, return_predictions: bool, with_loss: bool, scoring: str) -> dict[str, Any]:
+    if scoring not in SCORING:
+        raise TaskError(f"scoring '{scoring}': choose one of {', '.join(SCORING)}")
     pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
     results: dict[str, Any] = {}
     for task in task_list:
         examples = task.examples(split, max_examples)
-        prompt_ids = encode_prompts(tokenizer, [e.prompt for e in examples])
-        generated = greedy_generate(model, prompt_ids, task.spec.max_new_tokens, pad_id, eos_id, batch_size)
-        outputs = [normalise(tokenizer.decode(ids, skip_special_tokens=True), task.spec.stop) for ids in generated]
-        correct = [is_correct(out, e.answer, task.spec.metric) for out, e in zip(outputs, examples, strict=True)]
+        prompt_ids = encode_prompts(tokenizer, [e.prompt for e in examples], task.spec.chat, task.spec.system)
+        forced = None
+        if with_loss or scoring == "forced":
+            answer_ids = encode_answers(tokenizer, [e.answer for e in examples])
+            forced = answer_scores(model, prompt_ids, answer_ids, pad_id, batch_size)
+        outputs: list[str | None] = [None] * len(examples)
+        if scoring == "forced":
+            assert forced is not None
+            # The answer text itself, when greedy decoding would emit it within the token budget.
+            for i, (e, (_, _, top), ids) in enumerate(zip(examples, forced, answer_ids, strict=True)):
+                if top and len(ids) - (eos_id is not None) <= task.spec.max_new_tokens:
+                    outputs[i] = normalise(e.answer, task.spec.stop)
+        todo = [i for i, out in enumerate(outputs) if out is None]
+        generated = greedy_generate(model, [prompt_ids[i] for i in todo], task.spec.max_new_tokens, pad_id, eos_id, batch_size)
+        for i, ids in zip(todo, generated, strict=True):
+            outputs[i] = normalise(tokenizer.decode(ids, skip_special_tokens=True), task.spec.stop)
+        correct = [is_correct(out or "", e.answer, task.spec.metric) for out, e in zip(outputs, examples, strict=True)]
         entry: dict[str, Any] = {
             "metric": task.spec.metric,
             "score": sum(correct) / len(examples),
             "correct": sum(correct),
             "n": len(examples),
         }
+        if scoring == "forced":
+            entry.update(generated=len(todo), generated_correct=sum(correct[i] for i in todo))
         if with_loss:
-            answer_ids = encode_answers(tokenizer, [e.answer for e in examples])
-            nll = answer_log_likelihoods(model, prompt_ids, answer_ids, pad_id, batch_size)
-            total, count = sum(x for x, _ in nll), sum(n for _, n in nll)
+            assert forced is not None
+            total, count = sum(x for x, _, _ in forced), sum(n for _, n, _ in forced)
             mean = total / max(1, count)
             entry.update(loss=mean, perplexity=math.exp(min(mean, 700.0)), answer_tokens=count)
         if return_predictions:

@@ -25,6 +25,9 @@ import click
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: 1 for models under 100M parameters, else torch's default).")
+@click.option("--scoring", type=click.Choice(["generate", "forced"]), default="generate", show_default=True,
+              help="forced: one teacher-forced pass settles every example the model answers exactly; only the "
+                   "others are generated (same verdicts, faster).")
 @click.option("--harness", "harness_names", default=None,
               help="Run lm-evaluation-harness instead, on these comma-separated tasks: lm-eval YAML task names "
                    "under --include-path, and task folders or names as for --tasks (exported to lm-eval YAML).")
@@ -35,7 +38,7 @@ import click
                    "(the model is not loaded).")
 def eval_command(model_dir: Path, task_names: str | None, task_root: Path | None, split: str, json_out: Path | None,
                  limit: int | None, batch_size: int, no_loss: bool, predictions: bool, device: str,
-                 threads: int | None, harness_names: str | None, include_paths: tuple[Path, ...],
+                 threads: int | None, scoring: str, harness_names: str | None, include_paths: tuple[Path, ...],
                  export_dir: Path | None) -> None:
     """Score MODEL_DIR (a Hugging Face folder or a PEFT LoRA adapter folder) by exact match with
     greedy generation, and by the loss of the reference answers.
@@ -72,7 +75,7 @@ def eval_command(model_dir: Path, task_names: str | None, task_root: Path | None
     transformers_logging.set_verbosity_error()
     model, tokenizer = load_model_and_tokenizer(model_dir, device=device)
     result = evaluate_model(model, tasks, split=split, batch_size=batch_size, max_examples=limit, tokenizer=tokenizer,
-                            return_predictions=predictions, with_loss=not no_loss, threads=threads)
+                            return_predictions=predictions, with_loss=not no_loss, threads=threads, scoring=scoring)
     result["model"] = str(model_dir)
     click.echo(format_result(result))
     if json_out is not None:

@@ -11,7 +11,9 @@ A task folder looks like::
 ``spec.json`` fields: ``name`` (required), ``prompt_key`` and ``answer_key`` (the JSONL fields,
 default ``prompt`` / ``answer``), ``max_new_tokens`` (default 32), ``metric`` (``exact_match``:
 the stripped generation equals the stripped answer; ``contains``: the generation contains the
-answer), ``stop`` (strings that end a generation early, default none), ``description``.
+answer), ``stop`` (strings that end a generation early, default none), ``description``,
+``chat`` (send each prompt as a user message in the model's chat template, default false) and
+``system`` (the system message sent with it, when ``chat`` is true).
 Unknown fields are an error, so a typo cannot be silently ignored.
 """
 
@@ -47,6 +49,8 @@ class TaskSpec(BaseModel):
     metric: Literal["exact_match", "contains"] = "exact_match"
     stop: tuple[str, ...] = ()
     description: str = ""
+    chat: bool = False
+    system: str | None = None
 
 
 @dataclass(frozen=True)
