@@ -36,7 +36,7 @@ from mergeforge.zoo.manifest import (
     load_zoo,
     write_manifest,
 )
-from mergeforge.zoo.presets import PRESETS, ZooPreset
+from mergeforge.zoo.presets import PRESETS, ChatZooPreset, ZooPreset
 from mergeforge.zoo.train import TrainingSchedule
 
 Log = Callable[[str], None]
@@ -48,7 +48,7 @@ Log = Callable[[str], None]
 _HASHED_MODULES = (
     "mergeforge.zoo.tasks", "mergeforge.zoo.tokenizer", "mergeforge.zoo.train", "mergeforge.zoo.data", "mergeforge.zoo.lora",
     "mergeforge.zoo.build", "mergeforge.zoo.manifest", "mergeforge.tasks.encoding", "mergeforge.tasks.folders",
-    "mergeforge.checkpoint.peft",
+    "mergeforge.checkpoint.peft", "mergeforge.zoo.chat_tasks", "mergeforge.zoo.chat_build", "mergeforge.zoo.pretrained",
 )
 
 
@@ -136,6 +136,34 @@ def run_job(job: TrainJob, size: str, seed: int, root: str) -> dict[str, Any]:
     ``(size, seed)`` or read from ``root``.
     """
     import torch
+
+    started = time.perf_counter()
+    torch.set_num_threads(1)
+    _quiet_transformers()
+    preset = PRESETS[size]
+    zoo_root = Path(root)
+    if isinstance(preset, ChatZooPreset):
+        from mergeforge.zoo.chat_build import run_chat_job
+
+        model, tokenizer, examples, final_loss = run_chat_job(job, preset, seed, zoo_root)
+    else:
+        model, tokenizer, examples, final_loss = _train_generated(job, preset, seed, zoo_root)
+    trained_seconds = time.perf_counter() - started
+    scores = _validation_scores(model, tokenizer, zoo_root, job.eval_tasks)
+    return {
+        "name": job.name,
+        "steps": job.schedule.steps,
+        "examples": examples,
+        "final_loss": round(final_loss, 5),
+        "train_seconds": round(trained_seconds, 2),
+        "eval_seconds": round(time.perf_counter() - started - trained_seconds, 2),
+        "validation": scores,
+    }
+
+
+def _train_generated(job: TrainJob, preset: ZooPreset, seed: int, zoo_root: Path) -> tuple[Any, Any, int, float]:
+    """One model of a generated zoo: pretrained from scratch, or fine-tuned from its base."""
+    import torch
     from transformers import LlamaForCausalLM
 
     from mergeforge.checkpoint.peft import save_adapter
@@ -144,11 +172,6 @@ def run_job(job: TrainJob, size: str, seed: int, root: str) -> dict[str, Any]:
     from mergeforge.zoo.tokenizer import build_tokenizer, save_tokenizer
     from mergeforge.zoo.train import encode_training_data, train
 
-    started = time.perf_counter()
-    torch.set_num_threads(1)
-    _quiet_transformers()
-    preset = PRESETS[size]
-    zoo_root = Path(root)
     task_data, _ = zoo_data.make_task_data(preset, seed)
     tokenizer = build_tokenizer()
     if job.data == "pretrain":
@@ -177,16 +200,7 @@ def run_job(job: TrainJob, size: str, seed: int, root: str) -> dict[str, Any]:
     else:
         model.save_pretrained(folder)
     save_tokenizer(tokenizer, folder)
-    trained_seconds = time.perf_counter() - started
-    scores = _validation_scores(model, tokenizer, zoo_root, job.eval_tasks)
-    return {
-        "name": job.name,
-        "steps": job.schedule.steps,
-        "examples": len(encoded),
-        "final_loss": round(final_loss, 5),
-        "train_seconds": round(trained_seconds, 2),
-        "validation": scores,
-    }
+    return model, tokenizer, len(encoded), final_loss
 
 
 def _quiet_transformers() -> None:
@@ -231,15 +245,25 @@ def _model_entry(job: TrainJob, staging: Path, seed: int) -> ZooModel:
     )
 
 
-def _run_all(base_job: TrainJob, jobs: list[TrainJob], size: str, seed: int, staging: Path, workers: int,
+def _run_all(base_job: TrainJob | None, jobs: list[TrainJob], size: str, seed: int, staging: Path, workers: int,
              log: Log, started: float) -> list[dict[str, Any]]:
     """Train every model. The jobs that start from their own random initialisation run beside the
-    base; the fine-tunes of the base start once it is saved."""
+    base; the fine-tunes of the base start once it is saved (at once when ``base_job`` is None:
+    the base is already in place)."""
+
+    every = [*([base_job] if base_job is not None else []), *jobs]
+    work = {job.name: job.schedule.steps * job.schedule.batch_size for job in every}  # examples seen: the cost
+    total = sum(work.values())
+    done = [0]
+    first = time.perf_counter()
 
     def report(record: dict[str, Any]) -> None:
         scores = ", ".join(f"{task} {score:.0%}" for task, score in record["validation"].items())
+        done[0] += work[record["name"]]
+        elapsed = time.perf_counter() - first
+        left = f"; about {elapsed * (total - done[0]) / done[0] / 60:.0f} min left" if 0 < done[0] < total else ""
         log(f"[{time.perf_counter() - started:6.1f}s] {record['name']}: {record['steps']} steps, "
-            f"loss {record['final_loss']:.3f}; val {scores}")
+            f"loss {record['final_loss']:.3f}; val {scores} ({len(records)}/{len(every)} models{left})")
 
     def longest_first(selected: list[TrainJob]) -> list[TrainJob]:  # so the workers end together
         return sorted(selected, key=lambda job: -job.schedule.steps * job.schedule.batch_size)
@@ -248,7 +272,7 @@ def _run_all(base_job: TrainJob, jobs: list[TrainJob], size: str, seed: int, sta
     fine_tunes = longest_first([job for job in jobs if job.from_base])
     records: list[dict[str, Any]] = []
     if workers <= 1:
-        for job in (base_job, *independent, *fine_tunes):
+        for job in every:
             records.append(run_job(job, size, seed, str(staging)))
             report(records[-1])
         return records
@@ -256,11 +280,14 @@ def _run_all(base_job: TrainJob, jobs: list[TrainJob], size: str, seed: int, sta
 
     # spawn, not fork: the parent has torch's thread pools running.
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        base_future = pool.submit(run_job, base_job, size, seed, str(staging))
-        futures = [pool.submit(run_job, job, size, seed, str(staging)) for job in independent]
-        records.append(base_future.result())
-        report(records[-1])
-        futures += [pool.submit(run_job, job, size, seed, str(staging)) for job in fine_tunes]
+        if base_job is None:
+            futures = [pool.submit(run_job, job, size, seed, str(staging)) for job in (*fine_tunes, *independent)]
+        else:
+            base_future = pool.submit(run_job, base_job, size, seed, str(staging))
+            futures = [pool.submit(run_job, job, size, seed, str(staging)) for job in independent]
+            records.append(base_future.result())
+            report(records[-1])
+            futures += [pool.submit(run_job, job, size, seed, str(staging)) for job in fine_tunes]
         for future in futures:
             records.append(future.result())
             report(records[-1])
@@ -286,7 +313,9 @@ def build_zoo(
         directory: the zoo folder; default :func:`default_zoo_dir` (under ``~/.cache/mergeforge``).
             It must be new, empty, or hold a zoo (which is reused if its content hash matches,
             else replaced).
-        size: ``tiny`` (tests, demo) or ``small`` (benchmark).
+        size: a name in :data:`mergeforge.zoo.presets.PRESETS`: ``tiny`` (tests), ``small``
+            (the generated benchmark zoo), ``smollm2`` (fine-tunes of SmolLM2-135M-Instruct) or
+            ``smollm2-demo`` (its 3-expert build for the demo).
         seed: every random choice (data, initialisations, batches) follows from it.
         workers: processes for the jobs after the base (default: up to 2, one per core).
         force: rebuild even if the folder holds this very zoo.
@@ -329,13 +358,23 @@ def build_zoo(
     staging.mkdir()
     threads = torch.get_num_threads()
     try:
-        tasks = _write_tasks(preset, seed, staging)
-        skills = [name for name, entry in tasks.items() if entry.role == "skill"]
-        base_job, jobs = plan_jobs(preset, skills, seed)
-        log(f"building zoo {size} (seed {seed}, {len(jobs) + 1} models, {workers} worker(s)) in {root}")
+        base_job: TrainJob | None
+        if isinstance(preset, ChatZooPreset):
+            from mergeforge.zoo import chat_build
+            from mergeforge.zoo.pretrained import prepare_base
+
+            base_dir = prepare_base(preset.base, log)
+            chat_build.copy_base(base_dir, staging)
+            tasks = chat_build.write_chat_tasks(preset, seed, staging, base_dir, log)
+            base_job, jobs = None, chat_build.plan_chat_jobs(preset, seed)
+        else:
+            tasks = _write_tasks(preset, seed, staging)
+            skills = [name for name, entry in tasks.items() if entry.role == "skill"]
+            base_job, jobs = plan_jobs(preset, skills, seed)
+        ordered = [*([base_job] if base_job is not None else []), *jobs]
+        log(f"building zoo {size} (seed {seed}, {len(ordered)} models, {workers} worker(s)) in {root}")
         records = _run_all(base_job, jobs, size, seed, staging, workers, log, started)
         by_name = {record["name"]: record for record in records}
-        ordered = [base_job, *jobs]
         models = {job.name: _model_entry(job, staging, seed) for job in ordered}
         info = {
             "build": {

