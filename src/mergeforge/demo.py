@@ -1,6 +1,7 @@
-"""``mergeforge demo``: the README's main command. Builds the tiny model zoo (cached), merges its
-six task experts with three methods, evaluates every model on the held-out test splits and prints
-one table.
+"""``mergeforge demo``: the README's main command. Builds (once; then cached) the reduced zoo of a
+real pretrained LLM, SmolLM2-135M-Instruct with three task experts fine-tuned from it, merges the
+experts with three methods, evaluates every model on the held-out test splits and prints one table.
+``--size tiny`` runs the same on the generated tiny zoo (the tests' zoo) in about a minute.
 
 Methods: a plain average of the experts (model soups, Wortsman et al., arXiv:2203.05482), task
 arithmetic (Ilharco et al., arXiv:2212.04089) and TIES (Yadav et al., arXiv:2306.01708). Baselines:
@@ -41,7 +42,7 @@ def demo_recipe(method: str, base: Path, experts: list[Path]) -> dict[str, Any]:
     return recipe
 
 
-def run_demo(workdir: Path | None = None, size: str = "tiny", seed: int = 0, limit: int | None = None,
+def run_demo(workdir: Path | None = None, size: str = "smollm2-demo", seed: int = 0, limit: int | None = None,
              echo: Any = print) -> dict[str, Any]:
     """Build the zoo, merge, evaluate; returns ``{"zoo", "rows": {label: {task: score}}, "table"}``."""
     from mergeforge.cache import cache_root
@@ -60,12 +61,13 @@ def run_demo(workdir: Path | None = None, size: str = "tiny", seed: int = 0, lim
     def scores(model_dir: Path, names: list[str]) -> dict[str, float]:
         model, tokenizer = load_model_and_tokenizer(model_dir)
         result = evaluate_model(model, [tasks[name] for name in names], split="test", max_examples=limit,
-                                tokenizer=tokenizer, with_loss=False)
+                                tokenizer=tokenizer, with_loss=False, scoring="forced")
         return {name: entry["score"] for name, entry in result["tasks"].items()}
 
     rows: dict[str, dict[str, float]] = {"base": scores(zoo.base.path, skills)}
     rows["expert (own task)"] = {task: scores(model.path, [task])[task] for model in zoo.experts if (task := model.task)}
-    rows["multi-task model"] = scores(zoo.multitask.path, skills)
+    if zoo.by_role("multitask"):
+        rows["multi-task model"] = scores(zoo.multitask.path, skills)
     experts = [model.path for model in zoo.experts]
     for method in DEMO_METHODS:
         out = workdir / f"merged-{method}"
@@ -96,12 +98,14 @@ def run_demo(workdir: Path | None = None, size: str = "tiny", seed: int = 0, lim
 @click.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the merged models go (default: under ~/.cache/mergeforge/demo).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True, help="Zoo size.")
+@click.option("--size", type=click.Choice(["smollm2-demo", "smollm2", "tiny", "small"]), default="smollm2-demo", show_default=True,
+              help="Zoo: smollm2-demo (3 experts of SmolLM2-135M-Instruct; about 10 minutes the first time), smollm2 "
+                   "(the full real zoo), tiny (generated, a minute) or small.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Zoo seed.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Score the first N test examples per task (the tiny zoo has 200).")
+              help="Score the first N test examples per task (the smollm2 zoos have 80, the tiny zoo 200).")
 def demo_command(workdir: Path | None, size: str, seed: int, limit: int) -> None:
-    """Build the tiny model zoo (cached), merge its experts three ways, evaluate, print the table."""
+    """Build a zoo of fine-tunes of a real LLM (cached), merge its experts three ways, evaluate, print the table."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # the demo prints its own lines, not a bar per model load

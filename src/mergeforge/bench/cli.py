@@ -10,7 +10,8 @@ import click
 @click.command("bench")
 @click.option("--zoo", "zoo_dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".cache/zoo"), show_default=True,
               help="Zoo folder (built there first, or reused when its content hash matches).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True, help="Zoo size.")
+@click.option("--size", type=click.Choice(["tiny", "small", "smollm2", "smollm2-demo"]), default="small", show_default=True,
+              help="Zoo size (smollm2: the SmolLM2-135M-Instruct zoo, see docs/zoo.md).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"), show_default=True,
               help="Where results.json, results.md and results.png go.")
 @click.option("--methods", default=None, help="Comma-separated methods (default: every registered one).")

@@ -75,10 +75,27 @@ def markdown(result: BenchResult) -> str:
             if protocol == PAIRWISE and result.pairwise_reference:
                 reference = ", ".join(f"`{m.method}`" for m in result.pairwise_reference)
                 lines += ["", f"{reference}: multi-model methods run on the same pairs, for comparison."]
+    multitask = result.baselines.get("multi-task model")
+    best = next((r for r in ranked_rows(result, MULTITASK) if r["kind"] == "method"), None)
+    if multitask is not None and best is not None:
+        multitask_norm = _mean(list(result.normalised(multitask).values()))
+        share = best["normalised"] / multitask_norm if multitask_norm else 0.0
+        lines += ["", f"Best merge (`{best['name']}`) against the multi-task model: {_pct(best['normalised'])} / "
+                      f"{_pct(multitask_norm)} normalised = {_pct(share)}% of multi-task "
+                      f"training; mean accuracy {_pct(best['mean'])} / {_pct(_mean([multitask[t] for t in result.tasks]))}."]
     if result.negation:
-        lines += ["", "### Task negation", "",
-                  "| model | behaviour rate | mean task acc. |", "| --- | ---: | ---: |"]
-        lines += [f"| {r['model']} | {_pct(r['behaviour_rate'])} | {_pct(r['mean_accuracy'])} |" for r in result.negation["rows"]]
+        rows = result.negation["rows"]
+        general = all("general" in r for r in rows)
+        head = "| model | behaviour rate | mean task acc. |" + (" general: perplexity | general: base's answer kept |" if general else "")
+        lines += ["", "### Task negation", "", head, "| --- | ---: | ---: |" + (" ---: | ---: |" if general else "")]
+        for r in rows:
+            extra = f" {r['general']['perplexity']:.3f} | {_pct(r['general']['same_answer'])} |" if general else ""
+            lines.append(f"| {r['model']} | {_pct(r['behaviour_rate'])} | {_pct(r['mean_accuracy'])} |{extra}")
+    if result.composition:
+        composition = result.composition
+        lines += ["", f"### Composition: `{composition['task']}` (needs {' and '.join(composition['experts'])} at once)", "",
+                  "| model | test acc. | chosen on validation |", "| --- | ---: | --- |"]
+        lines += [f"| {r['model']} | {_pct(r['test'])} | {r.get('settings', '')} |" for r in composition["rows"]]
     if result.curve:
         counts = sorted({p["experts"] for points in result.curve.values() for p in points})
         lines += ["", "### Normalised accuracy against the number of merged experts", "",

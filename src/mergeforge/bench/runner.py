@@ -49,6 +49,9 @@ class BenchSuite:
     multitask: Path | None = None
     behaviour: Path | None = None  # an expert with an unwanted behaviour, for task negation
     behaviour_task: Path | None = None  # scores the behaviour rate (exact match = behaviour shown)
+    general_task: Path | None = None  # generic requests with the base's answers: general ability, by perplexity
+    composition_task: Path | None = None  # a task that needs two experts' skills at once
+    composition_experts: tuple[str, ...] = ()  # the task names of those two experts
 
 
 @dataclass
@@ -73,6 +76,7 @@ class BenchResult:
     negation: dict[str, Any] | None
     curve: dict[str, list[dict[str, Any]]]
     settings: dict[str, Any]
+    composition: dict[str, Any] | None = None
 
     def normalised(self, scores: Scores) -> Scores:
         return {task: scores[task] / self.experts[task] if self.experts[task] > 0 else 0.0 for task in self.tasks}
@@ -102,6 +106,9 @@ class _Evaluator:
         self._load = load
         self.skeleton = self._load(suite.base)
         self.states: dict[Path, dict[str, torch.Tensor]] = {}
+        # Scored examples, those the teacher-forced pass could not settle (generated), and those
+        # of them that generation found correct: how often forced scoring alone would be wrong.
+        self.forced = [0, 0, 0]
 
     def state(self, folder: Path) -> dict[str, torch.Tensor]:
         if folder not in self.states:
@@ -118,8 +125,22 @@ class _Evaluator:
         chosen = [self.tasks[name] for name in (tasks or self.tasks)]
         with _threads_for(model):
             result = evaluate_model(model, chosen, split=split, batch_size=self.batch_size, max_examples=self.max_examples,
-                                    tokenizer=self.tokenizer, with_loss=False)
+                                    tokenizer=self.tokenizer, with_loss=False, scoring="forced")
+        for entry in result["tasks"].values():
+            self.forced[0] += entry["n"]
+            self.forced[1] += entry["generated"]
+            self.forced[2] += entry["generated_correct"]
         return {name: entry["score"] for name, entry in result["tasks"].items()}
+
+    def general(self, model: torch.nn.Module, task: Any) -> dict[str, float]:
+        """General ability on the probe of generic requests: the perplexity of the base's own
+        answers, and the share of them the model reproduces exactly."""
+        from mergeforge.evaluate.api import evaluate_model
+
+        with _threads_for(model):
+            entry = evaluate_model(model, [task], split="test", batch_size=self.batch_size, tokenizer=self.tokenizer,
+                                   scoring="forced")["tasks"][task.name]
+        return {"perplexity": entry["perplexity"], "same_answer": entry["score"]}
 
     def score_state(self, state: dict[str, torch.Tensor], split: str, tasks: Sequence[str] | None = None) -> Scores:
         return self.score(self.model_with(state), split, tasks)
@@ -257,6 +278,7 @@ def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], b
     from mergeforge.tasks.folders import load_task
 
     probe = load_task(suite.behaviour_task)
+    general = load_task(suite.general_task) if suite.general_task is not None else None
     behaviour_state = evaluator.state(suite.behaviour)
 
     def measure(state: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -265,7 +287,10 @@ def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], b
             rate = evaluate_model(model, [probe], split="test", batch_size=evaluator.batch_size, max_examples=evaluator.max_examples,
                                   tokenizer=evaluator.tokenizer, with_loss=False)["tasks"][probe.name]["score"]
         tasks = evaluator.score(model, "test", task_names)
-        return {"behaviour_rate": rate, "tasks": tasks, "mean_accuracy": _mean(list(tasks.values()))}
+        row = {"behaviour_rate": rate, "tasks": tasks, "mean_accuracy": _mean(list(tasks.values()))}
+        if general is not None:
+            row["general"] = evaluator.general(model, general)
+        return row
 
     weights = [{"weight": NEGATION_EXPERT_WEIGHT}] * len(expert_states) + [{"weight": 1.0}]
     contaminated = merge_state_dicts("task_arithmetic", [*expert_states, behaviour_state], base_state, model_parameters=weights)
@@ -278,6 +303,38 @@ def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], b
         # The starting model's own delta is kept whole (weight 1), the behaviour vector subtracted.
         rows.append({"model": f"start − {scale:g} × behaviour vector", **measure(negated)})
     return {"start": f"base + {NEGATION_EXPERT_WEIGHT:g}·Σ expert vectors + behaviour vector", "rows": rows}
+
+
+COMPOSITION_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+
+
+def _composition(suite: BenchSuite, evaluator: _Evaluator, merger: _Merger, task_names: list[str],
+                 progress: Callable[[str], None]) -> dict[str, Any] | None:
+    """The composition case (Akiba et al., "Evolutionary Optimization of Model Merging Recipes",
+    arXiv:2403.13187, in miniature): a task that needs two experts' skills at once. Scored: the
+    base, each of the two experts, and merges of the two, each tuned on the task's validation split."""
+    if suite.composition_task is None or not suite.composition_experts:
+        return None
+    from mergeforge.methods.registry import get_method
+    from mergeforge.tasks.folders import load_task
+
+    task = load_task(suite.composition_task)
+    evaluator.tasks[task.name] = task
+    pair = tuple(task_names.index(name) for name in suite.composition_experts)
+    rows: list[dict[str, Any]] = [{"model": "base", "test": evaluator.score_state(merger.base_state, "test", [task.name])[task.name]}]
+    for name, index in zip(suite.composition_experts, pair, strict=True):
+        rows.append({"model": f"expert: {name}", "test": evaluator.score_state(merger.expert_states[index], "test", [task.name])[task.name]})
+    for name in COMPOSITION_METHODS:
+        plan = plan_method(get_method(name), len(pair))
+        tried = []
+        for params in plan.grid:
+            state = merger(plan, params, pair)
+            tried.append((evaluator.score_state(state, "val", [task.name])[task.name], params, state))
+        best = max(tried, key=lambda item: item[0])
+        rows.append({"model": f"merge: {name}", "settings": describe(best[1]), "val": best[0],
+                     "test": evaluator.score_state(best[2], "test", [task.name])[task.name]})
+        progress(f"composition {name:<18} {describe(best[1]):<28} val {best[0]:.3f}  test {rows[-1]['test']:.3f}")
+    return {"task": task.name, "experts": list(suite.composition_experts), "rows": rows}
 
 
 def _curve(chosen: dict[str, MethodResult], evaluator: _Evaluator, merger: _Merger, task_names: list[str], experts: Scores,
@@ -370,13 +427,16 @@ def run_bench(
     by_name = {r.method: r for r in results}
     negation_result = _negation(suite, evaluator, task_names, base_state, expert_states, seed) if negation else None
     curve = _curve(by_name, evaluator, merger, task_names, experts, curve_methods)
+    composition = _composition(suite, evaluator, merger, task_names, progress)
     settings = {
         "max_examples": max_examples, "seed": seed, "device": device, "seconds": round(time.perf_counter() - started, 1),
         "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, {platform.system()} {platform.release()}",
         "torch": torch.__version__, "python": platform.python_version(),
         "base": str(suite.base), "experts": {t: str(p) for t, p in suite.experts.items()},
+        "forced_scoring": dict(zip(("examples", "generated", "generated_correct"), evaluator.forced, strict=True)),
     }
-    return BenchResult(task_names, baselines, experts, results, pairwise_reference, negation_result, curve, settings)
+    return BenchResult(task_names, baselines, experts, results, pairwise_reference, negation_result, curve, settings,
+                       composition)
 
 
 def _cpu_count() -> int:
