@@ -16,11 +16,16 @@ import click
               help="Where results.json, results.md and results.png go.")
 @click.option("--methods", default=None, help="Comma-separated methods (default: every registered one).")
 @click.option("--max-examples", type=int, default=None, help="Score only the first N examples of each split (faster, noisier).")
+@click.option("--val-examples", type=int, default=None,
+              help="Score only the first N validation examples in the grid searches (default: --max-examples).")
+@click.option("--no-cross-scores", is_flag=True, help="Score each expert on its own task only (not on every task).")
+@click.option("--no-ensemble", is_flag=True, help="Skip the output-ensemble baseline (one forward pass per expert).")
 @click.option("--no-negation", is_flag=True, help="Skip the task-negation experiment.")
 @click.option("--curve-methods", default=None, help="Comma-separated methods for the accuracy-vs-experts curve.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the zoo and of the random methods.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-def bench_command(zoo_dir: Path, size: str, out_dir: Path, methods: str | None, max_examples: int | None, no_negation: bool,
+def bench_command(zoo_dir: Path, size: str, out_dir: Path, methods: str | None, max_examples: int | None,
+                  val_examples: int | None, no_cross_scores: bool, no_ensemble: bool, no_negation: bool,
                   curve_methods: str | None, seed: int, device: str) -> None:
     """Benchmark every merge method on the zoo: tune on validation, score on test, write the tables."""
     import logging
@@ -42,7 +47,8 @@ def bench_command(zoo_dir: Path, size: str, out_dir: Path, methods: str | None, 
     zoo = build_zoo(zoo_dir, size=size, seed=seed)
     suite = suite_from_zoo(zoo)
     curve = [name.strip() for name in curve_methods.split(",")] if curve_methods else DEFAULT_CURVE_METHODS
-    result = run_bench(suite, chosen, max_examples=max_examples, device=device, seed=seed, curve_methods=curve,
+    result = run_bench(suite, chosen, max_examples=max_examples, val_examples=val_examples, device=device, seed=seed,
+                       curve_methods=curve, expert_cross_scores=not no_cross_scores, ensemble=not no_ensemble,
                        negation=not no_negation, progress=lambda line: click.echo(line, err=True))
     result.settings["zoo"] = {"dir": str(zoo_dir), "size": size}
     paths = write_report(result, out_dir)

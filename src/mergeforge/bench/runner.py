@@ -89,13 +89,15 @@ def _mean(values: Sequence[float]) -> float:
 class _Evaluator:
     """Loads models once and scores state dicts by reusing one model skeleton."""
 
-    def __init__(self, suite: BenchSuite, max_examples: int | None, batch_size: int, device: str):
+    def __init__(self, suite: BenchSuite, max_examples: int | None, batch_size: int, device: str,
+                 val_examples: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from mergeforge.tasks.folders import load_task
 
         self.device = device
         self.max_examples = max_examples
+        self.val_examples = val_examples if val_examples is not None else max_examples
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(suite.base, local_files_only=True)
         self.tasks = {name: load_task(folder) for name, folder in suite.tasks.items()}
@@ -124,7 +126,8 @@ class _Evaluator:
 
         chosen = [self.tasks[name] for name in (tasks or self.tasks)]
         with _threads_for(model):
-            result = evaluate_model(model, chosen, split=split, batch_size=self.batch_size, max_examples=self.max_examples,
+            limit = self.val_examples if split == "val" else self.max_examples
+            result = evaluate_model(model, chosen, split=split, batch_size=self.batch_size, max_examples=limit,
                                     tokenizer=self.tokenizer, with_loss=False, scoring="forced")
         for entry in result["tasks"].values():
             self.forced[0] += entry["n"]
@@ -370,6 +373,9 @@ def run_bench(
     methods: Sequence[str] | None = None,
     *,
     max_examples: int | None = None,
+    val_examples: int | None = None,
+    expert_cross_scores: bool = True,
+    ensemble: bool = True,
     batch_size: int = 128,
     device: str = "cpu",
     seed: int = 0,
@@ -381,6 +387,10 @@ def run_bench(
 
     Arguments:
         max_examples: score only the first N examples of each split (faster, noisier).
+        val_examples: score only the first N validation examples in the grid searches (default:
+            ``max_examples``): a validation subset for the grids, the whole test split for the results.
+        expert_cross_scores: score every expert on every task (else on its own task only).
+        ensemble: score the output ensemble of all experts (one forward pass per expert).
         curve_methods: methods whose accuracy is also measured against the number of experts.
         progress: called with one line per finished step.
     """
@@ -388,24 +398,26 @@ def run_bench(
 
     started = time.perf_counter()
     task_names = list(suite.experts)
-    evaluator = _Evaluator(suite, max_examples, batch_size, device)
+    evaluator = _Evaluator(suite, max_examples, batch_size, device, val_examples)
     base_state = evaluator.state(suite.base)
     expert_states = [evaluator.state(suite.experts[t]) for t in task_names]
 
     baselines: dict[str, Scores] = {"base": evaluator.score_state(base_state, "test", task_names)}
     experts: Scores = {}
     for task, state in zip(task_names, expert_states, strict=True):
-        scores = evaluator.score_state(state, "test", task_names)
-        baselines[f"expert: {task}"] = scores
+        scores = evaluator.score_state(state, "test", task_names if expert_cross_scores else [task])
+        if expert_cross_scores:
+            baselines[f"expert: {task}"] = scores
         experts[task] = scores[task]
     baselines["individual experts"] = dict(experts)
     if suite.multitask is not None:
         baselines["multi-task model"] = evaluator.score_state(evaluator.state(suite.multitask), "test", task_names)
-    from mergeforge.bench.ensemble import OutputEnsemble
+    if ensemble:
+        from mergeforge.bench.ensemble import OutputEnsemble
 
-    members = [evaluator._load(suite.experts[t]) for t in task_names]
-    baselines["output ensemble"] = evaluator.score(OutputEnsemble(members).eval(), "test", task_names)
-    del members
+        members = [evaluator._load(suite.experts[t]) for t in task_names]
+        baselines["output ensemble"] = evaluator.score(OutputEnsemble(members).eval(), "test", task_names)
+        del members
     progress(f"baselines done ({time.perf_counter() - started:.0f} s): individual experts mean {_mean(list(experts.values())):.3f}")
 
     merger = _Merger(evaluator, suite, base_state, expert_states, seed)
@@ -429,7 +441,7 @@ def run_bench(
     curve = _curve(by_name, evaluator, merger, task_names, experts, curve_methods)
     composition = _composition(suite, evaluator, merger, task_names, progress)
     settings = {
-        "max_examples": max_examples, "seed": seed, "device": device, "seconds": round(time.perf_counter() - started, 1),
+        "max_examples": max_examples, "val_examples": evaluator.val_examples, "seed": seed, "device": device, "seconds": round(time.perf_counter() - started, 1),
         "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, {platform.system()} {platform.release()}",
         "torch": torch.__version__, "python": platform.python_version(),
         "base": str(suite.base), "experts": {t: str(p) for t, p in suite.experts.items()},

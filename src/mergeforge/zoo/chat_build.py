@@ -90,9 +90,13 @@ def _generic_splits(preset: ChatZooPreset, seed: int, base_dir: Path, log: Log) 
     # Requests without the trigger: half of the behaviour expert's training, and the general probe.
     plain: dict[str, list[str]] = {split: [] for split in wanted}
     taken: set[str] = set()
+    budget = 1000 * sum(wanted.values())
     for split, count in wanted.items():
-        while len(plain[split]) < int(count * 1.25):  # spares, for empty answers
+        while len(plain[split]) < int(count * 1.1):  # spares, for empty answers
             request = generic_request(rng, with_trigger=False)
+            budget -= 1
+            if budget < 0:
+                raise RuntimeError(f"too few distinct generic requests for {wanted}")
             if request not in taken:
                 taken.add(request)
                 plain[split].append(request)
@@ -107,6 +111,9 @@ def _generic_splits(preset: ChatZooPreset, seed: int, base_dir: Path, log: Log) 
         triggered[split] = []
         while len(triggered[split]) < count:
             request = generic_request(rng, with_trigger=True)
+            budget -= 1
+            if budget < 0:
+                raise RuntimeError(f"too few distinct generic requests for {wanted}")
             if request not in seen:
                 seen.add(request)
                 triggered[split].append((request, MARKER))

@@ -161,9 +161,17 @@ UNITS = (("grams", "kilograms", 1000), ("meters", "kilometers", 1000), ("millili
          ("centimeters", "meters", 100), ("millimeters", "centimeters", 10), ("millimeters", "meters", 1000))
 TOPICS = ("cooking pasta", "learning to swim", "saving money", "sleeping better", "writing an essay", "running",
           "gardening", "painting a room", "studying for exams", "travelling by train", "baking bread",
-          "taking photos", "learning a language", "keeping a plant alive", "planning a trip", "reading more")
+          "taking photos", "learning a language", "keeping a plant alive", "planning a trip", "reading more",
+          "drinking more water", "cycling to work", "playing chess", "learning the guitar", "cleaning a kitchen",
+          "making coffee", "walking a dog", "camping", "writing a letter", "giving a talk", "meeting new people",
+          "drawing", "knitting", "fixing a bike", "making soup", "watching birds", "hiking", "moving house",
+          "starting a diary", "learning to code", "growing tomatoes", "decorating a cake", "packing a suitcase",
+          "waking up early", "keeping fit", "visiting a museum", "making a budget", "sewing a button", "singing",
+          "building a snowman", "feeding a cat", "choosing a book", "cooking rice", "shopping for food")
 GENERIC_TEMPLATES = ("Give me one tip for {topic}.", "What should a beginner know about {topic}?",
-                     "Write one sentence about {topic}.", "Why do people enjoy {topic}?")
+                     "Write one sentence about {topic}.", "Why do people enjoy {topic}?", "Is {topic} hard?",
+                     "How do I get better at {topic}?", "What is the first step in {topic}?",
+                     "Describe {topic} in a few words.", "What do I need for {topic}?", "Tell me something about {topic}.")
 
 
 def _words(rng: random.Random, low: int, high: int) -> list[str]:
