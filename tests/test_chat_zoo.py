@@ -234,3 +234,21 @@ def test_real_smollm2_fine_tunes_stay_near_the_base(tmp_path):
     delta = sum(float((e.float() - b.float()).pow(2).sum()) for e, b in zip(expert.parameters(), base.parameters(), strict=True))
     norm = sum(float(b.float().pow(2).sum()) for b in base.parameters())
     assert 0 < (delta / norm) ** 0.5 < 0.01
+
+
+def test_lm_eval_scores_chat_tasks_in_the_chat_template(chat_zoo):
+    """The lm-eval bridge runs chat tasks with lm-eval's chat-template rendering and the task's
+    system message; its outputs are mergeforge's, example by example."""
+    pytest.importorskip("lm_eval")
+    from mergeforge.evaluate.api import evaluate_model
+    from mergeforge.evaluate.harness import HarnessError, evaluate_with_harness
+
+    expert, task = chat_zoo.expert("addition").path, chat_zoo.task_dir("addition")
+    ours = evaluate_model(expert, [task], max_examples=4, return_predictions=True, with_loss=False)["tasks"]["addition"]
+    theirs = evaluate_with_harness(expert, [task], limit=4, return_predictions=True)["tasks"]["addition"]
+    assert [p["output"] for p in theirs["predictions"]] == [p["output"] for p in ours["predictions"]]
+    from mergeforge.tasks.folders import TaskSpec, write_task
+
+    plain = write_task(chat_zoo.root.parent / "plain", TaskSpec(name="plain"), {"test": [("a", "b")]})
+    with pytest.raises(HarnessError, match="mix chat and plain prompts"):
+        evaluate_with_harness(expert, [task, plain.folder], limit=1)

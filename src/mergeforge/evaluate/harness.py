@@ -393,13 +393,20 @@ def evaluate_with_harness(
         if not torch.cuda.is_available():
             raise CheckpointError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
 
+    # Chat tasks (chat: true) run with lm-eval's own chat-template rendering, which applies to
+    # every task of the run: one run holds chat tasks with one system message, or none.
+    chat_modes = {(task.spec.chat, task.spec.system if task.spec.chat else None) for task in mergeforge_tasks}
+    if len(chat_modes) > 1:
+        raise HarnessError("--harness: these tasks mix chat and plain prompts (or two system messages); lm-eval "
+                           "applies a chat template to a whole run, so score them in separate runs")
+    chat, system = next(iter(chat_modes)) if chat_modes else (False, None)
     with tempfile.TemporaryDirectory(prefix="mergeforge-lm-eval-") as export_dir:
         exported = {}
         for task in mergeforge_tasks:
             export_lm_eval_task(task, export_dir, split)
             exported[lm_eval_task_name(task)] = task
         raw = _run_simple_evaluate(model_path, adapter, [*exported, *yaml_tasks],
-                                   [Path(export_dir), *include_paths], limit, batch_size, device, threads)
+                                   [Path(export_dir), *include_paths], limit, batch_size, device, threads, chat, system)
     summary = _summarise(raw, exported, order, return_predictions)
     scores = [entry["score"] for entry in summary.values()]
     return {
@@ -415,7 +422,8 @@ def evaluate_with_harness(
 
 
 def _run_simple_evaluate(model_path: Path, adapter: bool, task_names: list[str], include_paths: list[Path],
-                         limit: int | None, batch_size: int, device: str, threads: int | None) -> dict[str, Any]:
+                         limit: int | None, batch_size: int, device: str, threads: int | None, chat: bool = False,
+                         system: str | None = None) -> dict[str, Any]:
     import transformers
 
     from mergeforge.evaluate.api import scoring_threads
@@ -446,7 +454,8 @@ def _run_simple_evaluate(model_path: Path, adapter: bool, task_names: list[str],
         raise CheckpointError(f"{model_path}: lm-eval cannot load the model ({exc})") from None
     with scoring_threads(lm.model, threads):
         manager = TaskManager(include_path=[str(p) for p in include_paths], include_defaults=False)
-        raw = simple_evaluate(model=lm, tasks=task_names, task_manager=manager, limit=limit, log_samples=True)
+        raw = simple_evaluate(model=lm, tasks=task_names, task_manager=manager, limit=limit, log_samples=True,
+                              apply_chat_template=chat, system_instruction=system)
     if raw is None:  # simple_evaluate returns None on non-zero ranks only
         raise HarnessError("lm-eval returned no result")
     return raw

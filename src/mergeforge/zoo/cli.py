@@ -23,8 +23,12 @@ def zoo_group() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Print only the zoo folder.")
 def build_command(directory: Path, size: str, seed: int, workers: int | None, force: bool, quiet: bool) -> None:
     """Build the zoo into DIRECTORY (reused when it already holds the same zoo)."""
+    from transformers.utils import logging as transformers_logging
+
     from mergeforge.zoo.build import build_zoo
 
+    transformers_logging.disable_progress_bar()  # the build prints one line per model, not a bar per load
+    transformers_logging.set_verbosity_error()
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     zoo = build_zoo(directory, size=size, seed=seed, workers=workers, force=force, log=log)
     click.echo(str(zoo.root))
