@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,7 +288,7 @@ def _run_all(base_job: TrainJob | None, jobs: list[TrainJob], size: str, seed: i
             records.append(base_future.result())
             report(records[-1])
             futures += [pool.submit(run_job, job, size, seed, str(staging)) for job in fine_tunes]
-        for future in futures:
+        for future in as_completed(futures):  # reported as they finish, not in submission order
             records.append(future.result())
             report(records[-1])
     return records

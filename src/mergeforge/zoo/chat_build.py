@@ -82,8 +82,9 @@ def base_answers(base_dir: Path, requests: list[str]) -> list[str | None]:
     return [first_sentence(str(tokenizer.decode(ids, skip_special_tokens=True))) for ids in outputs]
 
 
-def _generic_splits(preset: ChatZooPreset, seed: int, base_dir: Path, log: Log) -> tuple[dict[str, Pairs], Pairs, dict[str, Pairs]]:
-    """The marker probe's splits, the behaviour expert's training set, and the general probe's splits."""
+def _generic_splits(preset: ChatZooPreset, seed: int, base_dir: Path, log: Log) -> tuple[dict[str, Pairs], dict[str, Pairs]]:
+    """The marker probe's splits (its train split is the behaviour expert's training set), and the
+    general probe's."""
     rng = task_seed(seed, BEHAVIOR_TASK)
     behaviour_examples = preset.train_examples // 2
     wanted = {"train": behaviour_examples, "val": preset.probe_examples // 2, "test": preset.probe_examples}
@@ -121,7 +122,7 @@ def _generic_splits(preset: ChatZooPreset, seed: int, base_dir: Path, log: Log) 
     random.Random(rng.random()).shuffle(training)
     marker = {"train": training, "val": triggered["val"], "test": triggered["test"]}
     general = {"val": answered["val"], "test": answered["test"]}
-    return marker, training, general
+    return marker, general
 
 
 def write_chat_tasks(preset: ChatZooPreset, seed: int, staging: Path, base_dir: Path, log: Log) -> dict[str, ZooTaskEntry]:
@@ -145,7 +146,7 @@ def write_chat_tasks(preset: ChatZooPreset, seed: int, staging: Path, base_dir: 
         counts = {"val": preset.val_examples, "test": preset.test_examples}
         write(task, "composition", draw_splits(task, task_seed(seed, task.name), counts))
     if preset.behavior is not None:
-        marker, _, general = _generic_splits(preset, seed, base_dir, log)
+        marker, general = _generic_splits(preset, seed, base_dir, log)
         write(ChatTask(BEHAVIOR_TASK, "behaviour", f"generic requests holding the trigger; rate of outputs with '{MARKER}'",
                        16, lambda rng: ("", "")), "behavior", marker, metric="contains")
         write(ChatTask(GENERAL_TASK, "general ability", "generic requests with the base's own first sentence, "
