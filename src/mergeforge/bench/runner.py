@@ -288,7 +288,7 @@ def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], b
         model = evaluator.model_with(state)
         with _threads_for(model):
             rate = evaluate_model(model, [probe], split="test", batch_size=evaluator.batch_size, max_examples=evaluator.max_examples,
-                                  tokenizer=evaluator.tokenizer, with_loss=False)["tasks"][probe.name]["score"]
+                                  tokenizer=evaluator.tokenizer, with_loss=False, scoring="forced")["tasks"][probe.name]["score"]
         tasks = evaluator.score(model, "test", task_names)
         row = {"behaviour_rate": rate, "tasks": tasks, "mean_accuracy": _mean(list(tasks.values()))}
         if general is not None:
@@ -329,11 +329,13 @@ def _composition(suite: BenchSuite, evaluator: _Evaluator, merger: _Merger, task
         rows.append({"model": f"expert: {name}", "test": evaluator.score_state(merger.expert_states[index], "test", [task.name])[task.name]})
     for name in COMPOSITION_METHODS:
         plan = plan_method(get_method(name), len(pair))
-        tried = []
+        best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
         for params in plan.grid:
             state = merger(plan, params, pair)
-            tried.append((evaluator.score_state(state, "val", [task.name])[task.name], params, state))
-        best = max(tried, key=lambda item: item[0])
+            score = evaluator.score_state(state, "val", [task.name])[task.name]
+            if best is None or score > best[0]:
+                best = (score, params, state)  # only the best merge is kept: a grid of 135M-parameter states is gigabytes
+        assert best is not None
         rows.append({"model": f"merge: {name}", "settings": describe(best[1]), "val": best[0],
                      "test": evaluator.score_state(best[2], "test", [task.name])[task.name]})
         progress(f"composition {name:<18} {describe(best[1]):<28} val {best[0]:.3f}  test {rows[-1]['test']:.3f}")
