@@ -26,3 +26,16 @@ def test_demo_prints_the_table(tmp_path):
         scores = [float(value) for value in cells[:-1]]
         expected = 100 * sum(score / expert[task] for score, task in zip(scores, tasks)) / len(tasks)
         assert abs(float(cells[-1]) - expected) < 0.5, (label, cells)
+
+
+def test_demo_keeps_its_baselines(tmp_path):
+    """The base's and experts' rows are kept beside the merges and read back; the merge rows are redone."""
+    import json
+
+    first = run_cli("demo", "--size", "tiny", "--workdir", tmp_path / "demo", "--limit", "20")
+    assert first.returncode == 0, first.stderr
+    saved = json.loads((tmp_path / "demo" / "baselines.json").read_text())
+    assert set(saved["rows"]) == {"base", "expert (own task)", "multi-task model"} and saved["key"]["limit"] == 20
+    second = run_cli("demo", "--size", "tiny", "--workdir", tmp_path / "demo", "--limit", "20")
+    table = [line for line in first.stdout.splitlines() if line.startswith("| ")]
+    assert [line for line in second.stdout.splitlines() if line.startswith("| ")] == table

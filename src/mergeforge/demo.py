@@ -42,6 +42,31 @@ def demo_recipe(method: str, base: Path, experts: list[Path]) -> dict[str, Any]:
     return recipe
 
 
+def _baselines(zoo: Any, workdir: Path, limit: int | None, scores: Any) -> dict[str, dict[str, float]]:
+    """The base's, the experts' and the multi-task model's scores. They depend only on the zoo and
+    the number of examples, so they are kept in ``workdir/baselines.json`` and read back on the
+    next run (the merges are redone and rescored every time)."""
+    import json
+
+    path = workdir / "baselines.json"
+    key = {"zoo": zoo.content_hash, "limit": limit}
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return dict(saved["rows"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    rows: dict[str, dict[str, float]] = {"base": scores(zoo.base.path, zoo.skills)}
+    rows["expert (own task)"] = {task: scores(model.path, [task])[task] for model in zoo.experts if (task := model.task)}
+    if zoo.by_role("multitask"):
+        rows["multi-task model"] = scores(zoo.multitask.path, zoo.skills)
+    workdir.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps({"key": key, "rows": rows}, indent=2) + "\n")
+    temp.replace(path)
+    return rows
+
+
 def run_demo(workdir: Path | None = None, size: str = "smollm2-demo", seed: int = 0, limit: int | None = None,
              echo: Any = print) -> dict[str, Any]:
     """Build the zoo, merge, evaluate; returns ``{"zoo", "rows": {label: {task: score}}, "table"}``."""
@@ -64,10 +89,7 @@ def run_demo(workdir: Path | None = None, size: str = "smollm2-demo", seed: int 
                                 tokenizer=tokenizer, with_loss=False, scoring="forced")
         return {name: entry["score"] for name, entry in result["tasks"].items()}
 
-    rows: dict[str, dict[str, float]] = {"base": scores(zoo.base.path, skills)}
-    rows["expert (own task)"] = {task: scores(model.path, [task])[task] for model in zoo.experts if (task := model.task)}
-    if zoo.by_role("multitask"):
-        rows["multi-task model"] = scores(zoo.multitask.path, skills)
+    rows = _baselines(zoo, workdir, limit, scores)
     experts = [model.path for model in zoo.experts]
     for method in DEMO_METHODS:
         out = workdir / f"merged-{method}"
