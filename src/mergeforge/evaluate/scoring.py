@@ -33,17 +33,6 @@ def is_correct(output: str, answer: str, metric: str) -> bool:
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def answer_log_likelihoods(
-    model: Any,  # a transformers causal LM
-    prompt_ids: Sequence[Sequence[int]],
-    answer_ids: Sequence[Sequence[int]],
-    pad_token_id: int,
-    batch_size: int = 64,
-) -> list[tuple[float, int]]:
-    """Per example: (sum of the answer tokens' negative log-likelihood, number of answer tokens)."""
-    return [(nll, count) for nll, count, _ in answer_scores(model, prompt_ids, answer_ids, pad_token_id, batch_size)]
-
-
 def _answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    positions: list[torch.Tensor]) -> list[torch.Tensor]:
     """The logits at ``positions[row]`` of each row. A transformers causal LM runs its decoder,
