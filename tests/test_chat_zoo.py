@@ -109,8 +109,63 @@ def test_forced_scoring_gives_generation_verdicts(chat_model, tmp_path):
     assert [p["correct"] for p in forced["predictions"]] == [p["correct"] for p in generated["predictions"]]
     assert forced["generated"] == len(pairs) - forced["correct"] + forced["generated_correct"]
     assert forced["loss"] == pytest.approx(generated["loss"], rel=1e-5)
+    # Without predictions, the wrong answers that have left the answer's text are not decoded.
+    settled = evaluate_model(model, [task], tokenizer=tokenizer, scoring="forced")["tasks"]["say"]
+    assert settled["correct"] == generated["correct"]
+    assert settled["generated"] < forced["generated"]
     with pytest.raises(TaskError, match="scoring 'sample'"):
         evaluate_model(model, [task], tokenizer=tokenizer, scoring="sample")
+
+
+@pytest.mark.parametrize("batch_size", [2, 64])
+def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(chat_model, batch_size):
+    """The cache of the prompts' common opening (template and system message) gives the same
+    scores as running every prompt whole, across batches and prompt lengths."""
+    from mergeforge.evaluate.api import load_model_and_tokenizer
+    from mergeforge.evaluate.scoring import _shared_prefix, answer_scores
+    from mergeforge.tasks.encoding import encode_answers, encode_prompts
+
+    model, tokenizer = load_model_and_tokenizer(chat_model)
+    prompts = ["say fox", "say the lazy brown dog", "jump", "say it twice and then once more"]
+    prompt_ids = encode_prompts(tokenizer, prompts, chat=True, system="repeat after me")
+    answer_ids = encode_answers(tokenizer, ["fox", "the lazy dog", "up", "it it it"])
+    shared, cache = _shared_prefix(model, prompt_ids, torch.device("cpu"))
+    assert shared >= 10 and cache is not None
+    whole = answer_scores(model, prompt_ids, answer_ids, tokenizer.pad_token_id, batch_size, share_prefix=False)
+    reused = answer_scores(model, prompt_ids, answer_ids, tokenizer.pad_token_id, batch_size)
+    for a, b in zip(whole, reused, strict=True):
+        assert (a.tokens, a.first_miss, a.predicted) == (b.tokens, b.first_miss, b.predicted)
+        assert a.nll == pytest.approx(b.nll, rel=1e-4, abs=1e-4)
+    assert _shared_prefix(model, [[5, 6, 7]], torch.device("cpu")) == (0, None)  # nothing worth sharing
+
+
+def test_forced_output_decides_only_what_decoding_would(chat_model):
+    """The teacher-forced verdict rules, case by case, on a real tokenizer."""
+    from transformers import AutoTokenizer
+
+    from mergeforge.evaluate.scoring import AnswerScore, forced_output
+    from mergeforge.tasks.encoding import encode_answers
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    [ids] = encode_answers(tokenizer, ["brown fox"])
+    eos, last = tokenizer.eos_token_id, len(ids) - 1
+
+    def verdict(miss, predicted, metric="exact_match", stop=(), budget=16):
+        return forced_output(tokenizer, "brown fox", ids, AnswerScore(0.0, len(ids), miss, predicted), metric, stop, budget)
+
+    assert verdict(None, None) == ("brown fox", True)
+    assert verdict(None, None, budget=last - 1) is None  # the answer does not fit: decoding cuts it
+    assert verdict(1, eos) == (tokenizer.decode(ids[:1]).strip(), True)  # stops early: the prefix is the output
+    other = tokenizer.encode("z", add_special_tokens=False)[0]
+    assert verdict(1, other) == (tokenizer.decode([ids[0], other]).strip(), False)  # has left the answer: wrong
+    assert verdict(1, other, metric="contains") is None  # could still contain it later
+    assert verdict(1, other, stop=("z",)) is None  # a stop string cuts it back to a prefix
+    assert verdict(1, other, stop=("zq",)) is None  # one has begun
+    assert verdict(1, other, stop=("q",)) == ("brz", False)
+    assert verdict(1, other, budget=1) is None  # the miss lies past the budget
+    fragment = tokenizer.encode("o", add_special_tokens=False)[0]  # another tokenisation of "own" begins
+    assert fragment != ids[1] and verdict(1, fragment) is None
+    assert verdict(last, tokenizer.encode("!", add_special_tokens=False)[0]) == ("brown fox!", False)  # runs on past the end
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 from mergeforge.errors import CheckpointError
 from mergeforge.evaluate.generation import greedy_generate
-from mergeforge.evaluate.scoring import answer_scores, is_correct, normalise
+from mergeforge.evaluate.scoring import answer_scores, forced_output, is_correct, normalise
 from mergeforge.tasks.encoding import encode_answers, encode_prompts
 from mergeforge.tasks.folders import Task, TaskError, load_task
 
@@ -127,9 +127,12 @@ def evaluate_model(
         scoring: ``generate`` decodes every prompt greedily. ``forced`` first runs one
             teacher-forced pass: an example whose every answer token (and the end of sequence)
             is the model's top choice is one that greedy decoding answers exactly, so it is
-            correct without decoding; only the others are generated. Same verdicts as
-            ``generate`` (up to floating-point ties), at the cost of one forward pass plus the
-            misses' decoding. The result counts, per task, how many examples needed decoding
+            correct without decoding; an example whose top choice at its first miss already
+            leaves the answer's text (or ends it early) is wrong without decoding
+            (:func:`~mergeforge.evaluate.scoring.forced_output`); only the rest are generated,
+            and with ``return_predictions`` the wrong ones too, for their full outputs. Same
+            verdicts as ``generate`` (up to floating-point ties), at the cost of one forward
+            pass plus the undecided examples' decoding. The result counts, per task, how many examples needed decoding
             (``generated``) and how many of those were correct after all (``generated_correct``:
             a different tokenisation of the answer, or a stop before the end of sequence).
 
@@ -193,10 +196,11 @@ def _score_tasks(model: Any, tokenizer: Any, task_list: list[Task], split: str, 
         outputs: list[str | None] = [None] * len(examples)
         if scoring == "forced":
             assert forced is not None
-            # The answer text itself, when greedy decoding would emit it within the token budget.
-            for i, (e, (_, _, top), ids) in enumerate(zip(examples, forced, answer_ids, strict=True)):
-                if top and len(ids) - (eos_id is not None) <= task.spec.max_new_tokens:
-                    outputs[i] = normalise(e.answer, task.spec.stop)
+            for i, (e, score, ids) in enumerate(zip(examples, forced, answer_ids, strict=True)):
+                verdict = forced_output(tokenizer, e.answer, ids, score, task.spec.metric, task.spec.stop, task.spec.max_new_tokens)
+                # A wrong answer's first tokens settle the score, not the predictions asked for.
+                if verdict is not None and (verdict[1] or not return_predictions):
+                    outputs[i] = verdict[0]
         todo = [i for i, out in enumerate(outputs) if out is None]
         generated = greedy_generate(model, [prompt_ids[i] for i in todo], task.spec.max_new_tokens, pad_id, eos_id, batch_size)
         for i, ids in zip(todo, generated, strict=True):
@@ -212,7 +216,7 @@ def _score_tasks(model: Any, tokenizer: Any, task_list: list[Task], split: str, 
             entry.update(generated=len(todo), generated_correct=sum(correct[i] for i in todo))
         if with_loss:
             assert forced is not None
-            total, count = sum(x for x, _, _ in forced), sum(n for _, n, _ in forced)
+            total, count = sum(s.nll for s in forced), sum(s.tokens for s in forced)
             mean = total / max(1, count)
             entry.update(loss=mean, perplexity=math.exp(min(mean, 700.0)), answer_tokens=count)
         if return_predictions:
