@@ -102,3 +102,31 @@ def test_two_model_and_per_task_methods_run_under_their_own_protocols(twin_suite
     assert "### One model per task" in table and "### Two experts at a time" in table
     assert "| `emr` | 100.0 | 100.0 |" in table and "| `slerp` | 100.0 | 100.0 |" in table
     assert "`passthrough` (skipped)" in table
+
+
+def test_a_scale_marked_as_final_is_one(tmp_path):
+    """Every parameter marked ``scales_result`` (the bench merges once and rescales for it) gives
+    the same merge as rescaling the merge at 1: base + s·(merge at 1 − base)."""
+    from mergeforge.bench.grids import plan_method
+    from mergeforge.engine.api import merge_state_dicts
+    from mergeforge.methods.registry import all_methods
+
+    generator = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(24, 16, generator=generator), "b": torch.randn(16, generator=generator)}
+    models = [{k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in base.items()} for _ in range(3)]
+    checked = []
+    for method in all_methods():
+        scale = next((p.name for p in method.params if p.scales_result), None)
+        if scale is None:
+            continue
+        plan = plan_method(method, len(models))
+        assert plan.rescaled == scale and all(list(point)[-1] == scale for point in plan.grid)  # varied fastest
+        weights = [dict(plan.model_fixed)] * len(models)
+        params = {k: v for k, v in plan.grid[0].items() if k != scale}
+        unit = merge_state_dicts(method.name, models, base, parameters={**params, scale: 1.0}, model_parameters=weights)
+        direct = merge_state_dicts(method.name, models, base, parameters={**params, scale: 0.6}, model_parameters=weights)
+        for name in base:
+            torch.testing.assert_close(direct[name], base[name] + 0.6 * (unit[name] - base[name]), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, method=method.name: f"{method}: {m}")
+        checked.append(method.name)
+    assert {"task_arithmetic", "ties", "dare_ties", "tsv", "iso_cts", "magmax", "pcb"} <= set(checked)

@@ -43,7 +43,8 @@ SPECIFIC_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "wudi": {},
     "fisher_merging": {},
     "regmean": {"alpha": (0.5, 0.9)},
-    "adamerging": {"layer_wise": (False, True)},
+    # Layer-wise λ only (the paper's stronger variant): each run is 200 steps of entropy minimisation.
+    "adamerging": {},
     # Two-model methods (run on pairs of experts, see PAIRWISE): the interpolation factor, and
     # nearswap's sameness threshold around the size of a typical fine-tuning difference.
     "slerp": {"t": (0.3, 0.5, 0.7)},
@@ -79,6 +80,9 @@ class MethodPlan:
     # Pairwise only: the first expert of a pair takes the base's place (slerp, nearswap and
     # arcee_fusion blend "the base" with one other model; merging two fine-tunes, the base is one of them).
     first_as_base: bool = False
+    # A grid axis that only scales the merged task vector (``Param.scales_result``): the grid
+    # varies it fastest, so one merge at scale 1 serves every value of it.
+    rescaled: str | None = None
 
 
 def plan_method(method: MethodSpec, n_experts: int, protocol: str | None = None) -> MethodPlan:
@@ -124,7 +128,8 @@ def plan_method(method: MethodSpec, n_experts: int, protocol: str | None = None)
     if missing:
         plan.skip_reason = f"needs a value for {', '.join(missing)} with no multi-task default"
         return plan
-    names = list(axes)
+    plan.rescaled = next((p.name for p in method.params if p.scales_result and p.name in axes), None)
+    names = sorted(axes, key=lambda name: name == plan.rescaled)  # the rescaled axis last: it varies fastest
     plan.grid = [dict(zip(names, values, strict=True)) for values in itertools.product(*(axes[n] for n in names))] or [{}]
     return plan
 

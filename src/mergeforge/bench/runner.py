@@ -205,9 +205,25 @@ class _Setting:
 
     def __init__(self, plan: MethodPlan, evaluator: _Evaluator, merger: _Merger, task_names: list[str]):
         self.plan, self.evaluator, self.merger, self.task_names = plan, evaluator, merger, task_names
+        self._unit: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None  # the last merge at scale 1
 
-    def merge(self, params: dict[str, Any]) -> Any:
+    def merge(self, params: dict[str, Any]) -> tuple[Any, bool]:
+        """The merged model(s) for ``params``, and whether a merge ran (else a stored merge was rescaled)."""
         everyone = range(len(self.task_names))
+        scale = self.plan.rescaled
+        if scale is not None and self.plan.protocol == MULTITASK:
+            unit_params = {**params, scale: 1.0}
+            ran = self._unit is None or self._unit[0] != unit_params
+            if ran:
+                self._unit = None  # free it before the next merge
+                self._unit = (unit_params, self.merger(self.plan, unit_params, everyone))
+            assert self._unit is not None
+            factor, base = float(params[scale]), self.merger.base_state
+            return {name: base[name] + factor * (tensor - base[name]) if tensor.is_floating_point() else tensor
+                    for name, tensor in self._unit[1].items()}, ran
+        return self._merge(params, everyone), True
+
+    def _merge(self, params: dict[str, Any], everyone: range) -> Any:
         if self.plan.protocol == PAIRWISE:
             return [(scored, self.merger(self.plan, params, pair)) for pair, scored in _pairs(len(self.task_names))]
         if self.plan.protocol == PER_TASK:
@@ -243,9 +259,10 @@ def _tune_and_test(plan: MethodPlan, evaluator: _Evaluator, merger: _Merger, tas
     for params in plan.grid:
         try:
             merge_started = time.perf_counter()
-            merged = setting.merge(params)
-            result.merge_seconds += time.perf_counter() - merge_started
-            merges += 1
+            merged, ran = setting.merge(params)
+            if ran:
+                result.merge_seconds += time.perf_counter() - merge_started
+                merges += 1
         except MergeforgeError as exc:
             result.validation.append({"params": params, "error": str(exc)})
             continue

@@ -25,7 +25,8 @@ from mergeforge.methods import _spectral
 from mergeforge.methods.registry import BaseUse, Param, register_method
 from mergeforge.methods.tsv import EXACT_SVD, mean_task_vector
 
-ALPHA = Param("lambda", 1.0, help="scale α of the merged task vector (tuned on validation data in the paper)")
+ALPHA = Param("lambda", 1.0, help="scale α of the merged task vector (tuned on validation data in the paper)",
+              scales_result=True)
 COMMON_SPACE_FRACTION = Param(
     "common_space_fraction", 0.8, low=0.0, high=1.0, help="share of the rank kept from the summed task matrix (Iso-CTS)"
 )

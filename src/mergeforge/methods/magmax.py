@@ -16,7 +16,7 @@ from mergeforge.methods.registry import BaseUse, Param, register_method
 
 @register_method(
     "magmax",
-    params=[Param("lambda", 0.5, help="scale λ of the selected task vector (the paper's 0.5)")],
+    params=[Param("lambda", 0.5, help="scale λ of the selected task vector (the paper's 0.5)", scales_result=True)],
     base=BaseUse.REQUIRED,
     math="τ[p] = τₖ[p], k = argmaxᵢ |τᵢ[p]|; θ_base + λ·τ",
     citation="Marczak et al. 2024, MagMax (ECCV 2024, arXiv:2407.06322)",

@@ -30,6 +30,8 @@ class Param:
         kind: ``"float"``, ``"int"`` or ``"bool"``.
         low, high: inclusive bounds unless ``low_open``/``high_open``; ``None`` for unbounded.
         help: one line for ``mergeforge methods`` and the docs.
+        scales_result: the method returns ``base + value·(result at 1 − base)`` (a final scale
+            of the merged task vector); the benchmark then merges once per grid line and rescales.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Param:
     low_open: bool = False
     high_open: bool = False
     help: str = ""
+    scales_result: bool = False
 
     @property
     def arg(self) -> str:

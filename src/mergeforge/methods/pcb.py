@@ -56,7 +56,7 @@ def balanced_weights(task_vector: torch.Tensor, task_sum: torch.Tensor, n_tasks:
     "pcb",
     params=[
         Param("density", 0.1, low=0.0, high=1.0, low_open=True, help="fraction of entries each task keeps (PCB's ratio r)"),
-        Param("lambda", 1.0, help="scale λ of the merged task vector"),
+        Param("lambda", 1.0, help="scale λ of the merged task vector", scales_result=True),
     ],
     base=BaseUse.REQUIRED,
     math="βᵢ = exp(N·Norm(|τᵢ|)²) ⊙ tanh(τᵢ ⊙ Σⱼτⱼ), top-density kept; θ_base + λ·Σ βᵢτᵢ / Σ βᵢ",

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 DENSITY = Param(
     "density", 1.0, per_model=True, low=0.0, high=1.0, low_open=True, help="fraction of each task vector's entries kept"
 )
-LAMBDA = Param("lambda", 1.0, help="scale of the merged task vector")
+LAMBDA = Param("lambda", 1.0, help="scale of the merged task vector", scales_result=True)
 INT8_MASK = Param("int8_mask", False, kind="bool", help="accepted for mergekit recipes; masks are always compact here")
 GAMMA = Param("gamma", 0.01, per_model=True, low=0.0, high=1.0, help="fraction of largest-magnitude entries dropped")
 EPSILON = Param("epsilon", 0.15, per_model=True, low=0.0, high=1.0, help="keep-probability spread around density")

@@ -20,7 +20,7 @@ import torch
 from mergeforge.methods import _spectral
 from mergeforge.methods.registry import BaseUse, Param, register_method
 
-LAMBDA = Param("lambda", 1.0, help="scale α of the merged task vector (the paper uses 1.0)")
+LAMBDA = Param("lambda", 1.0, help="scale α of the merged task vector (the paper uses 1.0)", scales_result=True)
 EXACT_SVD = Param("exact_svd", False, kind="bool", help="full SVDs instead of the faster Gram-matrix route (see docs/methods.md)")
 
 
