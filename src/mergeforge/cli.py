@@ -21,6 +21,7 @@ _FEATURE_COMMANDS = {
     "zoo": "mergeforge.zoo.cli:zoo_group",
     "eval": "mergeforge.evaluate.cli:eval_command",
     "bench": "mergeforge.bench.cli:bench_command",
+    "moe": "mergeforge.moe.cli:moe_command",
 }
 
 

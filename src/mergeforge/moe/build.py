@@ -1,0 +1,196 @@
+"""``build_moe``: a Mixture-of-Experts checkpoint from dense fine-tunes of one base.
+
+The MoE takes every tensor but the MLPs from ``base_model``, each expert's MLP projections as
+one expert per layer, and a router per layer from the gate mode. Tensors stream from the input
+checkpoints (one at a time, through the same reader and writer as merges) into a temporary
+folder; the self-tests (:mod:`mergeforge.moe.selftest`) run on it, and only then is it renamed
+into place. A failed check leaves no output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeforge.checkpoint import folder as folder_files
+from mergeforge.checkpoint.reader import Checkpoint, open_checkpoint
+from mergeforge.checkpoint.writer import (
+    DEFAULT_SHARD_BYTES,
+    OutputTensor,
+    ShardedWriter,
+    output_error,
+)
+from mergeforge.dtypes import from_torch, parse_recipe_dtype, to_torch
+from mergeforge.errors import CheckpointError, OutputError
+from mergeforge.moe.architectures import MLP_TENSOR, MoEArchitecture, choose_architecture
+from mergeforge.moe.config import MoEConfig, MoEExpert
+
+CONFIG_FILE = "mergekit_moe_config.yml"  # the recipe, under mergekit-moe's name for it
+REPORT_FILE = "moe_report.json"
+
+
+@dataclass
+class MoEResult:
+    out_dir: Path
+    architecture: str
+    experts: int
+    experts_per_token: int
+    total_parameters: int
+    active_parameters: int  # per token: everything but the MLPs, plus experts_per_token experts
+    self_tests: dict[str, Any] = field(default_factory=dict)
+
+
+def _open(ref: str, relative_to: Path | None) -> Checkpoint:
+    checkpoint = open_checkpoint(ref, relative_to)
+    if not isinstance(checkpoint, Checkpoint) or checkpoint.config is None:
+        raise CheckpointError(f"model '{ref}': an MoE is built from Hugging Face model folders with a config.json")
+    return checkpoint
+
+
+def _check_compatible(base: Checkpoint, experts: list[Checkpoint]) -> list[str]:
+    """The base's MLP tensor names; every expert must have them, with the base's shapes."""
+    assert base.config is not None
+    model_type = base.config.get("model_type")
+    mlp = [name for name in base.names() if MLP_TENSOR.match(name)]
+    if not mlp:
+        raise CheckpointError(f"model '{base.ref}': no MLP tensors (model.layers.N.mlp.gate_proj/up_proj/down_proj) to make experts of")
+    for expert in experts:
+        assert expert.config is not None
+        if expert.config.get("model_type") != model_type:
+            raise CheckpointError(f"model '{expert.ref}': is a '{expert.config.get('model_type')}' model and the base "
+                                  f"'{base.ref}' a '{model_type}' one; every expert must have the base's architecture")
+        for name in mlp:
+            if not expert.has(name):
+                raise CheckpointError(f"model '{expert.ref}': has no tensor '{name}' (the base has it)")
+            if expert.info(name).shape != base.info(name).shape:
+                raise CheckpointError(f"model '{expert.ref}': tensor '{name}' has shape {list(expert.info(name).shape)}, "
+                                      f"the base {list(base.info(name).shape)}")
+    return mlp
+
+
+def _expert_tensor(checkpoint: Checkpoint, name: str, expert: MoEExpert, generator: torch.Generator) -> torch.Tensor:
+    """An expert's MLP tensor with its ``noise_scale`` and ``residual_scale`` applied (mergekit's order)."""
+    tensor = checkpoint.read(name)
+    if expert.noise_scale:
+        tensor = tensor.float() + torch.randn(tensor.shape, generator=generator) * expert.noise_scale
+    if expert.residual_scale is not None and name.endswith("down_proj.weight"):
+        tensor = tensor.float() * expert.residual_scale
+    return tensor
+
+
+def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | None = None, overwrite: bool = False,
+              copy_tokenizer: bool = True, seed: int = 0, self_test: bool = True, shard_bytes: int = DEFAULT_SHARD_BYTES,
+              recipe_text: str | None = None, progress: Callable[[str], None] = lambda line: None) -> MoEResult:
+    """Build the MoE of ``config`` (see :func:`mergeforge.moe.config.load_moe_config`) into ``out_dir``."""
+    from mergeforge.moe.gates import gate_vectors
+    from mergeforge.moe.selftest import run_self_tests
+
+    out_dir = Path(out_dir)
+    base = _open(config.base_model, relative_to)
+    experts = [_open(e.source_model, relative_to) for e in config.experts]
+    folder_files.check_output_location(out_dir, [base.folder] + [e.folder for e in experts], overwrite)
+    assert base.config is not None
+    architecture = choose_architecture(config.architecture, str(base.config.get("model_type")), len(config.shared_experts or []),
+                                       "moe config")
+    mlp = _check_compatible(base, experts)
+    layers = int(base.config["num_hidden_layers"])
+    hidden = int(base.config["hidden_size"])
+    out_dtype = parse_recipe_dtype(config.dtype, "moe config: field 'dtype'") or _dtype_of(base)
+    progress(f"router rows: gate mode '{config.gate_mode}', {len(experts)} experts, {layers} layers")
+    routers = gate_vectors(config, config.experts, base.folder, layers, hidden, seed)
+
+    outputs = _output_tensors(base, mlp, architecture, len(experts), out_dtype, hidden)
+    needed = sum(t.nbytes for t in outputs)
+    parent = out_dir.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if needed > shutil.disk_usage(parent).free:
+        raise OutputError(f"{parent}: disk full: the MoE takes {needed / 1e9:.1f} GB")
+    non_mlp = sum(base.info(n).numel for n in base.names() if not MLP_TENSOR.match(n))
+    per_expert = sum(base.info(n).numel for n in mlp)
+    result = MoEResult(out_dir, architecture.name, len(experts), config.experts_per_token,
+                       total_parameters=non_mlp + len(experts) * per_expert + routers.numel(),
+                       active_parameters=non_mlp + config.experts_per_token * per_expert + routers.numel())
+    try:
+        with folder_files.atomic_output_folder(out_dir) as temp:
+            _write_weights(temp, base, experts, config, mlp, architecture, routers, outputs, out_dtype, seed, shard_bytes, progress)
+            moe_config = architecture.output_config(base.config, len(experts), config.experts_per_token,
+                                                    str(to_torch(out_dtype)).removeprefix("torch."))
+            folder_files.carry_over_files(base.folder, temp, base.folder if copy_tokenizer else None)  # not config.json
+            (temp / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n")
+            text = recipe_text if recipe_text is not None else config.to_yaml()
+            (temp / CONFIG_FILE).write_text(text, encoding="utf-8")
+            folder_files.write_model_card(temp, config.all_models, f"moe ({architecture.name}, gate mode {config.gate_mode})", text)
+            if self_test:
+                progress("self-tests: the MoE of base MLPs against the base, each expert routed alone against its source")
+                result.self_tests = run_self_tests(temp, base.folder, [e.folder for e in experts], config.experts)
+            report = {"architecture": architecture.name, "experts": len(experts), "experts_per_token": config.experts_per_token,
+                      "gate_mode": config.gate_mode, "total_parameters": result.total_parameters,
+                      "active_parameters": result.active_parameters, "self_tests": result.self_tests}
+            (temp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        raise output_error(exc, Path(exc.filename) if exc.filename else out_dir) from None
+    finally:
+        for checkpoint in [base, *experts]:
+            checkpoint.close()
+    return result
+
+
+def _dtype_of(base: Checkpoint) -> str:
+    assert base.config is not None
+    name = base.config.get("torch_dtype") or base.config.get("dtype")
+    return (parse_recipe_dtype(str(name), f"model '{base.ref}': config.json dtype") if name else None) or "F32"
+
+
+def _output_tensors(base: Checkpoint, mlp: list[str], architecture: MoEArchitecture, experts: int, dtype: str,
+                    hidden: int) -> list[OutputTensor]:
+    outputs = []
+    for name in base.names():
+        info = base.info(name)
+        match = MLP_TENSOR.match(name)
+        if match is None:
+            outputs.append(OutputTensor(name, info.shape, dtype if _floating(info.dtype) else info.dtype))
+            continue
+        layer, projection = int(match.group(1)), match.group(2)
+        outputs += [OutputTensor(architecture.expert_tensor(layer, e, projection), info.shape, dtype) for e in range(experts)]
+        if projection == "gate_proj":
+            outputs.append(OutputTensor(architecture.router_tensor(layer), (experts, hidden), dtype))
+    return outputs
+
+
+def _floating(dtype: str) -> bool:
+    from mergeforge.dtypes import is_floating
+
+    return is_floating(dtype)
+
+
+def _write_weights(temp: Path, base: Checkpoint, experts: list[Checkpoint], config: MoEConfig, mlp: list[str],
+                   architecture: MoEArchitecture, routers: torch.Tensor, outputs: list[OutputTensor], dtype: str, seed: int,
+                   shard_bytes: int, progress: Callable[[str], None]) -> None:
+    torch_dtype = to_torch(dtype)
+    writer = ShardedWriter(temp, outputs, shard_bytes)
+    generators = [torch.Generator().manual_seed(seed * 1000 + 1 + i) for i in range(len(experts))]
+    try:
+        for name in base.names():
+            match = MLP_TENSOR.match(name)
+            if match is None:
+                tensor = base.read(name)
+                writer.write(name, tensor.to(torch_dtype) if tensor.is_floating_point() else tensor)
+                continue
+            layer, projection = int(match.group(1)), match.group(2)
+            for index, (checkpoint, expert) in enumerate(zip(experts, config.experts, strict=True)):
+                tensor = _expert_tensor(checkpoint, name, expert, generators[index])
+                writer.write(architecture.expert_tensor(layer, index, projection), tensor.to(torch_dtype))
+            if projection == "gate_proj":
+                writer.write(architecture.router_tensor(layer), routers[layer].to(torch_dtype).contiguous())
+        progress(f"wrote {len(outputs)} tensors ({from_torch(torch_dtype)})")
+    finally:
+        writer.close()
+    missing = writer.missing()
+    if missing:
+        raise RuntimeError(f"internal error: the MoE writer never wrote tensor '{missing[0]}'")

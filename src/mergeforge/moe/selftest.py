@@ -1,0 +1,134 @@
+"""The checks every MoE build runs on its output before it is moved into place.
+
+The output folder is loaded with transformers, as a user loads it, in float32:
+
+- **base**: with every MoE block computing the base's dense MLP instead (what an MoE whose
+  experts are all copies of the base computes, whatever the routing), the model's logits are the
+  base's. This proves everything but the experts: config, attention, norms, embeddings, head.
+- **experts**: at every layer, with the router set so that expert ``e`` takes every token (row
+  ``e`` picks out one input coordinate that is 1, scaled by 100; the other rows are 0), the MoE
+  block's output is expert ``e``'s dense MLP on the same inputs, computed from its own
+  checkpoint (scaled by its ``residual_scale``). An expert with ``noise_scale`` is compared with
+  the weights written for it instead, since its noise is part of the recipe.
+
+Each check reports its largest error relative to the reference's largest value; above
+:data:`TOLERANCE` the build fails and leaves no output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeforge.errors import CheckpointError
+from mergeforge.moe.config import MoEExpert
+
+TOLERANCE = 1e-4
+PROMPT_TOKENS = (2, 12)  # random token ids for the logits check
+BLOCK_TOKENS = 6  # random inputs per MoE block check
+
+
+def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+def _moe_block(layer: torch.nn.Module) -> torch.nn.Module:
+    for module in layer.modules():
+        if hasattr(module, "gate") and hasattr(module, "experts"):
+            return module
+    raise RuntimeError("internal error: no MoE block in the loaded layer")
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replaced(original: Any, mlp: torch.nn.Module) -> Any:
+    """A block forward that returns the dense ``mlp``'s output in the block's own output structure
+    (transformers 4.x blocks also return their router logits)."""
+
+    def forward(hidden_states: torch.Tensor) -> Any:
+        output = original(hidden_states)
+        dense = mlp(hidden_states)
+        return (dense, *output[1:]) if isinstance(output, tuple) else dense
+
+    return forward
+
+
+def _dense_mlp(weights: dict[str, torch.Tensor], activation: Any, x: torch.Tensor) -> torch.Tensor:
+    return (activation(x @ weights["gate_proj"].T) * (x @ weights["up_proj"].T)) @ weights["down_proj"].T
+
+
+def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], experts: list[MoEExpert]) -> dict[str, Any]:
+    """Run both checks on the MoE in ``folder``; raise :class:`CheckpointError` when one fails."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import ACT2FN
+
+    from mergeforge.checkpoint.reader import open_checkpoint
+    from mergeforge.dtypes import to_torch
+    from mergeforge.moe.architectures import MIXTRAL
+
+    moe = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_folder, local_files_only=True, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(base.config.vocab_size), PROMPT_TOKENS, generator=generator)
+
+    dtype = next(moe.model.layers[0].self_attn.parameters()).dtype
+    written = open_checkpoint(folder)
+    stored = to_torch(written.info("model.norm.weight").dtype)  # the MoE's own dtype: the base is rounded to it
+    with torch.no_grad():
+        for parameter in base.parameters():
+            parameter.copy_(parameter.to(stored).to(dtype))
+
+    blocks = [_moe_block(layer) for layer in moe.model.layers]
+    originals = [block.forward for block in blocks]
+    for block, dense_layer, original in zip(blocks, base.model.layers, originals, strict=True):
+        block.forward = _replaced(original, dense_layer.mlp)
+    try:
+        with torch.no_grad():
+            base_error = _relative_error(moe(input_ids=ids).logits, base(input_ids=ids).logits)
+    finally:
+        for block, forward in zip(blocks, originals, strict=True):
+            block.forward = forward
+    report: dict[str, Any] = {"tolerance": TOLERANCE, "base_logits_error": base_error, "expert_mlp_errors": []}
+    if base_error > TOLERANCE:
+        raise CheckpointError(f"{folder}: self-test failed: with the base's MLPs the MoE's logits differ from the base's "
+                              f"by {base_error:.2e} (relative; the limit is {TOLERANCE:g})")
+
+    activation = ACT2FN[moe.config.hidden_act]
+    hidden = int(moe.config.hidden_size)
+    inputs = torch.randn((1, BLOCK_TOKENS, hidden), generator=generator)
+    inputs[..., -1] = 1.0
+    sources = [open_checkpoint(path) for path in expert_folders]
+    try:
+        for index, expert in enumerate(experts):
+            worst = 0.0
+            for layer, block in enumerate(blocks):
+                router: torch.Tensor = getattr(block.gate, "weight")  # noqa: B009 - a module's parameter, untyped
+                saved = router.detach().clone()
+                with torch.no_grad():
+                    router.zero_()
+                    router[index, -1] = 100.0
+                    output = _first(block(inputs.clone()))
+                    router.copy_(saved)
+                weights = {}
+                for projection in ("gate_proj", "up_proj", "down_proj"):
+                    if expert.noise_scale:
+                        tensor = written.read(MIXTRAL.expert_tensor(layer, index, projection)).float()
+                    else:
+                        tensor = sources[index].read(f"model.layers.{layer}.mlp.{projection}.weight").float()
+                        if projection == "down_proj" and expert.residual_scale is not None:
+                            tensor = tensor * expert.residual_scale
+                    weights[projection] = tensor.to(stored).float()
+                worst = max(worst, _relative_error(output, _dense_mlp(weights, activation, inputs)))
+            report["expert_mlp_errors"].append(worst)
+            if worst > TOLERANCE:
+                raise CheckpointError(f"{folder}: self-test failed: expert {index} ({expert.source_model}), routed alone, "
+                                      f"differs from its MLP by {worst:.2e} (relative; the limit is {TOLERANCE:g})")
+    finally:
+        written.close()
+        for source in sources:
+            source.close()
+    return report

@@ -1,0 +1,143 @@
+"""``mergeforge moe``: mergekit-moe YAML in, a Mixtral checkpoint out that transformers loads,
+with the self-tests every build runs, mergekit's gate modes and its refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import build_model, load_state, run_cli
+
+from mergeforge.errors import RecipeError
+from mergeforge.moe.config import load_moe_config
+
+PROMPTS = {"a": ["a b c d", "b c d e"], "b": ["w x y", "x y z z"]}
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe")
+    base = build_model("llama", root / "base", seed=0, dtype=torch.bfloat16)
+    return {"base": base, "a": build_model("llama", root / "a", seed=1, base=base, noise=0.05, dtype=torch.bfloat16),
+            "b": build_model("llama", root / "b", seed=2, base=base, noise=0.05, dtype=torch.bfloat16)}
+
+
+def write_config(path: Path, dense: dict[str, Path], **fields) -> Path:
+    config = {"base_model": str(dense["base"]), "gate_mode": "hidden", "dtype": "bfloat16", "experts_per_token": 2,
+              "experts": [{"source_model": str(dense[name]), "positive_prompts": PROMPTS[name]} for name in ("a", "b")]}
+    config.update(fields)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_mergekit_moe_yaml_builds_a_mixtral_that_loads_and_generates(dense, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = write_config(tmp_path / "moe.yml", dense)
+    out = tmp_path / "out"
+    result = run_cli("moe", config, out)
+    assert result.returncode == 0, result.stderr
+    assert "self-tests passed" in result.stdout
+    report = json.loads((out / "moe_report.json").read_text())
+    assert report["self_tests"]["base_logits_error"] < 1e-4 and max(report["self_tests"]["expert_mlp_errors"]) < 1e-4
+    assert (out / "mergekit_moe_config.yml").read_text() == config.read_text()
+
+    # Every expert's MLP sits in its slot, unchanged; attention and norms are the base's.
+    state, base, a, b = (load_state(folder) for folder in (out, dense["base"], dense["a"], dense["b"]))
+    for layer in range(4):
+        for slot, expert in enumerate((a, b)):
+            for w, projection in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
+                assert torch.equal(state[f"model.layers.{layer}.block_sparse_moe.experts.{slot}.{w}.weight"],
+                                   expert[f"model.layers.{layer}.mlp.{projection}.weight"])
+        assert torch.equal(state[f"model.layers.{layer}.self_attn.q_proj.weight"], base[f"model.layers.{layer}.self_attn.q_proj.weight"])
+    assert not any(".mlp." in name for name in state)
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 2
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("a b c", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] == ids.shape[1] + 4
+
+
+def test_hidden_gates_are_mergekits_router_rows(dense, tmp_path):
+    """Row e of layer l: the base's last-token hidden state entering layer l, averaged over the
+    expert's prompts (beginning token + text), minus the negative prompts', at unit norm."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    negative = ["z z z"]
+    config = load_moe_config(yaml.safe_load(write_config(tmp_path / "moe.yml", dense).read_text()))
+    config.experts[1].negative_prompts = negative
+    from mergeforge.moe.gates import gate_vectors
+
+    rows = gate_vectors(config, config.experts, dense["base"], layers=4, hidden=32)
+    model = AutoModelForCausalLM.from_pretrained(dense["base"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(dense["base"])
+
+    def mean_state(prompts):
+        states = []
+        for prompt in prompts:  # one at a time: no padding to reason about
+            ids = tokenizer(tokenizer.bos_token + prompt, add_special_tokens=False, return_tensors="pt").input_ids
+            with torch.no_grad():
+                states.append(torch.stack(model(ids, output_hidden_states=True).hidden_states[:4])[:, 0, -1])
+        return torch.stack(states).mean(0)
+
+    expected_b = mean_state(PROMPTS["b"]) - mean_state(negative)
+    expected_b = expected_b / expected_b.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(rows[:, 1], expected_b, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(rows.norm(dim=-1), torch.ones(4, 2))
+
+
+@pytest.mark.parametrize("mode", ["hidden_avg", "cheap_embed", "random", "uniform_random"])
+def test_every_gate_mode_builds(dense, tmp_path, mode):
+    out = tmp_path / "out"
+    result = run_cli("moe", write_config(tmp_path / "moe.yml", dense, gate_mode=mode), out, "--no-self-test", "--quiet")
+    assert result.returncode == 0, result.stderr
+    router = load_state(out)["model.layers.0.block_sparse_moe.gate.weight"].float()
+    assert router.shape == (2, 32) and router.abs().sum() > 0
+    if mode == "cheap_embed":  # the same rows at every layer
+        assert torch.equal(router, load_state(out)["model.layers.3.block_sparse_moe.gate.weight"].float())
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"gate_mode": "smart"}, "unknown gate mode 'smart'"),
+    ({"experts_per_token": 3}, "'experts_per_token': 3 is more than the 2 expert"),
+    ({"expert_per_token": 1}, "unknown field 'expert_per_token'; did you mean 'experts_per_token'"),
+    ({"dtype": "float8"}, "unknown dtype 'float8'"),
+    ({"architecture": "qwen"}, "no output architecture 'qwen'"),
+])
+def test_bad_configs_fail_with_one_message(dense, tmp_path, fields, message):
+    out = tmp_path / "out"
+    result = run_cli("moe", write_config(tmp_path / "moe.yml", dense, **fields), out)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_useless_moes_are_refused_unless_asked_for(dense, tmp_path):
+    same = [{"source_model": str(dense["a"]), "positive_prompts": PROMPTS["a"]},
+            {"source_model": str(dense["a"]), "positive_prompts": PROMPTS["b"]}]
+    config = write_config(tmp_path / "moe.yml", dense, experts=same)
+    result = run_cli("moe", config, tmp_path / "out")
+    assert result.returncode != 0 and "every expert is the same model" in result.stderr
+    # With the flag: an MoE of two copies, which the self-tests check like any other.
+    result = run_cli("moe", config, tmp_path / "out", "--i-understand-this-is-not-useful-without-training")
+    assert result.returncode == 0, result.stderr
+    same_prompts = [{"source_model": str(dense[n]), "positive_prompts": PROMPTS["a"]} for n in ("a", "b")]
+    with pytest.raises(RecipeError, match="every expert has the same prompts"):
+        load_moe_config(yaml.safe_load(write_config(tmp_path / "p.yml", dense, experts=same_prompts).read_text()))
+    no_prompts = [{"source_model": str(dense[n])} for n in ("a", "b")]
+    with pytest.raises(RecipeError, match="experts.0.positive_prompts"):
+        load_moe_config(yaml.safe_load(write_config(tmp_path / "n.yml", dense, experts=no_prompts).read_text()))
+    load_moe_config(yaml.safe_load(write_config(tmp_path / "r.yml", dense, experts=no_prompts, gate_mode="random").read_text()))
+
+
+def test_experts_must_match_the_base(dense, tmp_path):
+    other = build_model("mistral", tmp_path / "mistral", seed=3)
+    experts = [{"source_model": str(dense["a"]), "positive_prompts": PROMPTS["a"]},
+               {"source_model": str(other), "positive_prompts": PROMPTS["b"]}]
+    result = run_cli("moe", write_config(tmp_path / "moe.yml", dense, experts=experts), tmp_path / "out")
+    assert result.returncode != 0 and "every expert must have the base's architecture" in result.stderr
+    assert str(other) in result.stderr
