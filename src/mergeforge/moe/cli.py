@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mergeforge.moe.config import ALLOW_ALL_SAME_FLAG
+from mergeforge.moe import ALLOW_ALL_SAME_FLAG
 
 
 @click.command("moe")

@@ -26,11 +26,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergeforge.errors import RecipeError
+from mergeforge.moe import ALLOW_ALL_SAME_FLAG
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"]
 PROMPT_GATES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
-ALLOW_ALL_SAME_FLAG = "--i-understand-this-is-not-useful-without-training"
 
 
 class MoEExpert(BaseModel):
