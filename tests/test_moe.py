@@ -141,3 +141,61 @@ def test_experts_must_match_the_base(dense, tmp_path):
     result = run_cli("moe", write_config(tmp_path / "moe.yml", dense, experts=experts), tmp_path / "out")
     assert result.returncode != 0 and "every expert must have the base's architecture" in result.stderr
     assert str(other) in result.stderr
+
+
+def test_the_calibrated_router_is_fitted_on_the_moes_own_router_inputs(dense, tmp_path):
+    """gate_mode calibrated: each layer's rows come from the ridge fit on the input the router
+    really sees (the MoE block's input, with the layers below already routed), scaled by the
+    fitted temperature; the build then passes the same self-tests."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeforge.moe.gates import encode_prompts
+    from mergeforge.moe.router import fit_temperature, ridge_rows
+    from mergeforge.moe.selftest import moe_block
+
+    out = tmp_path / "out"
+    result = run_cli("moe", write_config(tmp_path / "moe.yml", dense, gate_mode="calibrated", dtype="float32"), out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "moe_report.json").read_text())
+    layers = report["calibration"]["layers"]
+    assert len(layers) == 4 and all(layer["token_accuracy"] > 0.5 and layer["temperature"] > 0 for layer in layers)
+
+    # Refit layer 0 by hand from the written MoE: its first router sees the post-attention-norm
+    # states of the prompts, which do not depend on any router.
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    captured = []
+    block = moe_block(model.model.layers[0])
+    handle = block.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    inputs, labels = [], []
+    for e, name in enumerate(("a", "b")):
+        encoded = encode_prompts(tokenizer, PROMPTS[name])
+        captured.clear()
+        with torch.no_grad():
+            model(**encoded)
+        states = captured[0].reshape(encoded["input_ids"].shape + (-1,))[encoded["attention_mask"].bool()]
+        inputs.append(states)
+        labels.append(torch.full((len(states),), e))
+    handle.remove()
+    x, y = torch.cat(inputs), torch.cat(labels)
+    rows = ridge_rows(x, y, 2)
+    expected = rows * fit_temperature(x @ rows.T, y)
+    written = load_state(out)["model.layers.0.block_sparse_moe.gate.weight"]
+    torch.testing.assert_close(written, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ridge_rows_and_temperature_separate_what_is_separable():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=generator) * 3
+    labels = torch.arange(3).repeat_interleave(50)
+    x = centres[labels] + 0.3 * torch.randn(150, 16, generator=generator)
+    from mergeforge.moe.router import fit_temperature, ridge_rows
+
+    def confidence(inputs):  # the mean top routing probability after the fitted temperature
+        logits = inputs @ ridge_rows(inputs, labels, 3).T
+        return float(torch.softmax(logits * fit_temperature(logits, labels), -1).max(-1).values.mean()), logits
+
+    sharp, logits = confidence(x)
+    assert bool((logits.argmax(-1) == labels).all()) and sharp > 0.99
+    soft, _ = confidence(x + 10 * torch.randn(150, 16, generator=generator))
+    assert 1 / 3 < soft < 0.9  # less separable: a softer router, not a hard one

@@ -44,6 +44,7 @@ class MoEResult:
     total_parameters: int
     active_parameters: int  # per token: everything but the MLPs, plus experts_per_token experts
     self_tests: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None  # gate_mode calibrated: per-layer fit (moe.router)
 
 
 def _open(ref: str, relative_to: Path | None) -> Checkpoint:
@@ -126,12 +127,16 @@ def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | Non
             text = recipe_text if recipe_text is not None else config.to_yaml()
             (temp / CONFIG_FILE).write_text(text, encoding="utf-8")
             folder_files.write_model_card(temp, config.all_models, f"moe ({architecture.name}, gate mode {config.gate_mode})", text)
+            if config.gate_mode == "calibrated":
+                progress("calibrating the routers on the MoE's own router inputs, layer by layer")
+                result.calibration = _calibrate(temp, base.folder, config, architecture)
             if self_test:
                 progress("self-tests: the MoE of base MLPs against the base, each expert routed alone against its source")
                 result.self_tests = run_self_tests(temp, base.folder, [e.folder for e in experts], config.experts)
             report = {"architecture": architecture.name, "experts": len(experts), "experts_per_token": config.experts_per_token,
                       "gate_mode": config.gate_mode, "total_parameters": result.total_parameters,
-                      "active_parameters": result.active_parameters, "self_tests": result.self_tests}
+                      "active_parameters": result.active_parameters, "self_tests": result.self_tests,
+                      "calibration": result.calibration}
             (temp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     except OSError as exc:
         raise output_error(exc, Path(exc.filename) if exc.filename else out_dir) from None
@@ -139,6 +144,32 @@ def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | Non
         for checkpoint in [base, *experts]:
             checkpoint.close()
     return result
+
+
+def _calibrate(folder: Path, base_folder: Path, config: MoEConfig, architecture: MoEArchitecture) -> dict[str, Any]:
+    """Fit the routers of the MoE written in ``folder`` and write them in place of the placeholders."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeforge.moe.router import calibrate_routers
+
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_folder, local_files_only=True)
+    rows, report = calibrate_routers(model, tokenizer, [list(e.positive_prompts or []) for e in config.experts])
+    _overwrite_tensors(folder, {architecture.router_tensor(layer): rows[layer] for layer in range(len(rows))})
+    return report
+
+
+def _overwrite_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` over same-shaped tensors of the safetensors files in ``folder``, in their dtype."""
+    with open_checkpoint(folder) as checkpoint:
+        for name, tensor in tensors.items():
+            info = checkpoint.info(name)
+            data = tensor.to(to_torch(info.dtype)).contiguous().view(torch.uint8).numpy().tobytes()
+            if len(data) != info.nbytes or not info.in_safetensors:
+                raise RuntimeError(f"internal error: tensor '{name}' cannot be rewritten in place")
+            with open(info.file, "r+b") as handle:
+                handle.seek(info.offset)
+                handle.write(data)
 
 
 def _dtype_of(base: Checkpoint) -> str:

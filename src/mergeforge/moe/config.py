@@ -10,7 +10,8 @@ Qwen2-MoE the ``shared_experts``. Field meanings follow mergekit-moe (``mergekit
   expert's ``positive_prompts``, minus the same over its ``negative_prompts``, scaled to unit norm;
 - ``hidden_avg``: the same, averaged over every token of each prompt;
 - ``cheap_embed``: the normalised sum of the prompts' token embeddings, the same at every layer;
-- ``random``: standard normal rows; ``uniform_random``: torch.nn.Linear's initialisation.
+- ``random``: standard normal rows; ``uniform_random``: torch.nn.Linear's initialisation;
+- ``calibrated`` (mergeforge's): fitted on the MoE's own router inputs (:mod:`mergeforge.moe.router`).
 
 Torch-free; errors name the file and field.
 """
@@ -28,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mergeforge.errors import RecipeError
 from mergeforge.moe import ALLOW_ALL_SAME_FLAG
 
-GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
-GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"]
-PROMPT_GATES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
+GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "calibrated")
+GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "calibrated"]
+PROMPT_GATES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "calibrated")
 
 
 class MoEExpert(BaseModel):

@@ -18,7 +18,8 @@ import torch
 from mergeforge.moe.config import MoEConfig, MoEExpert
 
 
-def _encode(tokenizer: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+def encode_prompts(tokenizer: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """mergekit-moe's encoding: the beginning token's text, then the prompt; one left-padded batch."""
     rows = [tokenizer((tokenizer.bos_token or "") + prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
     width = max(len(row) for row in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -59,6 +60,8 @@ def gate_vectors(config: MoEConfig, experts: list[MoEExpert], base_folder: Path,
     """The router rows of ``experts`` under ``config.gate_mode``: ``[layers, len(experts), hidden]``."""
     mode = config.gate_mode
     generator = torch.Generator().manual_seed(seed)
+    if mode == "calibrated":  # fitted on the assembled MoE (moe.router); until then no expert is preferred
+        return torch.zeros((layers, len(experts), hidden))
     if mode == "random":
         return torch.randn((layers, len(experts), hidden), generator=generator)
     if mode == "uniform_random":  # torch.nn.Linear's default: U(-1/√fan_in, 1/√fan_in)
@@ -74,12 +77,12 @@ def gate_vectors(config: MoEConfig, experts: list[MoEExpert], base_folder: Path,
             embedding = checkpoint.read("model.embed_tokens.weight").float()
 
         def rows(prompts: list[str]) -> torch.Tensor:
-            return _embedding_sum(embedding, _encode(tokenizer, prompts), layers)
+            return _embedding_sum(embedding, encode_prompts(tokenizer, prompts), layers)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_folder, local_files_only=True, dtype=torch.float32).eval()
 
         def rows(prompts: list[str]) -> torch.Tensor:
-            return _layer_inputs(model, _encode(tokenizer, prompts), average=mode == "hidden_avg")
+            return _layer_inputs(model, encode_prompts(tokenizer, prompts), average=mode == "hidden_avg")
 
     vectors = []
     for expert in experts:

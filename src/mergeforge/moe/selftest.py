@@ -34,7 +34,8 @@ def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return float((output - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
 
 
-def _moe_block(layer: torch.nn.Module) -> torch.nn.Module:
+def moe_block(layer: torch.nn.Module) -> torch.nn.Module:
+    """The MoE block of a loaded decoder layer (the module with a router and experts)."""
     for module in layer.modules():
         if hasattr(module, "gate") and hasattr(module, "experts"):
             return module
@@ -82,7 +83,7 @@ def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], 
         for parameter in base.parameters():
             parameter.copy_(parameter.to(stored).to(dtype))
 
-    blocks = [_moe_block(layer) for layer in moe.model.layers]
+    blocks = [moe_block(layer) for layer in moe.model.layers]
     originals = [block.forward for block in blocks]
     for block, dense_layer, original in zip(blocks, base.model.layers, originals, strict=True):
         block.forward = _replaced(original, dense_layer.mlp)
