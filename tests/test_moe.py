@@ -199,3 +199,30 @@ def test_ridge_rows_and_temperature_separate_what_is_separable():
     assert bool((logits.argmax(-1) == labels).all()) and sharp > 0.99
     soft, _ = confidence(x + 10 * torch.randn(150, 16, generator=generator))
     assert 1 / 3 < soft < 0.9  # less separable: a softer router, not a hard one
+
+
+def test_the_self_tests_catch_a_misplaced_tensor(dense, tmp_path):
+    """An expert's gate and up projections swapped, or a norm that is not the base's, fail the
+    checks that every build runs."""
+    import shutil
+
+    from mergeforge.errors import CheckpointError
+    from mergeforge.moe.build import _overwrite_tensors
+    from mergeforge.moe.config import MoEExpert
+    from mergeforge.moe.selftest import run_self_tests
+
+    out = tmp_path / "out"
+    assert run_cli("moe", write_config(tmp_path / "moe.yml", dense), out, "--no-self-test").returncode == 0
+    experts = [MoEExpert(source_model=str(dense[n])) for n in ("a", "b")]
+    run_self_tests(out, dense["base"], [dense["a"], dense["b"]], experts)  # as built: passes
+    state = load_state(out)
+    swapped, renormed = tmp_path / "swapped", tmp_path / "renormed"
+    shutil.copytree(out, swapped)
+    prefix = "model.layers.2.block_sparse_moe.experts.1"
+    _overwrite_tensors(swapped, {f"{prefix}.w1.weight": state[f"{prefix}.w3.weight"], f"{prefix}.w3.weight": state[f"{prefix}.w1.weight"]})
+    with pytest.raises(CheckpointError, match=r"expert 1 .* differs from its MLP"):
+        run_self_tests(swapped, dense["base"], [dense["a"], dense["b"]], experts)
+    shutil.copytree(out, renormed)
+    _overwrite_tensors(renormed, {"model.layers.1.input_layernorm.weight": state["model.layers.1.input_layernorm.weight"] * 1.5})
+    with pytest.raises(CheckpointError, match="differ from the base's"):
+        run_self_tests(renormed, dense["base"], [dense["a"], dense["b"]], experts)

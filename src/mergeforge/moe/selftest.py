@@ -73,63 +73,66 @@ def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], 
 
     moe = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(base_folder, local_files_only=True, dtype=torch.float32).eval()
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, int(base.config.vocab_size), PROMPT_TOKENS, generator=generator)
-
-    dtype = next(moe.model.layers[0].self_attn.parameters()).dtype
-    written = open_checkpoint(folder)
-    stored = to_torch(written.info("model.norm.weight").dtype)  # the MoE's own dtype: the base is rounded to it
-    with torch.no_grad():
-        for parameter in base.parameters():
-            parameter.copy_(parameter.to(stored).to(dtype))
-
     blocks = [moe_block(layer) for layer in moe.model.layers]
+    generator = torch.Generator().manual_seed(0)
+    with open_checkpoint(folder) as written:
+        stored = to_torch(written.info("model.norm.weight").dtype)  # the MoE's own dtype: the base is rounded to it
+        with torch.no_grad():
+            for parameter in base.parameters():
+                parameter.copy_(parameter.to(stored).float())
+        ids = torch.randint(0, int(base.config.vocab_size), PROMPT_TOKENS, generator=generator)
+        base_error = _base_check(moe, base, blocks, ids)
+        report: dict[str, Any] = {"tolerance": TOLERANCE, "base_logits_error": base_error, "expert_mlp_errors": []}
+        if base_error > TOLERANCE:
+            raise CheckpointError(f"{folder}: self-test failed: with the base's MLPs the MoE's logits differ from the base's "
+                                  f"by {base_error:.2e} (relative; the limit is {TOLERANCE:g})")
+        activation = ACT2FN[moe.config.hidden_act]
+        inputs = torch.randn((1, BLOCK_TOKENS, int(moe.config.hidden_size)), generator=generator)
+        inputs[..., -1] = 1.0  # the coordinate the router rows below pick out
+        for index, (expert, source_folder) in enumerate(zip(experts, expert_folders, strict=True)):
+            with open_checkpoint(source_folder) as source:
+                worst = 0.0
+                for layer, block in enumerate(blocks):
+                    weights = {}
+                    for projection in ("gate_proj", "up_proj", "down_proj"):
+                        if expert.noise_scale:
+                            tensor = written.read(MIXTRAL.expert_tensor(layer, index, projection)).float()
+                        else:
+                            tensor = source.read(f"model.layers.{layer}.mlp.{projection}.weight").float()
+                            if projection == "down_proj" and expert.residual_scale is not None:
+                                tensor = tensor * expert.residual_scale
+                        weights[projection] = tensor.to(stored).float()
+                    output = _routed_alone(block, index, inputs)
+                    worst = max(worst, _relative_error(output, _dense_mlp(weights, activation, inputs)))
+            report["expert_mlp_errors"].append(worst)
+            if worst > TOLERANCE:
+                raise CheckpointError(f"{folder}: self-test failed: expert {index} ({expert.source_model}), routed alone, "
+                                      f"differs from its MLP by {worst:.2e} (relative; the limit is {TOLERANCE:g})")
+    return report
+
+
+def _base_check(moe: Any, base: Any, blocks: list[torch.nn.Module], ids: torch.Tensor) -> float:
+    """The logits error of the MoE whose blocks compute the base's dense MLPs, against the base."""
     originals = [block.forward for block in blocks]
     for block, dense_layer, original in zip(blocks, base.model.layers, originals, strict=True):
         block.forward = _replaced(original, dense_layer.mlp)
     try:
         with torch.no_grad():
-            base_error = _relative_error(moe(input_ids=ids).logits, base(input_ids=ids).logits)
+            return _relative_error(moe(input_ids=ids).logits, base(input_ids=ids).logits)
     finally:
         for block, forward in zip(blocks, originals, strict=True):
             block.forward = forward
-    report: dict[str, Any] = {"tolerance": TOLERANCE, "base_logits_error": base_error, "expert_mlp_errors": []}
-    if base_error > TOLERANCE:
-        raise CheckpointError(f"{folder}: self-test failed: with the base's MLPs the MoE's logits differ from the base's "
-                              f"by {base_error:.2e} (relative; the limit is {TOLERANCE:g})")
 
-    activation = ACT2FN[moe.config.hidden_act]
-    hidden = int(moe.config.hidden_size)
-    inputs = torch.randn((1, BLOCK_TOKENS, hidden), generator=generator)
-    inputs[..., -1] = 1.0
-    sources = [open_checkpoint(path) for path in expert_folders]
-    try:
-        for index, expert in enumerate(experts):
-            worst = 0.0
-            for layer, block in enumerate(blocks):
-                router: torch.Tensor = getattr(block.gate, "weight")  # noqa: B009 - a module's parameter, untyped
-                saved = router.detach().clone()
-                with torch.no_grad():
-                    router.zero_()
-                    router[index, -1] = 100.0
-                    output = _first(block(inputs.clone()))
-                    router.copy_(saved)
-                weights = {}
-                for projection in ("gate_proj", "up_proj", "down_proj"):
-                    if expert.noise_scale:
-                        tensor = written.read(MIXTRAL.expert_tensor(layer, index, projection)).float()
-                    else:
-                        tensor = sources[index].read(f"model.layers.{layer}.mlp.{projection}.weight").float()
-                        if projection == "down_proj" and expert.residual_scale is not None:
-                            tensor = tensor * expert.residual_scale
-                    weights[projection] = tensor.to(stored).float()
-                worst = max(worst, _relative_error(output, _dense_mlp(weights, activation, inputs)))
-            report["expert_mlp_errors"].append(worst)
-            if worst > TOLERANCE:
-                raise CheckpointError(f"{folder}: self-test failed: expert {index} ({expert.source_model}), routed alone, "
-                                      f"differs from its MLP by {worst:.2e} (relative; the limit is {TOLERANCE:g})")
-    finally:
-        written.close()
-        for source in sources:
-            source.close()
-    return report
+
+def _routed_alone(block: torch.nn.Module, expert: int, inputs: torch.Tensor) -> torch.Tensor:
+    """The block's output with its router set so that ``expert`` takes every token (its row picks
+    out the inputs' last coordinate, 1, scaled by 100; the other rows are 0); the router is restored."""
+    router: torch.Tensor = getattr(block.gate, "weight")  # noqa: B009 - a module's parameter, untyped
+    saved = router.detach().clone()
+    with torch.no_grad():
+        try:
+            router.zero_()
+            router[expert, -1] = 100.0
+            return _first(block(inputs.clone()))
+        finally:
+            router.copy_(saved)
