@@ -107,7 +107,8 @@ def test_every_gate_mode_builds(dense, tmp_path, mode):
     ({"experts_per_token": 3}, "'experts_per_token': 3 is more than the 2 expert"),
     ({"expert_per_token": 1}, "unknown field 'expert_per_token'; did you mean 'experts_per_token'"),
     ({"dtype": "float8"}, "unknown dtype 'float8'"),
-    ({"architecture": "qwen"}, "no output architecture 'qwen'"),
+    ({"architecture": "gemma"}, "no output architecture 'gemma'"),
+    ({"architecture": "qwen3"}, "the models are 'llama' models; Qwen3-MoE takes qwen3"),
 ])
 def test_bad_configs_fail_with_one_message(dense, tmp_path, fields, message):
     out = tmp_path / "out"
@@ -207,6 +208,7 @@ def test_the_self_tests_catch_a_misplaced_tensor(dense, tmp_path):
     import shutil
 
     from mergeforge.errors import CheckpointError
+    from mergeforge.moe.architectures import MIXTRAL
     from mergeforge.moe.build import _overwrite_tensors
     from mergeforge.moe.config import MoEExpert
     from mergeforge.moe.selftest import run_self_tests
@@ -214,15 +216,39 @@ def test_the_self_tests_catch_a_misplaced_tensor(dense, tmp_path):
     out = tmp_path / "out"
     assert run_cli("moe", write_config(tmp_path / "moe.yml", dense), out, "--no-self-test").returncode == 0
     experts = [MoEExpert(source_model=str(dense[n])) for n in ("a", "b")]
-    run_self_tests(out, dense["base"], [dense["a"], dense["b"]], experts)  # as built: passes
+    run_self_tests(out, dense["base"], [dense["a"], dense["b"]], experts, MIXTRAL)  # as built: passes
     state = load_state(out)
     swapped, renormed = tmp_path / "swapped", tmp_path / "renormed"
     shutil.copytree(out, swapped)
     prefix = "model.layers.2.block_sparse_moe.experts.1"
     _overwrite_tensors(swapped, {f"{prefix}.w1.weight": state[f"{prefix}.w3.weight"], f"{prefix}.w3.weight": state[f"{prefix}.w1.weight"]})
     with pytest.raises(CheckpointError, match=r"expert 1 .* differs from its MLP"):
-        run_self_tests(swapped, dense["base"], [dense["a"], dense["b"]], experts)
+        run_self_tests(swapped, dense["base"], [dense["a"], dense["b"]], experts, MIXTRAL)
     shutil.copytree(out, renormed)
     _overwrite_tensors(renormed, {"model.layers.1.input_layernorm.weight": state["model.layers.1.input_layernorm.weight"] * 1.5})
     with pytest.raises(CheckpointError, match="differ from the base's"):
-        run_self_tests(renormed, dense["base"], [dense["a"], dense["b"]], experts)
+        run_self_tests(renormed, dense["base"], [dense["a"], dense["b"]], experts, MIXTRAL)
+
+
+def test_qwen3_experts_make_a_qwen3_moe(tmp_path):
+    """mergekit's qwen3 output: experts under mlp.experts.N, the router at mlp.gate, renormalised top-k."""
+    import transformers as tf
+    from conftest import VOCAB, save_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    config = tf.Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
+    folders = {}
+    for seed, name in enumerate(("base", "a", "b")):
+        torch.manual_seed(seed)
+        tf.Qwen3ForCausalLM(config).save_pretrained(tmp_path / name)
+        save_tokenizer(tmp_path / name)
+        folders[name] = tmp_path / name
+    out = tmp_path / "out"
+    result = run_cli("moe", write_config(tmp_path / "moe.yml", folders, dtype="float32"), out)
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM" and model.config.num_experts == 2
+    state = load_state(out)
+    assert torch.equal(state["model.layers.1.mlp.experts.1.down_proj.weight"], load_state(folders["b"])["model.layers.1.mlp.down_proj.weight"])
+    assert "model.layers.0.mlp.gate.weight" in state

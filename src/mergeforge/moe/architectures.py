@@ -10,7 +10,7 @@ Torch-free.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mergeforge.errors import CheckpointError, RecipeError
@@ -28,6 +28,9 @@ class MoEArchitecture:
     dense_types: tuple[str, ...]  # the dense model types it is built from
     expert_names: dict[str, str]  # dense MLP projection -> the expert's tensor (with {layer} and {expert})
     router_name: str  # with {layer}
+    experts_key: str  # the config field that holds the number of experts
+    fixed: dict[str, Any] = field(default_factory=dict)  # config fields the MoE sets whatever the dense config says
+    intermediate_key: str | None = None  # a config field that takes the dense intermediate_size (the experts' width)
     shared_expert: bool = False
 
     def expert_tensor(self, layer: int, expert: int, projection: str) -> str:
@@ -49,11 +52,13 @@ class MoEArchitecture:
                                "pretraining_tp", "dtype", "torch_dtype", "_name_or_path")}
         config = AutoConfig.for_model(self.model_type, **fields)
         config.architectures = [self.class_name]
-        config.num_local_experts = experts
+        setattr(config, self.experts_key, experts)
         config.num_experts_per_tok = experts_per_token
-        config.sliding_window = None
         config.output_router_logits = False
-        config.router_jitter_noise = 0.0
+        for key, value in self.fixed.items():
+            setattr(config, key, value)
+        if self.intermediate_key is not None:
+            setattr(config, self.intermediate_key, dense_config["intermediate_size"])
         data: dict[str, Any] = config.to_dict()
         data["torch_dtype" if "torch_dtype" in dense_config else "dtype"] = torch_dtype
         return data
@@ -70,9 +75,26 @@ MIXTRAL = MoEArchitecture(
         "up_proj": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",
     },
     router_name="model.layers.{layer}.block_sparse_moe.gate.weight",
+    experts_key="num_local_experts",
+    fixed={"sliding_window": None, "router_jitter_noise": 0.0},
 )
 
-ARCHITECTURES = (MIXTRAL,)
+# mergekit-moe's qwen3 output: the experts under mlp.experts.N, the router at mlp.gate, every
+# layer sparse, top-k weights renormalised (so an MoE of copies is the dense model).
+QWEN3_MOE = MoEArchitecture(
+    name="Qwen3-MoE",
+    model_type="qwen3_moe",
+    class_name="Qwen3MoeForCausalLM",
+    dense_types=("qwen3",),
+    expert_names={projection: f"model.layers.{{layer}}.mlp.experts.{{expert}}.{projection}.weight"
+                  for projection in ("gate_proj", "up_proj", "down_proj")},
+    router_name="model.layers.{layer}.mlp.gate.weight",
+    experts_key="num_experts",
+    fixed={"decoder_sparse_step": 1, "norm_topk_prob": True, "mlp_only_layers": []},
+    intermediate_key="moe_intermediate_size",
+)
+
+ARCHITECTURES = (MIXTRAL, QWEN3_MOE)
 
 
 def choose_architecture(requested: str | None, model_type: str, shared_experts: int, source: str) -> MoEArchitecture:
@@ -82,7 +104,7 @@ def choose_architecture(requested: str | None, model_type: str, shared_experts: 
     candidates = [a for a in ARCHITECTURES if requested is None or a.name.lower().startswith(requested.lower())]
     if not candidates:
         raise RecipeError(f"{source}: field 'architecture': no output architecture '{requested}'; available: {names} "
-                          "(Qwen2-MoE and Qwen3-MoE outputs are not built yet)")
+                          "(the Qwen2-MoE output is not built yet)")
     fitting = [a for a in candidates if model_type in a.dense_types]
     if not fitting:
         takes = "; ".join(f"{a.name} takes {', '.join(a.dense_types)}" for a in candidates)

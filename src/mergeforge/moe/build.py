@@ -132,7 +132,7 @@ def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | Non
                 result.calibration = _calibrate(temp, base.folder, config, architecture)
             if self_test:
                 progress("self-tests: the MoE of base MLPs against the base, each expert routed alone against its source")
-                result.self_tests = run_self_tests(temp, base.folder, [e.folder for e in experts], config.experts)
+                result.self_tests = run_self_tests(temp, base.folder, [e.folder for e in experts], config.experts, architecture)
             report = {"architecture": architecture.name, "experts": len(experts), "experts_per_token": config.experts_per_token,
                       "gate_mode": config.gate_mode, "total_parameters": result.total_parameters,
                       "active_parameters": result.active_parameters, "self_tests": result.self_tests,

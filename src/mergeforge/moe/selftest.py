@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from mergeforge.errors import CheckpointError
+from mergeforge.moe.architectures import MoEArchitecture
 from mergeforge.moe.config import MoEExpert
 
 TOLERANCE = 1e-4
@@ -62,14 +63,14 @@ def _dense_mlp(weights: dict[str, torch.Tensor], activation: Any, x: torch.Tenso
     return (activation(x @ weights["gate_proj"].T) * (x @ weights["up_proj"].T)) @ weights["down_proj"].T
 
 
-def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], experts: list[MoEExpert]) -> dict[str, Any]:
+def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], experts: list[MoEExpert],
+                   architecture: MoEArchitecture) -> dict[str, Any]:
     """Run both checks on the MoE in ``folder``; raise :class:`CheckpointError` when one fails."""
     from transformers import AutoModelForCausalLM
     from transformers.activations import ACT2FN
 
     from mergeforge.checkpoint.reader import open_checkpoint
     from mergeforge.dtypes import to_torch
-    from mergeforge.moe.architectures import MIXTRAL
 
     moe = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(base_folder, local_files_only=True, dtype=torch.float32).eval()
@@ -96,7 +97,7 @@ def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], 
                     weights = {}
                     for projection in ("gate_proj", "up_proj", "down_proj"):
                         if expert.noise_scale:
-                            tensor = written.read(MIXTRAL.expert_tensor(layer, index, projection)).float()
+                            tensor = written.read(architecture.expert_tensor(layer, index, projection)).float()
                         else:
                             tensor = source.read(f"model.layers.{layer}.mlp.{projection}.weight").float()
                             if projection == "down_proj" and expert.residual_scale is not None:
