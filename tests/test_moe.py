@@ -252,3 +252,30 @@ def test_qwen3_experts_make_a_qwen3_moe(tmp_path):
     state = load_state(out)
     assert torch.equal(state["model.layers.1.mlp.experts.1.down_proj.weight"], load_state(folders["b"])["model.layers.1.mlp.down_proj.weight"])
     assert "model.layers.0.mlp.gate.weight" in state
+
+
+def test_a_shared_expert_makes_a_qwen2_moe(dense, tmp_path):
+    """mergekit's qwen output: one shared expert behind a sigmoid gate from its prompts, q/k/v
+    biases as zeros for a Llama base; the self-tests check the shared expert too."""
+    from transformers import AutoModelForCausalLM
+
+    shared = [{"source_model": str(dense["base"]), "positive_prompts": ["a b", "y z"]}]
+    out = tmp_path / "out"
+    result = run_cli("moe", write_config(tmp_path / "moe.yml", dense, shared_experts=shared), out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "moe_report.json").read_text())
+    assert report["architecture"] == "Qwen2-MoE" and report["self_tests"]["shared_mlp_error"] < 1e-4
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    state, base = load_state(out), load_state(dense["base"])
+    assert torch.equal(state["model.layers.3.mlp.shared_expert.up_proj.weight"], base["model.layers.3.mlp.up_proj.weight"])
+    assert state["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, 32)
+    assert not state["model.layers.0.self_attn.k_proj.bias"].any()
+
+    two = run_cli("moe", write_config(tmp_path / "two.yml", dense, shared_experts=shared * 2), tmp_path / "two")
+    assert two.returncode != 0 and "needs exactly one shared expert" in two.stderr
+    mixtral = run_cli("moe", write_config(tmp_path / "m.yml", dense, shared_experts=shared, architecture="mixtral"), tmp_path / "m")
+    assert mixtral.returncode != 0 and "Mixtral has no shared expert" in mixtral.stderr
+    silent = run_cli("moe", write_config(tmp_path / "s.yml", dense, shared_experts=[{"source_model": str(dense["base"])}]),
+                     tmp_path / "s")
+    assert silent.returncode != 0 and "shared_experts.0.positive_prompts" in silent.stderr

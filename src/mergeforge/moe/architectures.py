@@ -10,6 +10,7 @@ Torch-free.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +31,26 @@ class MoEArchitecture:
     router_name: str  # with {layer}
     experts_key: str  # the config field that holds the number of experts
     fixed: dict[str, Any] = field(default_factory=dict)  # config fields the MoE sets whatever the dense config says
-    intermediate_key: str | None = None  # a config field that takes the dense intermediate_size (the experts' width)
-    shared_expert: bool = False
+    intermediate_keys: tuple[str, ...] = ()  # config fields that take the dense intermediate_size (the experts' width)
+    # Qwen2-MoE: one shared expert (with {layer}) beside the routed ones, and its sigmoid gate.
+    shared_names: dict[str, str] | None = None
+    shared_gate_name: str | None = None
+    attention_biases: tuple[str, ...] = ()  # attention projections with a bias in this architecture
+
+    @property
+    def shared_expert(self) -> bool:
+        return self.shared_names is not None
+
+    def shared_tensor(self, layer: int, projection: str) -> str:
+        assert self.shared_names is not None
+        return self.shared_names[projection].format(layer=layer)
 
     def expert_tensor(self, layer: int, expert: int, projection: str) -> str:
         return self.expert_names[projection].format(layer=layer, expert=expert)
+
+    def expert_slot(self, expert: int) -> Callable[[int, str], str]:
+        """``(layer, projection) -> tensor name`` of one expert (as :meth:`shared_tensor` is for the shared one)."""
+        return lambda layer, projection: self.expert_tensor(layer, expert, projection)
 
     def router_tensor(self, layer: int) -> str:
         return self.router_name.format(layer=layer)
@@ -57,8 +73,8 @@ class MoEArchitecture:
         config.output_router_logits = False
         for key, value in self.fixed.items():
             setattr(config, key, value)
-        if self.intermediate_key is not None:
-            setattr(config, self.intermediate_key, dense_config["intermediate_size"])
+        for key in self.intermediate_keys:
+            setattr(config, key, dense_config["intermediate_size"])
         data: dict[str, Any] = config.to_dict()
         data["torch_dtype" if "torch_dtype" in dense_config else "dtype"] = torch_dtype
         return data
@@ -91,26 +107,50 @@ QWEN3_MOE = MoEArchitecture(
     router_name="model.layers.{layer}.mlp.gate.weight",
     experts_key="num_experts",
     fixed={"decoder_sparse_step": 1, "norm_topk_prob": True, "mlp_only_layers": []},
-    intermediate_key="moe_intermediate_size",
+    intermediate_keys=("moe_intermediate_size",),
 )
 
-ARCHITECTURES = (MIXTRAL, QWEN3_MOE)
+# mergekit-moe's qwen output: Qwen3-MoE's layout plus one shared expert (mlp.shared_expert) behind a
+# sigmoid gate (mlp.shared_expert_gate), q/k/v biases (zeros where the dense base has none).
+QWEN2_MOE = MoEArchitecture(
+    name="Qwen2-MoE",
+    model_type="qwen2_moe",
+    class_name="Qwen2MoeForCausalLM",
+    dense_types=("qwen2", "llama", "mistral"),
+    expert_names=QWEN3_MOE.expert_names,
+    router_name=QWEN3_MOE.router_name,
+    experts_key="num_experts",
+    fixed={"decoder_sparse_step": 1, "norm_topk_prob": True, "mlp_only_layers": [], "sliding_window": None,
+           "use_sliding_window": False, "qkv_bias": True},
+    intermediate_keys=("moe_intermediate_size", "shared_expert_intermediate_size"),
+    shared_names={projection: f"model.layers.{{layer}}.mlp.shared_expert.{projection}.weight"
+                  for projection in ("gate_proj", "up_proj", "down_proj")},
+    shared_gate_name="model.layers.{layer}.mlp.shared_expert_gate.weight",
+    attention_biases=("q_proj", "k_proj", "v_proj"),
+)
+
+ARCHITECTURES = (MIXTRAL, QWEN3_MOE, QWEN2_MOE)
 
 
 def choose_architecture(requested: str | None, model_type: str, shared_experts: int, source: str) -> MoEArchitecture:
     """The output architecture: ``requested`` (a prefix of a name, as mergekit matches it), else
-    the first that takes ``model_type``; an error names what is possible."""
+    the first that takes ``model_type`` (one with a shared expert when ``shared_experts`` are
+    given, else one without); an error names what is possible."""
     names = ", ".join(a.name for a in ARCHITECTURES)
-    candidates = [a for a in ARCHITECTURES if requested is None or a.name.lower().startswith(requested.lower())]
+    key = (requested or "").lower().replace("-", "").replace("_", "")
+    candidates = [a for a in ARCHITECTURES if a.name.lower().replace("-", "").startswith(key)]
     if not candidates:
-        raise RecipeError(f"{source}: field 'architecture': no output architecture '{requested}'; available: {names} "
-                          "(the Qwen2-MoE output is not built yet)")
+        raise RecipeError(f"{source}: field 'architecture': no output architecture '{requested}'; available: {names}")
     fitting = [a for a in candidates if model_type in a.dense_types]
     if not fitting:
         takes = "; ".join(f"{a.name} takes {', '.join(a.dense_types)}" for a in candidates)
         raise CheckpointError(f"{source}: the models are '{model_type}' models; {takes}")
-    chosen = fitting[0]
+    preferred = [a for a in fitting if a.shared_expert == bool(shared_experts)]
+    chosen = preferred[0] if preferred else fitting[0]
+    if chosen.shared_expert and shared_experts != 1:
+        raise RecipeError(f"{source}: field 'shared_experts': {chosen.name} needs exactly one shared expert (a model whose MLP "
+                          f"every token also goes through), not {shared_experts}")
     if shared_experts and not chosen.shared_expert:
-        raise RecipeError(f"{source}: field 'shared_experts': {chosen.name} has no shared expert (Qwen2-MoE has one, "
-                          "and is not built yet); remove shared_experts")
+        raise RecipeError(f"{source}: field 'shared_experts': {chosen.name} has no shared expert (Qwen2-MoE has one); "
+                          "remove shared_experts or set architecture: qwen2_moe")
     return chosen

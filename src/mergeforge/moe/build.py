@@ -94,32 +94,39 @@ def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | Non
 
     out_dir = Path(out_dir)
     base = _open(config.base_model, relative_to)
+    shared_configs = config.shared_experts or []
     experts = [_open(e.source_model, relative_to) for e in config.experts]
-    folder_files.check_output_location(out_dir, [base.folder] + [e.folder for e in experts], overwrite)
+    shared = [_open(e.source_model, relative_to) for e in shared_configs]
+    folder_files.check_output_location(out_dir, [c.folder for c in [base, *experts, *shared]], overwrite)
     assert base.config is not None
-    architecture = choose_architecture(config.architecture, str(base.config.get("model_type")), len(config.shared_experts or []),
-                                       "moe config")
-    mlp = _check_compatible(base, experts)
+    architecture = choose_architecture(config.architecture, str(base.config.get("model_type")), len(shared_configs), "moe config")
+    mlp = _check_compatible(base, experts + shared)
     layers = int(base.config["num_hidden_layers"])
     hidden = int(base.config["hidden_size"])
     out_dtype = parse_recipe_dtype(config.dtype, "moe config: field 'dtype'") or _dtype_of(base)
     progress(f"router rows: gate mode '{config.gate_mode}', {len(experts)} experts, {layers} layers")
     routers = gate_vectors(config, config.experts, base.folder, layers, hidden, seed)
+    # The shared expert's sigmoid gate: its prompts' rows (hidden states, as mergekit; for a
+    # calibrated MoE too), or random rows.
+    shared_gate_mode = "hidden" if config.gate_mode == "calibrated" else config.gate_mode
+    shared_gates = (gate_vectors(config.model_copy(update={"gate_mode": shared_gate_mode}), shared_configs, base.folder, layers,
+                                 hidden, seed + 1) if shared_configs else None)
+    slots = [_Slot(c, e, architecture.expert_slot(i)) for i, (c, e) in enumerate(zip(experts, config.experts, strict=True))]
+    slots += [_Slot(c, e, architecture.shared_tensor) for c, e in zip(shared, shared_configs, strict=True)]
 
-    outputs = _output_tensors(base, mlp, architecture, len(experts), out_dtype, hidden)
+    outputs = _output_tensors(base, architecture, slots, len(experts), out_dtype, hidden)
     needed = sum(t.nbytes for t in outputs)
     parent = out_dir.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     if needed > shutil.disk_usage(parent).free:
         raise OutputError(f"{parent}: disk full: the MoE takes {needed / 1e9:.1f} GB")
-    non_mlp = sum(base.info(n).numel for n in base.names() if not MLP_TENSOR.match(n))
+    total = sum(t.numel for t in outputs)
     per_expert = sum(base.info(n).numel for n in mlp)
-    result = MoEResult(out_dir, architecture.name, len(experts), config.experts_per_token,
-                       total_parameters=non_mlp + len(experts) * per_expert + routers.numel(),
-                       active_parameters=non_mlp + config.experts_per_token * per_expert + routers.numel())
+    result = MoEResult(out_dir, architecture.name, len(experts), config.experts_per_token, total_parameters=total,
+                       active_parameters=total - (len(experts) - config.experts_per_token) * per_expert)
     try:
         with folder_files.atomic_output_folder(out_dir) as temp:
-            _write_weights(temp, base, experts, config, mlp, architecture, routers, outputs, out_dtype, seed, shard_bytes, progress)
+            _write_weights(temp, base, slots, architecture, routers, shared_gates, outputs, out_dtype, seed, shard_bytes, progress)
             moe_config = architecture.output_config(base.config, len(experts), config.experts_per_token,
                                                     str(to_torch(out_dtype)).removeprefix("torch."))
             folder_files.carry_over_files(base.folder, temp, base.folder if copy_tokenizer else None)  # not config.json
@@ -132,7 +139,8 @@ def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | Non
                 result.calibration = _calibrate(temp, base.folder, config, architecture)
             if self_test:
                 progress("self-tests: the MoE of base MLPs against the base, each expert routed alone against its source")
-                result.self_tests = run_self_tests(temp, base.folder, [e.folder for e in experts], config.experts, architecture)
+                result.self_tests = run_self_tests(temp, base.folder, [e.folder for e in experts], config.experts, architecture,
+                                                   (shared[0].folder, shared_configs[0]) if shared else None)
             report = {"architecture": architecture.name, "experts": len(experts), "experts_per_token": config.experts_per_token,
                       "gate_mode": config.gate_mode, "total_parameters": result.total_parameters,
                       "active_parameters": result.active_parameters, "self_tests": result.self_tests,
@@ -141,7 +149,7 @@ def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | Non
     except OSError as exc:
         raise output_error(exc, Path(exc.filename) if exc.filename else out_dir) from None
     finally:
-        for checkpoint in [base, *experts]:
+        for checkpoint in [base, *experts, *shared]:
             checkpoint.close()
     return result
 
@@ -178,7 +186,16 @@ def _dtype_of(base: Checkpoint) -> str:
     return (parse_recipe_dtype(str(name), f"model '{base.ref}': config.json dtype") if name else None) or "F32"
 
 
-def _output_tensors(base: Checkpoint, mlp: list[str], architecture: MoEArchitecture, experts: int, dtype: str,
+@dataclass(frozen=True)
+class _Slot:
+    """One set of MLP weights in the MoE: an expert, or the shared expert."""
+
+    checkpoint: Checkpoint
+    expert: MoEExpert
+    name: Callable[..., str]  # (layer, projection) -> its tensor in the MoE
+
+
+def _output_tensors(base: Checkpoint, architecture: MoEArchitecture, slots: list[_Slot], experts: int, dtype: str,
                     hidden: int) -> list[OutputTensor]:
     outputs = []
     for name in base.names():
@@ -188,10 +205,26 @@ def _output_tensors(base: Checkpoint, mlp: list[str], architecture: MoEArchitect
             outputs.append(OutputTensor(name, info.shape, dtype if _floating(info.dtype) else info.dtype))
             continue
         layer, projection = int(match.group(1)), match.group(2)
-        outputs += [OutputTensor(architecture.expert_tensor(layer, e, projection), info.shape, dtype) for e in range(experts)]
+        outputs += [OutputTensor(slot.name(layer, projection), info.shape, dtype) for slot in slots]
         if projection == "gate_proj":
             outputs.append(OutputTensor(architecture.router_tensor(layer), (experts, hidden), dtype))
+            if architecture.shared_gate_name is not None:
+                outputs.append(OutputTensor(architecture.shared_gate_name.format(layer=layer), (1, hidden), dtype))
+    outputs += [OutputTensor(name, shape, dtype) for name, shape in _missing_biases(base, architecture).items()]
     return outputs
+
+
+def _missing_biases(base: Checkpoint, architecture: MoEArchitecture) -> dict[str, tuple[int, ...]]:
+    """Attention biases the output architecture has and the base lacks (Qwen2-MoE's q/k/v from a
+    Llama base): written as zeros, so every transformers version loads them, not random ones."""
+    missing: dict[str, tuple[int, ...]] = {}
+    for name in base.names():
+        for projection in architecture.attention_biases:
+            if name.endswith(f".self_attn.{projection}.weight"):
+                bias = name.removesuffix("weight") + "bias"
+                if not base.has(bias):
+                    missing[bias] = (base.info(name).shape[0],)
+    return missing
 
 
 def _floating(dtype: str) -> bool:
@@ -200,12 +233,12 @@ def _floating(dtype: str) -> bool:
     return is_floating(dtype)
 
 
-def _write_weights(temp: Path, base: Checkpoint, experts: list[Checkpoint], config: MoEConfig, mlp: list[str],
-                   architecture: MoEArchitecture, routers: torch.Tensor, outputs: list[OutputTensor], dtype: str, seed: int,
-                   shard_bytes: int, progress: Callable[[str], None]) -> None:
+def _write_weights(temp: Path, base: Checkpoint, slots: list[_Slot], architecture: MoEArchitecture, routers: torch.Tensor,
+                   shared_gates: torch.Tensor | None, outputs: list[OutputTensor], dtype: str, seed: int, shard_bytes: int,
+                   progress: Callable[[str], None]) -> None:
     torch_dtype = to_torch(dtype)
     writer = ShardedWriter(temp, outputs, shard_bytes)
-    generators = [torch.Generator().manual_seed(seed * 1000 + 1 + i) for i in range(len(experts))]
+    generators = [torch.Generator().manual_seed(seed * 1000 + 1 + i) for i in range(len(slots))]
     try:
         for name in base.names():
             match = MLP_TENSOR.match(name)
@@ -214,11 +247,15 @@ def _write_weights(temp: Path, base: Checkpoint, experts: list[Checkpoint], conf
                 writer.write(name, tensor.to(torch_dtype) if tensor.is_floating_point() else tensor)
                 continue
             layer, projection = int(match.group(1)), match.group(2)
-            for index, (checkpoint, expert) in enumerate(zip(experts, config.experts, strict=True)):
-                tensor = _expert_tensor(checkpoint, name, expert, generators[index])
-                writer.write(architecture.expert_tensor(layer, index, projection), tensor.to(torch_dtype))
+            for slot, generator in zip(slots, generators, strict=True):
+                writer.write(slot.name(layer, projection), _expert_tensor(slot.checkpoint, name, slot.expert, generator).to(torch_dtype))
             if projection == "gate_proj":
                 writer.write(architecture.router_tensor(layer), routers[layer].to(torch_dtype).contiguous())
+                if architecture.shared_gate_name is not None:
+                    assert shared_gates is not None
+                    writer.write(architecture.shared_gate_name.format(layer=layer), shared_gates[layer].to(torch_dtype).contiguous())
+        for name, shape in _missing_biases(base, architecture).items():
+            writer.write(name, torch.zeros(shape, dtype=torch_dtype))
         progress(f"wrote {len(outputs)} tensors ({from_torch(torch_dtype)})")
     finally:
         writer.close()

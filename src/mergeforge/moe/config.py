@@ -126,7 +126,7 @@ def check_config(config: MoEConfig, source: str, allow_all_same: bool) -> None:
         for index, expert in enumerate(config.experts + (config.shared_experts or [])):
             group = "experts" if index < count else "shared_experts"
             position = index if index < count else index - count
-            if group == "experts" and not expert.positive_prompts:
+            if not expert.positive_prompts:
                 raise RecipeError(f"{source}: field '{group}.{position}.positive_prompts': gate_mode '{config.gate_mode}' "
                                   f"needs prompts for every expert ({expert.source_model} has none)")
         if count > 1 and len({(tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ())) for e in config.experts}) == 1:

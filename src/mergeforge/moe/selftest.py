@@ -9,7 +9,9 @@ The output folder is loaded with transformers, as a user loads it, in float32:
   ``e`` picks out one input coordinate that is 1, scaled by 100; the other rows are 0), the MoE
   block's output is expert ``e``'s dense MLP on the same inputs, computed from its own
   checkpoint (scaled by its ``residual_scale``). An expert with ``noise_scale`` is compared with
-  the weights written for it instead, since its noise is part of the recipe.
+  the weights written for it instead, since its noise is part of the recipe. Where the MoE has a
+  shared expert (Qwen2-MoE), its sigmoid gate is closed the same way for these checks, then
+  opened beside expert 0: the block's output must be the sum of both dense MLPs.
 
 Each check reports its largest error relative to the reference's largest value; above
 :data:`TOLERANCE` the build fails and leaves no output.
@@ -64,8 +66,10 @@ def _dense_mlp(weights: dict[str, torch.Tensor], activation: Any, x: torch.Tenso
 
 
 def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], experts: list[MoEExpert],
-                   architecture: MoEArchitecture) -> dict[str, Any]:
-    """Run both checks on the MoE in ``folder``; raise :class:`CheckpointError` when one fails."""
+                   architecture: MoEArchitecture, shared: tuple[Path, MoEExpert] | None = None) -> dict[str, Any]:
+    """Run the checks on the MoE in ``folder``; raise :class:`CheckpointError` when one fails.
+    With a ``shared`` expert (folder, recipe entry), each expert is checked with the shared
+    expert's gate closed, and the shared expert with its gate open beside expert 0."""
     from transformers import AutoModelForCausalLM
     from transformers.activations import ACT2FN
 
@@ -90,25 +94,44 @@ def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], 
         activation = ACT2FN[moe.config.hidden_act]
         inputs = torch.randn((1, BLOCK_TOKENS, int(moe.config.hidden_size)), generator=generator)
         inputs[..., -1] = 1.0  # the coordinate the router rows below pick out
+        def reference(source: Any, expert: MoEExpert, layer: int, written_name: Any) -> torch.Tensor:
+            """The slot's dense MLP output on ``inputs``, from its source checkpoint (or, with
+            noise, from what was written for it)."""
+            weights = {}
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                if expert.noise_scale:
+                    tensor = written.read(written_name(layer, projection)).float()
+                else:
+                    tensor = source.read(f"model.layers.{layer}.mlp.{projection}.weight").float()
+                    if projection == "down_proj" and expert.residual_scale is not None:
+                        tensor = tensor * expert.residual_scale
+                weights[projection] = tensor.to(stored).float()
+            return _dense_mlp(weights, activation, inputs)
+
+        expert_outputs: list[torch.Tensor] = []  # expert 0's, per layer, for the shared expert's check
         for index, (expert, source_folder) in enumerate(zip(experts, expert_folders, strict=True)):
             with open_checkpoint(source_folder) as source:
                 worst = 0.0
                 for layer, block in enumerate(blocks):
-                    weights = {}
-                    for projection in ("gate_proj", "up_proj", "down_proj"):
-                        if expert.noise_scale:
-                            tensor = written.read(architecture.expert_tensor(layer, index, projection)).float()
-                        else:
-                            tensor = source.read(f"model.layers.{layer}.mlp.{projection}.weight").float()
-                            if projection == "down_proj" and expert.residual_scale is not None:
-                                tensor = tensor * expert.residual_scale
-                        weights[projection] = tensor.to(stored).float()
-                    output = _routed_alone(block, index, inputs)
-                    worst = max(worst, _relative_error(output, _dense_mlp(weights, activation, inputs)))
+                    expected = reference(source, expert, layer, architecture.expert_slot(index))
+                    if index == 0:
+                        expert_outputs.append(expected)
+                    output = _routed_alone(block, index, inputs, shared_gate=-100.0 if shared else None)
+                    worst = max(worst, _relative_error(output, expected))
             report["expert_mlp_errors"].append(worst)
             if worst > TOLERANCE:
                 raise CheckpointError(f"{folder}: self-test failed: expert {index} ({expert.source_model}), routed alone, "
                                       f"differs from its MLP by {worst:.2e} (relative; the limit is {TOLERANCE:g})")
+        if shared is not None:
+            with open_checkpoint(shared[0]) as source:
+                worst = 0.0
+                for layer, block in enumerate(blocks):
+                    expected = expert_outputs[layer] + reference(source, shared[1], layer, architecture.shared_tensor)
+                    worst = max(worst, _relative_error(_routed_alone(block, 0, inputs, shared_gate=100.0), expected))
+            report["shared_mlp_error"] = worst
+            if worst > TOLERANCE:
+                raise CheckpointError(f"{folder}: self-test failed: the shared expert ({shared[1].source_model}) differs from its "
+                                      f"MLP by {worst:.2e} (relative; the limit is {TOLERANCE:g})")
     return report
 
 
@@ -125,15 +148,21 @@ def _base_check(moe: Any, base: Any, blocks: list[torch.nn.Module], ids: torch.T
             block.forward = forward
 
 
-def _routed_alone(block: torch.nn.Module, expert: int, inputs: torch.Tensor) -> torch.Tensor:
+def _routed_alone(block: torch.nn.Module, expert: int, inputs: torch.Tensor, shared_gate: float | None = None) -> torch.Tensor:
     """The block's output with its router set so that ``expert`` takes every token (its row picks
-    out the inputs' last coordinate, 1, scaled by 100; the other rows are 0); the router is restored."""
-    router: torch.Tensor = getattr(block.gate, "weight")  # noqa: B009 - a module's parameter, untyped
-    saved = router.detach().clone()
+    out the inputs' last coordinate, 1, scaled by 100; the other rows are 0) and, with
+    ``shared_gate``, the shared expert's gate set to sigmoid(``shared_gate``) the same way (±100:
+    closed or open); the weights are restored."""
+    rows: list[tuple[torch.Tensor, int, float]] = [(getattr(block.gate, "weight"), expert, 100.0)]  # noqa: B009 - untyped parameter
+    if shared_gate is not None:
+        rows.append((getattr(block, "shared_expert_gate").weight, 0, shared_gate))  # noqa: B009
+    saved = [weight.detach().clone() for weight, _, _ in rows]
     with torch.no_grad():
         try:
-            router.zero_()
-            router[expert, -1] = 100.0
+            for weight, row, value in rows:
+                weight.zero_()
+                weight[row, -1] = value
             return _first(block(inputs.clone()))
         finally:
-            router.copy_(saved)
+            for (weight, _, _), old in zip(rows, saved, strict=True):
+                weight.copy_(old)
