@@ -164,6 +164,16 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return f"{source}: field '{location}': {message}" if location else f"{source}: {message}"
 
 
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, or a :class:`RecipeError` naming ``source`` and the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+
+
 def load_recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> Recipe:
     """Validate a recipe given as a :class:`Recipe`, a dict, a YAML file path or a YAML string.
 
@@ -182,12 +192,7 @@ def load_recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> 
                 raise RecipeError(f"{path}: recipe file not found")
             source = str(path)
             text = path.read_text(encoding="utf-8")
-        try:
-            recipe = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise RecipeError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        recipe = parse_yaml(text, source)
     if not isinstance(recipe, Mapping):
         raise RecipeError(f"{source}: a recipe must be a mapping with at least 'merge_method' and 'models' or 'slices'")
     try:

@@ -96,12 +96,9 @@ def load_moe_config(config: MoEConfig | dict[str, Any] | str | os.PathLike[str],
         if not path.is_file():
             raise RecipeError(f"{path}: MoE config file not found")
         source = str(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise RecipeError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        from mergeforge.engine.recipe import parse_yaml
+
+        data = parse_yaml(path.read_text(encoding="utf-8"), source)
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: an MoE config must be a mapping with 'base_model' and 'experts'")
     try:
