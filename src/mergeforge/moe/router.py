@@ -29,27 +29,30 @@ TEMPERATURES = tuple(2.0**k for k in range(-4, 11))  # searched on a log grid, t
 
 
 class _Stop(Exception):
-    """Raised by the capture hook: nothing above the layer is needed."""
+    """Raised by the capture hook: nothing above the last block asked for is needed."""
 
 
-def _block_inputs(model: Any, block: torch.nn.Module, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The input of ``block`` at every real token of the prompts: ``[tokens, hidden]``."""
+def block_inputs(model: Any, blocks: list[torch.nn.Module], encoded: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The input of each of ``blocks`` (in order, from the bottom) at every real token of the
+    prompts, ``[tokens, hidden]`` each, from one forward pass that stops after the last of them."""
     captured: list[torch.Tensor] = []
 
     def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         captured.append(args[0].detach())
-        raise _Stop
+        if len(captured) == len(blocks):
+            raise _Stop
 
-    handle = block.register_forward_pre_hook(hook)
+    handles = [block.register_forward_pre_hook(hook) for block in blocks]
     try:
         with torch.no_grad():
             model(**encoded)
     except _Stop:
         pass
     finally:
-        handle.remove()
-    states = captured[0].reshape(encoded["input_ids"].shape + (-1,))
-    return states[encoded["attention_mask"].bool()].float()
+        for handle in handles:
+            handle.remove()
+    mask = encoded["attention_mask"].bool()
+    return [states.reshape(mask.shape + (-1,))[mask].float() for states in captured]
 
 
 def ridge_rows(inputs: torch.Tensor, labels: torch.Tensor, experts: int, ridge: float = RIDGE) -> torch.Tensor:
@@ -81,27 +84,58 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def calibrate_routers(model: Any, tokenizer: Any, prompts: list[list[str]], ridge: float = RIDGE) -> tuple[torch.Tensor, dict[str, Any]]:
     """Fit every layer's router of the loaded MoE ``model`` (in place) on ``prompts[e]``, the
-    prompts of expert ``e``. Returns the rows ``[layers, experts, hidden]`` and a report."""
+    prompts of expert ``e``. Returns the rows ``[layers, experts, hidden]`` and a report.
+
+    The prompts' residual stream is carried from layer to layer: layer ``l`` runs on the stream
+    as the layers below (with their routers fitted) left it, up to its router for the fit, then
+    whole with the fitted router, so the fit costs about one forward pass, not one per layer."""
     from mergeforge.moe.gates import encode_prompts
     from mergeforge.moe.selftest import moe_block
 
     experts = len(prompts)
     encoded = [encode_prompts(tokenizer, group) for group in prompts]
-    blocks = [moe_block(layer) for layer in model.model.layers]
+    decoder = model.model
+    layers = decoder.layers
+    with torch.no_grad():
+        streams = [decoder.embed_tokens(batch["input_ids"]) for batch in encoded]
     rows: list[torch.Tensor] = []
     report: dict[str, Any] = {"ridge": ridge, "layers": []}
-    for block in blocks:
-        inputs = [_block_inputs(model, block, batch) for batch in encoded]
-        x = torch.cat(inputs)
-        labels = torch.cat([torch.full((len(part),), e, dtype=torch.long) for e, part in enumerate(inputs)])
-        weights = ridge_rows(x, labels, experts, ridge)
-        scale = fit_temperature(x @ weights.T, labels)
-        weights = weights * scale
-        router: torch.Tensor = getattr(block.gate, "weight")  # noqa: B009 - a module's parameter, untyped
-        with torch.no_grad():
-            router.copy_(weights.to(router.dtype))
-        predicted = (x @ weights.T).argmax(-1)
-        report["layers"].append({"temperature": scale, "token_accuracy": float((predicted == labels).float().mean()),
-                                 "tokens": len(labels)})
-        rows.append(weights)
+    try:
+        for layer in layers:
+            block = moe_block(layer)
+            decoder.layers = torch.nn.ModuleList([layer])
+            inputs = [block_inputs(decoder, [block], {"inputs_embeds": stream, "attention_mask": batch["attention_mask"]})[0]
+                      for stream, batch in zip(streams, encoded, strict=True)]
+            x = torch.cat(inputs)
+            labels = torch.cat([torch.full((len(part),), e, dtype=torch.long) for e, part in enumerate(inputs)])
+            weights = ridge_rows(x, labels, experts, ridge)
+            scale = fit_temperature(x @ weights.T, labels)
+            weights = weights * scale
+            router: torch.Tensor = getattr(block.gate, "weight")  # noqa: B009 - a module's parameter, untyped
+            with torch.no_grad():
+                router.copy_(weights.to(router.dtype))
+            predicted = (x @ weights.T).argmax(-1)
+            report["layers"].append({"temperature": scale, "token_accuracy": float((predicted == labels).float().mean()),
+                                     "tokens": len(labels)})
+            rows.append(weights)
+            streams = [_layer_output(decoder, layer, stream, batch["attention_mask"]) for stream, batch in zip(streams, encoded, strict=True)]
+    finally:
+        decoder.layers = layers
     return torch.stack(rows), report
+
+
+def _layer_output(decoder: Any, layer: torch.nn.Module, stream: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The residual stream leaving ``layer`` (before the final norm), run as the decoder's only
+    layer on the ``stream`` entering it: positions and the causal mask are the decoder's own."""
+    captured: list[torch.Tensor] = []
+
+    def take(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        captured.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    handle = layer.register_forward_hook(take)
+    try:
+        with torch.no_grad():
+            decoder(inputs_embeds=stream, attention_mask=mask, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[0]
