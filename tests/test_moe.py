@@ -161,28 +161,29 @@ def test_the_calibrated_router_is_fitted_on_the_moes_own_router_inputs(dense, tm
     layers = report["calibration"]["layers"]
     assert len(layers) == 4 and all(layer["token_accuracy"] > 0.5 and layer["temperature"] > 0 for layer in layers)
 
-    # Refit layer 0 by hand from the written MoE: its first router sees the post-attention-norm
-    # states of the prompts, which do not depend on any router.
+    # Refit layers 0 and 3 by hand from full forward passes of the written MoE: layer 3's router
+    # sees the states that the routers fitted below it produce.
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    captured = []
-    block = moe_block(model.model.layers[0])
-    handle = block.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    inputs, labels = [], []
-    for e, name in enumerate(("a", "b")):
-        encoded = encode_prompts(tokenizer, PROMPTS[name])
-        captured.clear()
-        with torch.no_grad():
-            model(**encoded)
-        states = captured[0].reshape(encoded["input_ids"].shape + (-1,))[encoded["attention_mask"].bool()]
-        inputs.append(states)
-        labels.append(torch.full((len(states),), e))
-    handle.remove()
-    x, y = torch.cat(inputs), torch.cat(labels)
-    rows = ridge_rows(x, y, 2)
-    expected = rows * fit_temperature(x @ rows.T, y)
-    written = load_state(out)["model.layers.0.block_sparse_moe.gate.weight"]
-    torch.testing.assert_close(written, expected, rtol=1e-4, atol=1e-5)
+    written = load_state(out)
+    for layer in (0, 3):
+        captured = []
+        block = moe_block(model.model.layers[layer])
+        handle = block.register_forward_pre_hook(lambda module, args, captured=captured: captured.append(args[0]))
+        inputs, labels = [], []
+        for e, name in enumerate(("a", "b")):
+            encoded = encode_prompts(tokenizer, PROMPTS[name])
+            captured.clear()
+            with torch.no_grad():
+                model(**encoded)
+            states = captured[0].reshape(encoded["input_ids"].shape + (-1,))[encoded["attention_mask"].bool()]
+            inputs.append(states)
+            labels.append(torch.full((len(states),), e))
+        handle.remove()
+        x, y = torch.cat(inputs), torch.cat(labels)
+        rows = ridge_rows(x, y, 2)
+        expected = rows * fit_temperature(x @ rows.T, y)
+        torch.testing.assert_close(written[f"model.layers.{layer}.block_sparse_moe.gate.weight"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_ridge_rows_and_temperature_separate_what_is_separable():
@@ -279,3 +280,73 @@ def test_a_shared_expert_makes_a_qwen2_moe(dense, tmp_path):
     silent = run_cli("moe", write_config(tmp_path / "s.yml", dense, shared_experts=[{"source_model": str(dense["base"])}]),
                      tmp_path / "s")
     assert silent.returncode != 0 and "shared_experts.0.positive_prompts" in silent.stderr
+
+
+def test_the_routing_report_says_where_each_domain_goes(dense, tmp_path):
+    """Every build with prompts writes routing_report.json and a self-contained HTML: per layer,
+    utilisation (summing to 1), entropy in [0, 1], dead experts; and the domain × expert confusion
+    on the calibration and the held-out prompts, whose diagonal is the routing accuracy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergeforge.moe.report import routing_statistics
+
+    experts = [{"source_model": str(dense[n]), "positive_prompts": PROMPTS[n], "held_out_prompts": [PROMPTS[n][0] + " " + n]}
+               for n in ("a", "b")]
+    out = tmp_path / "out"
+    result = run_cli("moe", write_config(tmp_path / "moe.yml", dense, gate_mode="calibrated", dtype="float32", experts=experts), out)
+    assert result.returncode == 0, result.stderr
+    assert "routing accuracy on the held-out prompts" in result.stdout
+    report = json.loads((out / "routing_report.json").read_text())
+    assert set(report["sets"]) == {"calibration", "held-out"}
+    calibration = report["sets"]["calibration"]
+    for layer in calibration["layers"]:
+        assert sum(layer["utilisation"]) == pytest.approx(1.0) and 0 <= layer["entropy"] <= 1
+        assert layer["dead_experts"] == []  # top-2 of 2 experts: every expert is chosen
+    assert all(sum(row) == pytest.approx(1.0) for row in calibration["confusion"])
+    assert calibration["routing_accuracy"] == pytest.approx(sum(calibration["confusion"][e][e] for e in range(2)) / 2)
+    assert calibration["routing_accuracy"] > 0.5  # the calibrated router separates the prompts it was fitted on
+    page = (out / "routing_report.html").read_text()
+    assert "data:image/png;base64," in page and "http" not in page.replace("http-equiv", "")
+    assert json.loads((out / "moe_report.json").read_text())["routing_accuracy"]["held-out"] == report["sets"]["held-out"]["routing_accuracy"]
+
+    # The accuracy counted by hand at layer 0: top-1 of the router logits on the block's input.
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model.model.layers = model.model.layers[:1]
+    single = routing_statistics(model, tokenizer, [PROMPTS["a"], PROMPTS["b"]], 2)
+    assert single["layers"][0]["routing_accuracy"] == pytest.approx(calibration["layers"][0]["routing_accuracy"])
+
+
+def test_shared_method_merges_the_tensors_outside_the_mlps(dense, tmp_path):
+    """shared_method: attention, norms and embeddings are the experts' merge by that method (the
+    engine's in-memory merge), not the base's; the MLP experts are unchanged, and the build's
+    self-tests pass with the merged tensors as the base check's reference."""
+    from mergeforge.engine.api import merge_state_dicts
+
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "moe.yml", dense, dtype="float32", shared_method="ties",
+                          shared_parameters={"density": 0.5, "weight": 1.0})
+    result = run_cli("moe", config, out)
+    assert result.returncode == 0, result.stderr
+    state, base, a, b = (load_state(folder) for folder in (out, dense["base"], dense["a"], dense["b"]))
+    shared = [name for name in base if ".mlp." not in name]
+    expected = merge_state_dicts("ties", [{n: a[n] for n in shared}, {n: b[n] for n in shared}], base={n: base[n] for n in shared},
+                                 parameters={"density": 0.5, "weight": 1.0})
+    for name in shared:
+        torch.testing.assert_close(state[name], expected[name].float())
+    assert not torch.equal(state["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"].float())
+    assert torch.equal(state["model.layers.1.block_sparse_moe.experts.1.w2.weight"], b["model.layers.1.mlp.down_proj.weight"].float())
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"shared_method": "tise"}, r"field 'shared_method': unknown method 'tise'. Did you mean 'ties'"),
+    ({"shared_parameters": {"density": 0.5}}, "'shared_parameters' is set without 'shared_method'"),
+    ({"shared_method": "ties", "shared_parameters": {"densty": 0.5}}, "shared_method 'ties', tensor '"),
+])
+def test_bad_shared_methods_are_refused_with_the_field(dense, tmp_path, fields, message):
+    out = tmp_path / "out"
+    result = run_cli("moe", write_config(tmp_path / "moe.yml", dense, **fields), out, "--quiet")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1, result.stderr
+    assert __import__("re").search(message, result.stderr), result.stderr
+    assert not out.exists()

@@ -45,6 +45,7 @@ class MoEResult:
     active_parameters: int  # per token: everything but the MLPs, plus experts_per_token experts
     self_tests: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None  # gate_mode calibrated: per-layer fit (moe.router)
+    routing: dict[str, float] | None = None  # routing accuracy per prompt set (moe.report), where there are prompts
 
 
 def _open(ref: str, relative_to: Path | None) -> Checkpoint:
@@ -54,8 +55,9 @@ def _open(ref: str, relative_to: Path | None) -> Checkpoint:
     return checkpoint
 
 
-def _check_compatible(base: Checkpoint, experts: list[Checkpoint]) -> list[str]:
-    """The base's MLP tensor names; every expert must have them, with the base's shapes."""
+def _check_compatible(base: Checkpoint, experts: list[Checkpoint], all_tensors: bool = False) -> list[str]:
+    """The base's MLP tensor names; every expert must have them (every tensor of the base, with
+    ``all_tensors``), with the base's shapes."""
     assert base.config is not None
     model_type = base.config.get("model_type")
     mlp = [name for name in base.names() if MLP_TENSOR.match(name)]
@@ -66,7 +68,7 @@ def _check_compatible(base: Checkpoint, experts: list[Checkpoint]) -> list[str]:
         if expert.config.get("model_type") != model_type:
             raise CheckpointError(f"model '{expert.ref}': is a '{expert.config.get('model_type')}' model and the base "
                                   f"'{base.ref}' a '{model_type}' one; every expert must have the base's architecture")
-        for name in mlp:
+        for name in base.names() if all_tensors else mlp:
             if not expert.has(name):
                 raise CheckpointError(f"model '{expert.ref}': has no tensor '{name}' (the base has it)")
             if expert.info(name).shape != base.info(name).shape:
@@ -75,35 +77,129 @@ def _check_compatible(base: Checkpoint, experts: list[Checkpoint]) -> list[str]:
     return mlp
 
 
+def residual_scaled(tensor: torch.Tensor, name: str, expert: MoEExpert) -> torch.Tensor:
+    """``residual_scale`` multiplies an expert's down projection: its contribution to the residual stream."""
+    if expert.residual_scale is not None and name.endswith("down_proj.weight"):
+        return tensor.float() * expert.residual_scale
+    return tensor
+
+
 def _expert_tensor(checkpoint: Checkpoint, name: str, expert: MoEExpert, generator: torch.Generator) -> torch.Tensor:
     """An expert's MLP tensor with its ``noise_scale`` and ``residual_scale`` applied (mergekit's order)."""
     tensor = checkpoint.read(name)
     if expert.noise_scale:
         tensor = tensor.float() + torch.randn(tensor.shape, generator=generator) * expert.noise_scale
-    if expert.residual_scale is not None and name.endswith("down_proj.weight"):
-        tensor = tensor.float() * expert.residual_scale
-    return tensor
+    return residual_scaled(tensor, name, expert)
+
+
+def _shared_merger(config: MoEConfig, experts: list[Checkpoint], seed: int) -> Callable[[str, torch.Tensor], torch.Tensor] | None:
+    """With ``shared_method``: a function that merges one non-MLP tensor of the experts (each
+    source model once) with the base's, through the engine's in-memory merge."""
+    if not config.shared_method:
+        return None
+    from mergeforge.engine.api import merge_state_dicts
+    from mergeforge.errors import RecipeError
+
+    method = config.shared_method
+    sources = list({c.ref: c for c in experts}.values())
+
+    def merged(name: str, base_tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            return merge_state_dicts(method, [{name: c.read(name)} for c in sources], base={name: base_tensor},
+                                     parameters=config.shared_parameters, seed=seed)[name]
+        except RecipeError as exc:
+            raise RecipeError(f"moe config: shared_method '{method}', tensor '{name}': {exc}") from None
+
+    return merged
 
 
 def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | None = None, overwrite: bool = False,
               copy_tokenizer: bool = True, seed: int = 0, self_test: bool = True, shard_bytes: int = DEFAULT_SHARD_BYTES,
               recipe_text: str | None = None, progress: Callable[[str], None] = lambda line: None) -> MoEResult:
     """Build the MoE of ``config`` (see :func:`mergeforge.moe.config.load_moe_config`) into ``out_dir``."""
-    from mergeforge.moe.gates import gate_vectors
     from mergeforge.moe.selftest import run_self_tests
 
     out_dir = Path(out_dir)
-    base = _open(config.base_model, relative_to)
-    shared_configs = config.shared_experts or []
-    experts = [_open(e.source_model, relative_to) for e in config.experts]
-    shared = [_open(e.source_model, relative_to) for e in shared_configs]
-    folder_files.check_output_location(out_dir, [c.folder for c in [base, *experts, *shared]], overwrite)
+    opened: list[Checkpoint] = []
+    try:
+        for ref in [config.base_model, *(e.source_model for e in config.experts + (config.shared_experts or []))]:
+            opened.append(_open(ref, relative_to))
+        base, experts, shared = opened[0], opened[1:len(config.experts) + 1], opened[len(config.experts) + 1:]
+        folder_files.check_output_location(out_dir, [c.folder for c in opened], overwrite)
+        plan = _plan(config, base, experts, shared, seed, progress)
+        parent = out_dir.absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        if plan.bytes > shutil.disk_usage(parent).free:
+            raise OutputError(f"{parent}: disk full: the MoE takes {plan.bytes / 1e9:.1f} GB")
+        result = MoEResult(out_dir, plan.architecture.name, len(experts), config.experts_per_token,
+                           total_parameters=plan.parameters,
+                           active_parameters=plan.parameters - (len(experts) - config.experts_per_token) * plan.per_expert)
+        with folder_files.atomic_output_folder(out_dir) as temp:
+            _write_weights(temp, base, plan, seed, shard_bytes, progress, _shared_merger(config, experts, seed))
+            _write_files(temp, base, config, plan, copy_tokenizer, recipe_text)
+            result.calibration, routing = _fit_and_route(temp, base.folder, config, plan.architecture, progress)
+            if self_test:
+                progress("self-tests: the MoE of base MLPs against the base, each expert routed alone against its source")
+                result.self_tests = run_self_tests(temp, base.folder, [e.folder for e in experts], config.experts, plan.architecture,
+                                                   (shared[0].folder, config.shared_experts[0]) if shared and config.shared_experts
+                                                   else None, shared_tensors_merged=bool(config.shared_method))
+            if routing is not None:
+                result.routing = {name: stats["routing_accuracy"] for name, stats in routing["sets"].items()}
+            report = {"architecture": plan.architecture.name, "experts": len(experts), "experts_per_token": config.experts_per_token,
+                      "gate_mode": config.gate_mode, "shared_method": config.shared_method,
+                      "total_parameters": result.total_parameters, "active_parameters": result.active_parameters,
+                      "self_tests": result.self_tests, "calibration": result.calibration, "routing_accuracy": result.routing}
+            (temp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        raise output_error(exc, Path(exc.filename) if exc.filename else out_dir) from None
+    finally:
+        for checkpoint in opened:
+            checkpoint.close()
+    return result
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One set of MLP weights in the MoE: an expert, or the shared expert."""
+
+    checkpoint: Checkpoint
+    expert: MoEExpert
+    name: Callable[..., str]  # (layer, projection) -> its tensor in the MoE
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the MoE holds: its architecture, every output tensor, and where each comes from."""
+
+    architecture: MoEArchitecture
+    slots: list[_Slot]
+    routers: torch.Tensor  # [layers, experts, hidden]
+    shared_gates: torch.Tensor | None  # [layers, 1, hidden] with a shared expert
+    outputs: list[OutputTensor]
+    dtype: str
+    per_expert: int  # parameters of one expert's MLPs, all layers
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel for t in self.outputs)
+
+
+def _plan(config: MoEConfig, base: Checkpoint, experts: list[Checkpoint], shared: list[Checkpoint], seed: int,
+          progress: Callable[[str], None]) -> _Plan:
+    from mergeforge.moe.gates import gate_vectors
+
     assert base.config is not None
+    shared_configs = config.shared_experts or []
     architecture = choose_architecture(config.architecture, str(base.config.get("model_type")), len(shared_configs), "moe config")
-    mlp = _check_compatible(base, experts + shared)
+    mlp = _check_compatible(base, experts, all_tensors=bool(config.shared_method))
+    _check_compatible(base, shared)
     layers = int(base.config["num_hidden_layers"])
     hidden = int(base.config["hidden_size"])
-    out_dtype = parse_recipe_dtype(config.dtype, "moe config: field 'dtype'") or _dtype_of(base)
+    dtype = parse_recipe_dtype(config.dtype, "moe config: field 'dtype'") or _dtype_of(base)
     progress(f"router rows: gate mode '{config.gate_mode}', {len(experts)} experts, {layers} layers")
     routers = gate_vectors(config, config.experts, base.folder, layers, hidden, seed)
     # The shared expert's sigmoid gate: its prompts' rows (hidden states, as mergekit; for a
@@ -113,58 +209,48 @@ def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | Non
                                  hidden, seed + 1) if shared_configs else None)
     slots = [_Slot(c, e, architecture.expert_slot(i)) for i, (c, e) in enumerate(zip(experts, config.experts, strict=True))]
     slots += [_Slot(c, e, architecture.shared_tensor) for c, e in zip(shared, shared_configs, strict=True)]
-
-    outputs = _output_tensors(base, architecture, slots, len(experts), out_dtype, hidden)
-    needed = sum(t.nbytes for t in outputs)
-    parent = out_dir.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if needed > shutil.disk_usage(parent).free:
-        raise OutputError(f"{parent}: disk full: the MoE takes {needed / 1e9:.1f} GB")
-    total = sum(t.numel for t in outputs)
-    per_expert = sum(base.info(n).numel for n in mlp)
-    result = MoEResult(out_dir, architecture.name, len(experts), config.experts_per_token, total_parameters=total,
-                       active_parameters=total - (len(experts) - config.experts_per_token) * per_expert)
-    try:
-        with folder_files.atomic_output_folder(out_dir) as temp:
-            _write_weights(temp, base, slots, architecture, routers, shared_gates, outputs, out_dtype, seed, shard_bytes, progress)
-            moe_config = architecture.output_config(base.config, len(experts), config.experts_per_token,
-                                                    str(to_torch(out_dtype)).removeprefix("torch."))
-            folder_files.carry_over_files(base.folder, temp, base.folder if copy_tokenizer else None)  # not config.json
-            (temp / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n")
-            text = recipe_text if recipe_text is not None else config.to_yaml()
-            (temp / CONFIG_FILE).write_text(text, encoding="utf-8")
-            folder_files.write_model_card(temp, config.all_models, f"moe ({architecture.name}, gate mode {config.gate_mode})", text)
-            if config.gate_mode == "calibrated":
-                progress("calibrating the routers on the MoE's own router inputs, layer by layer")
-                result.calibration = _calibrate(temp, base.folder, config, architecture)
-            if self_test:
-                progress("self-tests: the MoE of base MLPs against the base, each expert routed alone against its source")
-                result.self_tests = run_self_tests(temp, base.folder, [e.folder for e in experts], config.experts, architecture,
-                                                   (shared[0].folder, shared_configs[0]) if shared else None)
-            report = {"architecture": architecture.name, "experts": len(experts), "experts_per_token": config.experts_per_token,
-                      "gate_mode": config.gate_mode, "total_parameters": result.total_parameters,
-                      "active_parameters": result.active_parameters, "self_tests": result.self_tests,
-                      "calibration": result.calibration}
-            (temp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    except OSError as exc:
-        raise output_error(exc, Path(exc.filename) if exc.filename else out_dir) from None
-    finally:
-        for checkpoint in [base, *experts, *shared]:
-            checkpoint.close()
-    return result
+    outputs = _output_tensors(base, architecture, slots, len(experts), dtype, hidden)
+    return _Plan(architecture, slots, routers, shared_gates, outputs, dtype, sum(base.info(n).numel for n in mlp))
 
 
-def _calibrate(folder: Path, base_folder: Path, config: MoEConfig, architecture: MoEArchitecture) -> dict[str, Any]:
-    """Fit the routers of the MoE written in ``folder`` and write them in place of the placeholders."""
+def _write_files(temp: Path, base: Checkpoint, config: MoEConfig, plan: _Plan, copy_tokenizer: bool, recipe_text: str | None) -> None:
+    """config.json, the tokenizer and other base files, the recipe and the model card."""
+    assert base.config is not None
+    moe_config = plan.architecture.output_config(base.config, len(config.experts), config.experts_per_token,
+                                                 str(to_torch(plan.dtype)).removeprefix("torch."))
+    folder_files.carry_over_files(base.folder, temp, base.folder if copy_tokenizer else None)  # not config.json
+    (temp / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n")
+    text = recipe_text if recipe_text is not None else config.to_yaml()
+    (temp / CONFIG_FILE).write_text(text, encoding="utf-8")
+    folder_files.write_model_card(temp, config.all_models, f"moe ({plan.architecture.name}, gate mode {config.gate_mode})", text)
+
+
+def _fit_and_route(folder: Path, base_folder: Path, config: MoEConfig, architecture: MoEArchitecture,
+                   progress: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Load the MoE written in ``folder`` once: with ``gate_mode: calibrated``, fit its routers and
+    write them in place of the placeholders; where the experts have prompts, route them (and the
+    held-out prompts) for the routing report. Returns (calibration report, routing report)."""
+    positive = [list(e.positive_prompts or []) for e in config.experts]
+    held_out = [list(e.held_out_prompts or []) for e in config.experts]
+    if not all(positive) and not all(held_out):
+        return None, None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mergeforge.moe.report import routing_report, write_routing_report
     from mergeforge.moe.router import calibrate_routers
 
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_folder, local_files_only=True)
-    rows, report = calibrate_routers(model, tokenizer, [list(e.positive_prompts or []) for e in config.experts])
-    _overwrite_tensors(folder, {architecture.router_tensor(layer): rows[layer] for layer in range(len(rows))})
-    return report
+    calibration = None
+    if config.gate_mode == "calibrated":
+        progress("calibrating the routers on the MoE's own router inputs, layer by layer")
+        rows, calibration = calibrate_routers(model, tokenizer, positive)
+        _overwrite_tensors(folder, {architecture.router_tensor(layer): rows[layer] for layer in range(len(rows))})
+    progress("routing report: the experts' prompts through the routers")
+    names = [e.source_model for e in config.experts]
+    report = routing_report(model, tokenizer, {"calibration": positive, "held-out": held_out}, config.experts_per_token, names)
+    write_routing_report(report, folder)
+    return calibration, report
 
 
 def _overwrite_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -184,15 +270,6 @@ def _dtype_of(base: Checkpoint) -> str:
     assert base.config is not None
     name = base.config.get("torch_dtype") or base.config.get("dtype")
     return (parse_recipe_dtype(str(name), f"model '{base.ref}': config.json dtype") if name else None) or "F32"
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """One set of MLP weights in the MoE: an expert, or the shared expert."""
-
-    checkpoint: Checkpoint
-    expert: MoEExpert
-    name: Callable[..., str]  # (layer, projection) -> its tensor in the MoE
 
 
 def _output_tensors(base: Checkpoint, architecture: MoEArchitecture, slots: list[_Slot], experts: int, dtype: str,
@@ -233,30 +310,34 @@ def _floating(dtype: str) -> bool:
     return is_floating(dtype)
 
 
-def _write_weights(temp: Path, base: Checkpoint, slots: list[_Slot], architecture: MoEArchitecture, routers: torch.Tensor,
-                   shared_gates: torch.Tensor | None, outputs: list[OutputTensor], dtype: str, seed: int, shard_bytes: int,
-                   progress: Callable[[str], None]) -> None:
-    torch_dtype = to_torch(dtype)
-    writer = ShardedWriter(temp, outputs, shard_bytes)
-    generators = [torch.Generator().manual_seed(seed * 1000 + 1 + i) for i in range(len(slots))]
+def _write_weights(temp: Path, base: Checkpoint, plan: _Plan, seed: int, shard_bytes: int, progress: Callable[[str], None],
+                   shared_merger: Callable[[str, torch.Tensor], torch.Tensor] | None) -> None:
+    """Stream every tensor into the output shards: the base's (or, with ``shared_merger``, their
+    merge), each slot's MLPs, the routers and shared gates, and zero biases the base lacks."""
+    torch_dtype = to_torch(plan.dtype)
+    architecture = plan.architecture
+    writer = ShardedWriter(temp, plan.outputs, shard_bytes)
+    generators = [torch.Generator().manual_seed(seed * 1000 + 1 + i) for i in range(len(plan.slots))]
     try:
         for name in base.names():
             match = MLP_TENSOR.match(name)
             if match is None:
                 tensor = base.read(name)
-                writer.write(name, tensor.to(torch_dtype) if tensor.is_floating_point() else tensor)
+                if tensor.is_floating_point():
+                    tensor = (shared_merger(name, tensor) if shared_merger else tensor).to(torch_dtype)
+                writer.write(name, tensor)
                 continue
             layer, projection = int(match.group(1)), match.group(2)
-            for slot, generator in zip(slots, generators, strict=True):
+            for slot, generator in zip(plan.slots, generators, strict=True):
                 writer.write(slot.name(layer, projection), _expert_tensor(slot.checkpoint, name, slot.expert, generator).to(torch_dtype))
             if projection == "gate_proj":
-                writer.write(architecture.router_tensor(layer), routers[layer].to(torch_dtype).contiguous())
+                writer.write(architecture.router_tensor(layer), plan.routers[layer].to(torch_dtype).contiguous())
                 if architecture.shared_gate_name is not None:
-                    assert shared_gates is not None
-                    writer.write(architecture.shared_gate_name.format(layer=layer), shared_gates[layer].to(torch_dtype).contiguous())
+                    assert plan.shared_gates is not None
+                    writer.write(architecture.shared_gate_name.format(layer=layer), plan.shared_gates[layer].to(torch_dtype).contiguous())
         for name, shape in _missing_biases(base, architecture).items():
             writer.write(name, torch.zeros(shape, dtype=torch_dtype))
-        progress(f"wrote {len(outputs)} tensors ({from_torch(torch_dtype)})")
+        progress(f"wrote {len(plan.outputs)} tensors ({from_torch(torch_dtype)})")
     finally:
         writer.close()
     missing = writer.missing()

@@ -38,4 +38,6 @@ def moe_command(config_path: Path, out_dir: Path, overwrite: bool, no_copy_token
         tests = result.self_tests
         click.echo(f"self-tests passed: base logits error {tests['base_logits_error']:.1e}, "
                    f"expert MLP errors up to {max(tests['expert_mlp_errors']):.1e} (limit {tests['tolerance']:g})")
+    for name, accuracy in (result.routing or {}).items():
+        click.echo(f"routing accuracy on the {name} prompts: {100 * accuracy:.1f}% (routing_report.html)")
     click.echo(f"wrote {out_dir}")

@@ -13,6 +13,11 @@ Qwen2-MoE the ``shared_experts``. Field meanings follow mergekit-moe (``mergekit
 - ``random``: standard normal rows; ``uniform_random``: torch.nn.Linear's initialisation;
 - ``calibrated`` (mergeforge's): fitted on the MoE's own router inputs (:mod:`mergeforge.moe.router`).
 
+mergeforge's other extensions: each expert's ``held_out_prompts`` (routed in the routing report,
+never fitted on), and ``shared_method`` / ``shared_parameters``: the tensors outside the MLPs
+(attention, norms, embeddings, head) merged from the experts with any method of the catalogue,
+the base as its base, instead of taken from the base.
+
 Torch-free; errors name the file and field.
 """
 
@@ -44,6 +49,7 @@ class MoEExpert(BaseModel):
     negative_prompts: list[str] | None = None
     noise_scale: float | None = Field(default=None, ge=0)  # Gaussian noise added to the expert's weights
     residual_scale: float | None = None  # multiplies the expert's down projection (its residual contribution)
+    held_out_prompts: list[str] | None = None  # mergeforge's: routed in the routing report, never fitted on
 
 
 class MoEConfig(BaseModel):
@@ -58,6 +64,8 @@ class MoEConfig(BaseModel):
     experts_per_token: int = Field(default=2, ge=1)
     shared_experts: list[MoEExpert] | None = None
     architecture: str | None = None
+    shared_method: str | None = None  # mergeforge's: merge the non-MLP tensors from the experts with this method
+    shared_parameters: dict[str, Any] | None = None  # its parameters, as a recipe's top-level ``parameters:``
 
     @property
     def all_models(self) -> list[str]:
@@ -132,6 +140,16 @@ def check_config(config: MoEConfig, source: str, allow_all_same: bool) -> None:
     if count > 1 and not allow_all_same and len({e.source_model for e in config.experts}) == 1:
         raise RecipeError(f"{source}: every expert is the same model ({config.experts[0].source_model}): the MoE would cost more "
                           f"and answer the same; pass {ALLOW_ALL_SAME_FLAG} to build it anyway (to train it afterwards)")
+    if config.shared_parameters and not config.shared_method:
+        raise RecipeError(f"{source}: field 'shared_parameters' is set without 'shared_method' (the method to merge the "
+                          "non-MLP tensors with)")
+    if config.shared_method:
+        from mergeforge.methods.registry import get_method
+
+        try:
+            get_method(config.shared_method)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: field 'shared_method': {str(exc).removeprefix('merge_method: ')}") from None
     shared = config.shared_experts or []
     if shared and len({bool(e.positive_prompts) for e in shared}) > 1:
         raise RecipeError(f"{source}: field 'shared_experts': give prompts for every shared expert or for none")

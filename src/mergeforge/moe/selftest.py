@@ -66,15 +66,19 @@ def _dense_mlp(weights: dict[str, torch.Tensor], activation: Any, x: torch.Tenso
 
 
 def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], experts: list[MoEExpert],
-                   architecture: MoEArchitecture, shared: tuple[Path, MoEExpert] | None = None) -> dict[str, Any]:
+                   architecture: MoEArchitecture, shared: tuple[Path, MoEExpert] | None = None,
+                   shared_tensors_merged: bool = False) -> dict[str, Any]:
     """Run the checks on the MoE in ``folder``; raise :class:`CheckpointError` when one fails.
     With a ``shared`` expert (folder, recipe entry), each expert is checked with the shared
-    expert's gate closed, and the shared expert with its gate open beside expert 0."""
+    expert's gate closed, and the shared expert with its gate open beside expert 0. With
+    ``shared_tensors_merged`` (``shared_method``), the base check's reference is the base with
+    the MoE's merged non-MLP tensors in place of its own: it then proves the layout, not the merge."""
     from transformers import AutoModelForCausalLM
     from transformers.activations import ACT2FN
 
     from mergeforge.checkpoint.reader import open_checkpoint
     from mergeforge.dtypes import to_torch
+    from mergeforge.moe.build import residual_scaled
 
     moe = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(base_folder, local_files_only=True, dtype=torch.float32).eval()
@@ -83,8 +87,11 @@ def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], 
     with open_checkpoint(folder) as written:
         stored = to_torch(written.info("model.norm.weight").dtype)  # the MoE's own dtype: the base is rounded to it
         with torch.no_grad():
-            for parameter in base.parameters():
-                parameter.copy_(parameter.to(stored).float())
+            for name, parameter in base.named_parameters():
+                if shared_tensors_merged and ".mlp." not in name and written.has(name):
+                    parameter.copy_(written.read(name).float())
+                else:
+                    parameter.copy_(parameter.to(stored).float())
         ids = torch.randint(0, int(base.config.vocab_size), PROMPT_TOKENS, generator=generator)
         base_error = _base_check(moe, base, blocks, ids)
         report: dict[str, Any] = {"tolerance": TOLERANCE, "base_logits_error": base_error, "expert_mlp_errors": []}
@@ -102,9 +109,8 @@ def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], 
                 if expert.noise_scale:
                     tensor = written.read(written_name(layer, projection)).float()
                 else:
-                    tensor = source.read(f"model.layers.{layer}.mlp.{projection}.weight").float()
-                    if projection == "down_proj" and expert.residual_scale is not None:
-                        tensor = tensor * expert.residual_scale
+                    name = f"model.layers.{layer}.mlp.{projection}.weight"
+                    tensor = residual_scaled(source.read(name).float(), name, expert)
                 weights[projection] = tensor.to(stored).float()
             return _dense_mlp(weights, activation, inputs)
 
