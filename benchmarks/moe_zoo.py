@@ -2,16 +2,20 @@
 against the experts themselves and oracle routing.
 
     python benchmarks/moe_zoo.py ZOO_DIR WORK_DIR [--prompts 32] [--examples 40] [--experts a,b,...]
+        [--modes hidden,calibrated] [--bench-results results.json]
 
 For each gate mode the script writes a mergekit-moe YAML over the zoo's experts (each expert's
 ``positive_prompts``: the first N training prompts of its task, rendered with the chat template
 the tasks are asked in), builds the MoE with ``mergeforge.moe.build_moe`` (self-tests included),
 and scores it on every expert's task (test split, forced scoring). It also reports:
 
-- routing accuracy: the share of held-out prompt tokens (the test prompts) whose top-1 expert, at
-  each layer, is the expert of the prompt's task, averaged over layers;
+- routing accuracy (from the build's routing report, :mod:`mergeforge.moe.report`): the share of
+  held-out prompt tokens (the test prompts, as ``held_out_prompts``) whose top-1 expert, at each
+  layer, is the expert of the prompt's task, averaged over layers;
 - oracle routing: the base with task t's expert MLPs at every layer (what an MoE computes when
-  every token goes to the right expert), scored on task t.
+  every token goes to the right expert), scored on task t;
+- with ``--bench-results`` (a ``mergeforge bench`` results.json on the same zoo, test split and
+  example count), its multi-task model and its best static merge, for comparison.
 
 Prints a Markdown table. Heavy: one MoE of E experts is (1 + E·MLP share) times the base.
 """
@@ -29,7 +33,6 @@ import yaml
 from mergeforge.evaluate.api import evaluate_model
 from mergeforge.moe.build import build_moe
 from mergeforge.moe.config import load_moe_config
-from mergeforge.moe.selftest import moe_block
 from mergeforge.tasks.folders import load_task
 from mergeforge.zoo import load_zoo
 
@@ -47,32 +50,6 @@ def rendered(tokenizer, task, prompts: list[str]) -> list[str]:
     return out
 
 
-def routing_accuracy(model, tokenizer, prompts: list[list[str]]) -> float:
-    from mergeforge.moe.gates import encode_prompts
-
-    blocks = [moe_block(layer) for layer in model.model.layers]
-    correct = total = 0
-    for expert, group in enumerate(prompts):
-        encoded = encode_prompts(tokenizer, group)
-        mask = encoded["attention_mask"].bool()
-        captured: list[torch.Tensor] = []
-
-        def keep(module, args, captured=captured):
-            captured.append(args[0].detach())
-
-        handles = [b.register_forward_pre_hook(keep) for b in blocks]
-        with torch.no_grad():
-            model(**encoded)
-        for handle in handles:
-            handle.remove()
-        for block, states in zip(blocks, captured, strict=True):
-            x = states.reshape(mask.shape + (-1,))[mask].float()
-            choice = (x @ block.gate.weight.float().T).argmax(-1)
-            correct += int((choice == expert).sum())
-            total += len(choice)
-    return correct / total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("zoo")
@@ -81,6 +58,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=40)
     parser.add_argument("--experts", default=None)
     parser.add_argument("--modes", default="hidden,calibrated")
+    parser.add_argument("--bench-results", type=Path, default=None)
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -103,11 +81,21 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
     extra: dict[str, str] = {}
     names = list(experts)
+    base = AutoModelForCausalLM.from_pretrained(zoo.base.path, dtype=torch.float32).eval()
+    dense = f"{sum(p.numel() for p in base.parameters()) / 1e6:.0f}M parameters"
     for name, path in experts.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         rows.setdefault("individual experts", {}).update(score(model, [name]))
-    base = AutoModelForCausalLM.from_pretrained(zoo.base.path, dtype=torch.float32).eval()
+    extra["individual experts"] = f"{dense} each, one per task"
     rows["base"] = score(base, names)
+    extra["base"] = dense
+    if args.bench_results:
+        ranking = json.loads(args.bench_results.read_text())["ranking"]
+        merges = [r for r in ranking if r["kind"] == "method" and r["protocol"] == "multitask"]
+        for label, row in [("multi-task model (bench)", next(r for r in ranking if r["name"] == "multi-task model")),
+                           (f"best static merge (bench: {merges[0]['name']} {merges[0]['settings']})", merges[0])]:
+            rows[label] = {n: row["scores"][n] for n in names}
+            extra[label] = dense
     for name, path in experts.items():  # oracle routing: base attention, the task's expert MLPs
         expert = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         oracle = AutoModelForCausalLM.from_pretrained(zoo.base.path, dtype=torch.float32).eval()
@@ -115,9 +103,11 @@ def main() -> None:
             for mine, theirs in zip(oracle.model.layers, expert.model.layers, strict=True):
                 mine.mlp.load_state_dict(theirs.mlp.state_dict())
         rows.setdefault("oracle routing (base + the task's expert MLPs)", {}).update(score(oracle, [name]))
+    extra["oracle routing (base + the task's expert MLPs)"] = f"{dense} active (knows each prompt's task)"
     for mode in args.modes.split(","):
         config = {"base_model": str(zoo.base.path), "gate_mode": mode, "dtype": "bfloat16", "experts_per_token": 2,
-                  "experts": [{"source_model": str(experts[n]), "positive_prompts": train[n]} for n in names]}
+                  "experts": [{"source_model": str(experts[n]), "positive_prompts": train[n], "held_out_prompts": held_out[n]}
+                              for n in names]}
         (work / f"moe-{mode}.yml").write_text(yaml.safe_dump(config, allow_unicode=True))
         started = time.perf_counter()
         result = build_moe(load_moe_config(config), work / f"moe-{mode}", overwrite=True)
@@ -125,9 +115,11 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(work / f"moe-{mode}", dtype=torch.float32).eval()
         label = f"MoE, gate_mode {mode}"
         rows[label] = score(model, names)
-        extra[label] = (f"routing accuracy {routing_accuracy(model, tokenizer, [held_out[n] for n in names]):.2f}; "
+        routing = result.routing or {}
+        extra[label] = (f"routing accuracy {100 * routing.get('calibration', 0):.0f}% on its prompts, "
+                        f"{100 * routing.get('held-out', 0):.0f}% held out; "
                         f"{result.total_parameters / 1e6:.0f}M parameters, {result.active_parameters / 1e6:.0f}M active; "
-                        f"built and self-tested in {built:.0f} s")
+                        f"built, calibrated and self-tested in {built:.0f} s")
         del model
     print("| model | " + " | ".join(names) + " | mean | notes |")
     print("|---|" + "---:|" * (len(names) + 1) + "---|")
