@@ -350,3 +350,34 @@ def test_bad_shared_methods_are_refused_with_the_field(dense, tmp_path, fields, 
     assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1, result.stderr
     assert __import__("re").search(message, result.stderr), result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["mixtral", "qwen2_moe"])
+def test_fused_experts_are_transformers_5s_own_tensors(dense, tmp_path, shared):
+    """--fused-experts: mlp.experts.gate_up_proj [E, 2I, H] (gate rows first) and down_proj
+    [E, H, I] and the router at mlp.gate; transformers loads it with no conversion and computes
+    the same logits as the per-expert layout; the self-tests pass, noise_scale included."""
+    from transformers import AutoModelForCausalLM
+
+    fields = {"dtype": "float32", "shared_experts": [{"source_model": str(dense["base"]), "positive_prompts": ["a b"]}]} if shared \
+        else {"dtype": "float32"}
+    config = write_config(tmp_path / "moe.yml", dense, **fields)
+    per_expert, fused = tmp_path / "per_expert", tmp_path / "fused"
+    assert run_cli("moe", config, per_expert).returncode == 0
+    result = run_cli("moe", config, fused, "--fused-experts")
+    assert result.returncode == 0, result.stderr
+    state, a, b = load_state(fused), load_state(dense["a"]), load_state(dense["b"])
+    gate_up = state["model.layers.2.mlp.experts.gate_up_proj"]
+    assert gate_up.shape == (2, 128, 32) and state["model.layers.2.mlp.experts.down_proj"].shape == (2, 32, 64)
+    assert torch.equal(gate_up[1, :64], b["model.layers.2.mlp.gate_proj.weight"].float())
+    assert torch.equal(gate_up[0, 64:], a["model.layers.2.mlp.up_proj.weight"].float())
+    assert torch.equal(state["model.layers.2.mlp.experts.down_proj"][1], b["model.layers.2.mlp.down_proj.weight"].float())
+    assert "model.layers.2.mlp.gate.weight" in state and not any(".experts.0." in name for name in state)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(folder)(input_ids=ids).logits for folder in (per_expert, fused)]
+    torch.testing.assert_close(logits[1], logits[0])
+
+    noisy = write_config(tmp_path / "noisy.yml", dense, dtype="float32",
+                         experts=[{"source_model": str(dense[n]), "positive_prompts": PROMPTS[n], "noise_scale": 0.01} for n in ("a", "b")])
+    assert run_cli("moe", noisy, tmp_path / "noisy", "--fused-experts").returncode == 0

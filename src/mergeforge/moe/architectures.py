@@ -4,14 +4,17 @@ expert's MLP and each router go.
 The tensor names are the per-expert layout that transformers' ``save_pretrained`` writes for
 Mixtral (``block_sparse_moe.experts.N.w1/w2/w3`` and ``block_sparse_moe.gate``): transformers 5
 loads it through its conversion mapping into fused expert tensors, and 4.x loads it as it is.
-Torch-free.
+:meth:`MoEArchitecture.fused` is the other layout: transformers 5's own fused tensors
+(``mlp.experts.gate_up_proj`` [E, 2·I, H], the gate projection's rows first, and
+``mlp.experts.down_proj`` [E, H, I]), which transformers 5 loads with no conversion and 4.x not at
+all. Torch-free.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mergeforge.errors import CheckpointError, RecipeError
@@ -36,6 +39,15 @@ class MoEArchitecture:
     shared_names: dict[str, str] | None = None
     shared_gate_name: str | None = None
     attention_biases: tuple[str, ...] = ()  # attention projections with a bias in this architecture
+    fused_layout: bool = False  # the experts as transformers 5's fused tensors (see fused())
+
+    FUSED_GATE_UP = "model.layers.{layer}.mlp.experts.gate_up_proj"
+    FUSED_DOWN = "model.layers.{layer}.mlp.experts.down_proj"
+
+    def fused(self) -> MoEArchitecture:
+        """This architecture with transformers 5's fused expert tensors, under ``mlp.`` as
+        transformers 5 names every one of these blocks (Mixtral's router too)."""
+        return replace(self, fused_layout=True, router_name="model.layers.{layer}.mlp.gate.weight")
 
     @property
     def shared_expert(self) -> bool:

@@ -13,6 +13,7 @@ import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,9 @@ def _shared_merger(config: MoEConfig, experts: list[Checkpoint], seed: int) -> C
 
 def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | None = None, overwrite: bool = False,
               copy_tokenizer: bool = True, seed: int = 0, self_test: bool = True, shard_bytes: int = DEFAULT_SHARD_BYTES,
-              recipe_text: str | None = None, progress: Callable[[str], None] = lambda line: None) -> MoEResult:
-    """Build the MoE of ``config`` (see :func:`mergeforge.moe.config.load_moe_config`) into ``out_dir``."""
+              recipe_text: str | None = None, fused: bool = False, progress: Callable[[str], None] = lambda line: None) -> MoEResult:
+    """Build the MoE of ``config`` (see :func:`mergeforge.moe.config.load_moe_config`) into ``out_dir``;
+    with ``fused``, in transformers 5's fused expert layout (:meth:`MoEArchitecture.fused`)."""
     from mergeforge.moe.selftest import run_self_tests
 
     out_dir = Path(out_dir)
@@ -126,7 +128,7 @@ def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | Non
             opened.append(_open(ref, relative_to))
         base, experts, shared = opened[0], opened[1:len(config.experts) + 1], opened[len(config.experts) + 1:]
         folder_files.check_output_location(out_dir, [c.folder for c in opened], overwrite)
-        plan = _plan(config, base, experts, shared, seed, progress)
+        plan = _plan(config, base, experts, shared, seed, fused, progress)
         parent = out_dir.absolute().parent
         parent.mkdir(parents=True, exist_ok=True)
         if plan.bytes > shutil.disk_usage(parent).free:
@@ -135,7 +137,7 @@ def build_moe(config: MoEConfig, out_dir: str | Path, *, relative_to: Path | Non
                            total_parameters=plan.parameters,
                            active_parameters=plan.parameters - (len(experts) - config.experts_per_token) * plan.per_expert)
         with folder_files.atomic_output_folder(out_dir) as temp:
-            _write_weights(temp, base, plan, seed, shard_bytes, progress, _shared_merger(config, experts, seed))
+            _write_weights(temp, plan, shard_bytes, progress)
             _write_files(temp, base, config, plan, copy_tokenizer, recipe_text)
             result.calibration, routing = _fit_and_route(temp, base.folder, config, plan.architecture, progress)
             if self_test:
@@ -164,37 +166,47 @@ class _Slot:
 
     checkpoint: Checkpoint
     expert: MoEExpert
-    name: Callable[..., str]  # (layer, projection) -> its tensor in the MoE
+    name: Callable[..., str]  # (layer, projection) -> its tensor in the MoE (per-expert layout)
+    generator: torch.Generator  # its noise_scale noise
+
+    def read(self, name: str) -> torch.Tensor:
+        return _expert_tensor(self.checkpoint, name, self.expert, self.generator)
+
+
+@dataclass(frozen=True)
+class _Output:
+    """One tensor of the MoE, and how to make it (read, merged, stacked or generated) when its turn comes."""
+
+    tensor: OutputTensor
+    make: Callable[[], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """What the MoE holds: its architecture, every output tensor, and where each comes from."""
+    """What the MoE holds, in writing order, and where each tensor comes from."""
 
     architecture: MoEArchitecture
-    slots: list[_Slot]
-    routers: torch.Tensor  # [layers, experts, hidden]
-    shared_gates: torch.Tensor | None  # [layers, 1, hidden] with a shared expert
-    outputs: list[OutputTensor]
+    outputs: list[_Output]
     dtype: str
     per_expert: int  # parameters of one expert's MLPs, all layers
 
     @property
     def bytes(self) -> int:
-        return sum(t.nbytes for t in self.outputs)
+        return sum(o.tensor.nbytes for o in self.outputs)
 
     @property
     def parameters(self) -> int:
-        return sum(t.numel for t in self.outputs)
+        return sum(o.tensor.numel for o in self.outputs)
 
 
-def _plan(config: MoEConfig, base: Checkpoint, experts: list[Checkpoint], shared: list[Checkpoint], seed: int,
+def _plan(config: MoEConfig, base: Checkpoint, experts: list[Checkpoint], shared: list[Checkpoint], seed: int, fused: bool,
           progress: Callable[[str], None]) -> _Plan:
     from mergeforge.moe.gates import gate_vectors
 
     assert base.config is not None
     shared_configs = config.shared_experts or []
     architecture = choose_architecture(config.architecture, str(base.config.get("model_type")), len(shared_configs), "moe config")
+    architecture = architecture.fused() if fused else architecture
     mlp = _check_compatible(base, experts, all_tensors=bool(config.shared_method))
     _check_compatible(base, shared)
     layers = int(base.config["num_hidden_layers"])
@@ -207,10 +219,52 @@ def _plan(config: MoEConfig, base: Checkpoint, experts: list[Checkpoint], shared
     shared_gate_mode = "hidden" if config.gate_mode == "calibrated" else config.gate_mode
     shared_gates = (gate_vectors(config.model_copy(update={"gate_mode": shared_gate_mode}), shared_configs, base.folder, layers,
                                  hidden, seed + 1) if shared_configs else None)
-    slots = [_Slot(c, e, architecture.expert_slot(i)) for i, (c, e) in enumerate(zip(experts, config.experts, strict=True))]
-    slots += [_Slot(c, e, architecture.shared_tensor) for c, e in zip(shared, shared_configs, strict=True)]
-    outputs = _output_tensors(base, architecture, slots, len(experts), dtype, hidden)
-    return _Plan(architecture, slots, routers, shared_gates, outputs, dtype, sum(base.info(n).numel for n in mlp))
+    generators = [torch.Generator().manual_seed(seed * 1000 + 1 + i) for i in range(len(experts) + len(shared))]
+    routed = [_Slot(c, e, architecture.expert_slot(i), g) for i, (c, e, g) in enumerate(zip(experts, config.experts, generators))]
+    shared_slots = [_Slot(c, e, architecture.shared_tensor, g) for c, e, g in zip(shared, shared_configs, generators[len(experts):])]
+    merger = _shared_merger(config, experts, seed)
+
+    def floating(name: str) -> str:
+        return dtype if _floating(base.info(name).dtype) else base.info(name).dtype
+
+    outputs: list[_Output] = []
+    for name in base.names():
+        match = MLP_TENSOR.match(name)
+        if match is None:
+            make = partial(_merged, merger, base, name) if merger and _floating(base.info(name).dtype) else partial(base.read, name)
+            outputs.append(_Output(OutputTensor(name, base.info(name).shape, floating(name)), make))
+            continue
+        layer, projection = int(match.group(1)), match.group(2)
+        shape = tuple(base.info(name).shape)
+        if not fused:
+            outputs += [_Output(OutputTensor(slot.name(layer, projection), shape, dtype), partial(slot.read, name)) for slot in routed]
+        elif projection == "gate_proj":  # [experts, 2·I, H]: each expert's gate rows, then its up rows
+            up = name.replace("gate_proj", "up_proj")
+            outputs.append(_Output(OutputTensor(architecture.FUSED_GATE_UP.format(layer=layer), (len(routed), 2 * shape[0], shape[1]), dtype),
+                                   partial(_stacked, routed, name, up)))
+        elif projection == "down_proj":
+            outputs.append(_Output(OutputTensor(architecture.FUSED_DOWN.format(layer=layer), (len(routed), *shape), dtype),
+                                   partial(_stacked, routed, name)))
+        outputs += [_Output(OutputTensor(slot.name(layer, projection), shape, dtype), partial(slot.read, name)) for slot in shared_slots]
+        if projection == "gate_proj":
+            outputs.append(_Output(OutputTensor(architecture.router_tensor(layer), (len(experts), hidden), dtype),
+                                   partial(routers.__getitem__, layer)))
+            if architecture.shared_gate_name is not None:
+                assert shared_gates is not None
+                outputs.append(_Output(OutputTensor(architecture.shared_gate_name.format(layer=layer), (1, hidden), dtype),
+                                       partial(shared_gates.__getitem__, layer)))
+    outputs += [_Output(OutputTensor(name, shape, dtype), partial(torch.zeros, shape)) for name, shape in _missing_biases(base, architecture).items()]
+    return _Plan(architecture, outputs, dtype, sum(base.info(n).numel for n in mlp))
+
+
+def _merged(merger: Callable[[str, torch.Tensor], torch.Tensor], base: Checkpoint, name: str) -> torch.Tensor:
+    return merger(name, base.read(name))
+
+
+def _stacked(slots: list[_Slot], *names: str) -> torch.Tensor:
+    """The fused tensor of ``slots``' ``names`` (each slot's tensors concatenated by rows, in
+    order), stacked over the slots: ``[slots, rows, columns]``."""
+    return torch.stack([torch.cat([slot.read(name).float() for name in names]) for slot in slots])
 
 
 def _write_files(temp: Path, base: Checkpoint, config: MoEConfig, plan: _Plan, copy_tokenizer: bool, recipe_text: str | None) -> None:
@@ -272,25 +326,6 @@ def _dtype_of(base: Checkpoint) -> str:
     return (parse_recipe_dtype(str(name), f"model '{base.ref}': config.json dtype") if name else None) or "F32"
 
 
-def _output_tensors(base: Checkpoint, architecture: MoEArchitecture, slots: list[_Slot], experts: int, dtype: str,
-                    hidden: int) -> list[OutputTensor]:
-    outputs = []
-    for name in base.names():
-        info = base.info(name)
-        match = MLP_TENSOR.match(name)
-        if match is None:
-            outputs.append(OutputTensor(name, info.shape, dtype if _floating(info.dtype) else info.dtype))
-            continue
-        layer, projection = int(match.group(1)), match.group(2)
-        outputs += [OutputTensor(slot.name(layer, projection), info.shape, dtype) for slot in slots]
-        if projection == "gate_proj":
-            outputs.append(OutputTensor(architecture.router_tensor(layer), (experts, hidden), dtype))
-            if architecture.shared_gate_name is not None:
-                outputs.append(OutputTensor(architecture.shared_gate_name.format(layer=layer), (1, hidden), dtype))
-    outputs += [OutputTensor(name, shape, dtype) for name, shape in _missing_biases(base, architecture).items()]
-    return outputs
-
-
 def _missing_biases(base: Checkpoint, architecture: MoEArchitecture) -> dict[str, tuple[int, ...]]:
     """Attention biases the output architecture has and the base lacks (Qwen2-MoE's q/k/v from a
     Llama base): written as zeros, so every transformers version loads them, not random ones."""
@@ -310,33 +345,14 @@ def _floating(dtype: str) -> bool:
     return is_floating(dtype)
 
 
-def _write_weights(temp: Path, base: Checkpoint, plan: _Plan, seed: int, shard_bytes: int, progress: Callable[[str], None],
-                   shared_merger: Callable[[str, torch.Tensor], torch.Tensor] | None) -> None:
-    """Stream every tensor into the output shards: the base's (or, with ``shared_merger``, their
-    merge), each slot's MLPs, the routers and shared gates, and zero biases the base lacks."""
+def _write_weights(temp: Path, plan: _Plan, shard_bytes: int, progress: Callable[[str], None]) -> None:
+    """Stream every tensor of the plan into the output shards, one at a time."""
     torch_dtype = to_torch(plan.dtype)
-    architecture = plan.architecture
-    writer = ShardedWriter(temp, plan.outputs, shard_bytes)
-    generators = [torch.Generator().manual_seed(seed * 1000 + 1 + i) for i in range(len(plan.slots))]
+    writer = ShardedWriter(temp, [o.tensor for o in plan.outputs], shard_bytes)
     try:
-        for name in base.names():
-            match = MLP_TENSOR.match(name)
-            if match is None:
-                tensor = base.read(name)
-                if tensor.is_floating_point():
-                    tensor = (shared_merger(name, tensor) if shared_merger else tensor).to(torch_dtype)
-                writer.write(name, tensor)
-                continue
-            layer, projection = int(match.group(1)), match.group(2)
-            for slot, generator in zip(plan.slots, generators, strict=True):
-                writer.write(slot.name(layer, projection), _expert_tensor(slot.checkpoint, name, slot.expert, generator).to(torch_dtype))
-            if projection == "gate_proj":
-                writer.write(architecture.router_tensor(layer), plan.routers[layer].to(torch_dtype).contiguous())
-                if architecture.shared_gate_name is not None:
-                    assert plan.shared_gates is not None
-                    writer.write(architecture.shared_gate_name.format(layer=layer), plan.shared_gates[layer].to(torch_dtype).contiguous())
-        for name, shape in _missing_biases(base, architecture).items():
-            writer.write(name, torch.zeros(shape, dtype=torch_dtype))
+        for output in plan.outputs:
+            tensor = output.make()
+            writer.write(output.tensor.name, (tensor.to(torch_dtype) if tensor.is_floating_point() else tensor).contiguous())
         progress(f"wrote {len(plan.outputs)} tensors ({from_torch(torch_dtype)})")
     finally:
         writer.close()

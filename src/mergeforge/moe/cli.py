@@ -17,11 +17,14 @@ from mergeforge.moe import ALLOW_ALL_SAME_FLAG
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random gate modes and of noise_scale.")
 @click.option("--no-self-test", is_flag=True, help="Skip the self-tests (they load the MoE in float32).")
 @click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--fused-experts", is_flag=True,
+              help="Write transformers 5's fused expert tensors (mlp.experts.gate_up_proj/down_proj) instead of one tensor per "
+                   "expert; transformers 4.x cannot load them.")
 @click.option(ALLOW_ALL_SAME_FLAG, "allow_all_same", is_flag=True,
               help="Build even if every expert is the same model (useful only to train the MoE afterwards, or for the self-tests).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def moe_command(config_path: Path, out_dir: Path, overwrite: bool, no_copy_tokenizer: bool, seed: int, no_self_test: bool,
-                out_shard_size: str, allow_all_same: bool, quiet: bool) -> None:
+                out_shard_size: str, fused_experts: bool, allow_all_same: bool, quiet: bool) -> None:
     """Build a Mixture-of-Experts model from the dense experts of a mergekit-moe CONFIG (see docs/moe.md)."""
     from mergeforge.engine.rules import parse_size
     from mergeforge.moe.build import build_moe
@@ -31,7 +34,7 @@ def moe_command(config_path: Path, out_dir: Path, overwrite: bool, no_copy_token
     echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     result = build_moe(config, out_dir, relative_to=config_path.parent, overwrite=overwrite, copy_tokenizer=not no_copy_tokenizer,
                        seed=seed, self_test=not no_self_test, shard_bytes=parse_size(out_shard_size),
-                       recipe_text=config_path.read_text(encoding="utf-8"), progress=echo)
+                       recipe_text=config_path.read_text(encoding="utf-8"), fused=fused_experts, progress=echo)
     click.echo(f"{result.architecture} MoE: {result.experts} experts, top-{result.experts_per_token}, "
                f"{result.total_parameters / 1e6:.1f}M parameters ({result.active_parameters / 1e6:.1f}M active per token)")
     if result.self_tests:

@@ -101,13 +101,13 @@ def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], 
         activation = ACT2FN[moe.config.hidden_act]
         inputs = torch.randn((1, BLOCK_TOKENS, int(moe.config.hidden_size)), generator=generator)
         inputs[..., -1] = 1.0  # the coordinate the router rows below pick out
-        def reference(source: Any, expert: MoEExpert, layer: int, written_name: Any) -> torch.Tensor:
-            """The slot's dense MLP output on ``inputs``, from its source checkpoint (or, with
-            noise, from what was written for it)."""
+        def reference(source: Any, expert: MoEExpert, layer: int, slot: int | None) -> torch.Tensor:
+            """The dense MLP output on ``inputs`` of expert ``slot`` (None: the shared expert), from
+            its source checkpoint (or, with noise, from what was written for it)."""
             weights = {}
             for projection in ("gate_proj", "up_proj", "down_proj"):
                 if expert.noise_scale:
-                    tensor = written.read(written_name(layer, projection)).float()
+                    tensor = _written_projection(written, architecture, layer, slot, projection)
                 else:
                     name = f"model.layers.{layer}.mlp.{projection}.weight"
                     tensor = residual_scaled(source.read(name).float(), name, expert)
@@ -119,7 +119,7 @@ def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], 
             with open_checkpoint(source_folder) as source:
                 worst = 0.0
                 for layer, block in enumerate(blocks):
-                    expected = reference(source, expert, layer, architecture.expert_slot(index))
+                    expected = reference(source, expert, layer, index)
                     if index == 0:
                         expert_outputs.append(expected)
                     output = _routed_alone(block, index, inputs, shared_gate=-100.0 if shared else None)
@@ -132,13 +132,26 @@ def run_self_tests(folder: Path, base_folder: Path, expert_folders: list[Path], 
             with open_checkpoint(shared[0]) as source:
                 worst = 0.0
                 for layer, block in enumerate(blocks):
-                    expected = expert_outputs[layer] + reference(source, shared[1], layer, architecture.shared_tensor)
+                    expected = expert_outputs[layer] + reference(source, shared[1], layer, None)
                     worst = max(worst, _relative_error(_routed_alone(block, 0, inputs, shared_gate=100.0), expected))
             report["shared_mlp_error"] = worst
             if worst > TOLERANCE:
                 raise CheckpointError(f"{folder}: self-test failed: the shared expert ({shared[1].source_model}) differs from its "
                                       f"MLP by {worst:.2e} (relative; the limit is {TOLERANCE:g})")
     return report
+
+
+def _written_projection(written: Any, architecture: MoEArchitecture, layer: int, slot: int | None, projection: str) -> torch.Tensor:
+    """One projection of expert ``slot`` (None: the shared expert) as the MoE holds it, in float32."""
+    if slot is None:
+        return written.read(architecture.shared_tensor(layer, projection)).float()
+    if not architecture.fused_layout:
+        return written.read(architecture.expert_tensor(layer, slot, projection)).float()
+    if projection == "down_proj":
+        return written.read(architecture.FUSED_DOWN.format(layer=layer))[slot].float()
+    gate_up = written.read(architecture.FUSED_GATE_UP.format(layer=layer))[slot].float()
+    half = gate_up.shape[0] // 2
+    return gate_up[:half] if projection == "gate_proj" else gate_up[half:]
 
 
 def _base_check(moe: Any, base: Any, blocks: list[torch.nn.Module], ids: torch.Tensor) -> float:
