@@ -104,8 +104,9 @@ def module_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def read_lora(folder: Path) -> Adapter:
+def read_lora(folder: str | Path) -> Adapter:
     """Read a PEFT LoRA folder into per-module updates (errors name the file and tensor)."""
+    folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: adapter folder not found")
     if not (folder / ADAPTER_CONFIG).is_file():
