@@ -41,7 +41,7 @@ def extract_command(model: str, base: str, out_dir: Path, quiet: bool, save_modu
     """Extract MODEL − BASE as a PEFT LoRA adapter into OUT_DIR (mergekit-extract-lora's options)."""
     from mergeforge.lora.extract import ExtractOptions, extract_lora
 
-    options = ExtractOptions(save_modules=save_modules, quiet=quiet, **flags)  # type: ignore[arg-type]
+    options = ExtractOptions(save_modules=save_modules, **flags)  # type: ignore[arg-type]
     echo = None if quiet else (lambda line: click.echo(line, err=True))
     result = extract_lora(model, base, out_dir, options, progress=echo)
     click.echo("\n".join(result.summary_lines()))

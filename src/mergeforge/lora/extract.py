@@ -64,7 +64,6 @@ class ExtractOptions:
     out_dtype: str | None = None  # dtype of the stored tensors (float32, bfloat16, ...); None: the fine-tune's
     overwrite: bool = False
     seed: int = 0  # seed of the randomized SVD
-    quiet: bool = False
 
     def __post_init__(self) -> None:
         if self.out_dtype is not None and self.out_dtype not in TORCH_NAMES:

@@ -213,7 +213,7 @@ def linear_coefficients(spec: MethodSpec, count: int, params: Mapping[str, Any])
     elif spec.name != "linear":
         return None
     units = list(torch.eye(count))
-    return merge_tensors(spec.name, units, base=torch.zeros(count), **{k: v for k, v in params.items()})
+    return merge_tensors(spec.name, units, base=torch.zeros(count), **params)
 
 
 def _zero(shape: tuple[int, int], embedding: bool) -> ModuleUpdate:
@@ -236,8 +236,8 @@ def knots_basis(members: Sequence[ModuleUpdate]) -> tuple[torch.Tensor, torch.Te
     sides = [torch.linalg.qr(m.down.double().T) for m in present]  # Aᵢᵀ = Qᵢ Rᵢ
     core = r_up @ torch.block_diag(*[r.T for _, r in sides])
     u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
-    coefficients, start = [], 0
-    blocks = iter(sides)
+    coefficients: list[torch.Tensor] = []
+    start, blocks = 0, iter(sides)
     for member in members:
         if member.rank == 0:
             coefficients.append(torch.zeros(len(s), member.down.shape[1], dtype=torch.float64))
