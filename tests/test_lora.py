@@ -197,6 +197,25 @@ def test_added_tokens_save_the_embeddings_whole(base, tmp_path):
     assert relative(peft_logits(base, out, vocab=VOCAB + 4), logits(model)) < 1e-4
 
 
+def test_unchanged_biases_stay_the_bases(model_factory, tmp_path):
+    base = model_factory("qwen2", "lora-qwen-base", seed=0)
+    model = load(base)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("proj.weight"):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+        model.model.layers[0].self_attn.k_proj.bias.add_(0.1)
+    finetune = tmp_path / "ft"
+    model.save_pretrained(finetune)
+    out = tmp_path / "adapter"
+    result = extract_lora(finetune, base, out, ExtractOptions(max_rank=VOCAB))
+    kinds = {m.module: m.kind for m in result.modules}
+    assert kinds["model.layers.0.self_attn.q_proj"] == "lora"  # its bias did not change
+    assert kinds["model.layers.0.self_attn.k_proj"] == "modules_to_save"  # its bias did
+    assert relative(peft_logits(base, out), logits(model)) < 1e-4
+
+
 def test_save_module_and_exclude_regex(base, finetune, tmp_path):
     result = extract_lora(finetune, base, tmp_path / "adapter",
                           ExtractOptions(max_rank=4, save_modules=("lm_head",), exclude_regex=r"layers\.3\."))

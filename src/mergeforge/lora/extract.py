@@ -170,10 +170,11 @@ def _grew_vocabulary(model_shape: tuple[int, ...], base_shape: tuple[int, ...]) 
     return len(model_shape) == 2 and model_shape[1:] == base_shape[1:] and model_shape[0] > base_shape[0]
 
 
-def _decomposable(module: str, params: list[str], kinds: dict[str, str], model: TensorSource) -> str | None:
-    """``linear`` or ``embedding`` when the module is one weight matrix that a LoRA can update."""
+def _decomposable(module: str, changed: list[str], kinds: dict[str, str], model: TensorSource) -> str | None:
+    """``linear`` or ``embedding`` when only the module's weight matrix changed, so a LoRA can
+    carry the change (an unchanged bias, as in Qwen2's q/k/v, stays the base's)."""
     weight = f"{module}.weight"
-    if params != [weight] or len(model.info(weight).shape) != 2:
+    if changed != [weight] or len(model.info(weight).shape) != 2:
         return None
     kind = kinds.get(module) or _guess_kind(module, model.info(weight).shape)
     return kind if kind in ("linear", "embedding") else None
@@ -248,7 +249,7 @@ def _extract_module(module: str, params: list[str], model: TensorSource, base: T
                     options: ExtractOptions, rule: RankRule, include: re.Pattern[str] | None, exclude: re.Pattern[str] | None,
                     updates: list[ModuleUpdate], saved: dict[str, torch.Tensor]) -> ModuleReport | None:
     """Decompose, save or skip one module; None when none of its tensors changed."""
-    changed, note = False, ""
+    changed, note = [], ""
     for name in params:
         model_shape, base_shape = model.info(name).shape, base.info(name).shape
         if model_shape != base_shape:
@@ -257,16 +258,16 @@ def _extract_module(module: str, params: list[str], model: TensorSource, base: T
                                       f"{base.ref}; a fine-tune must keep its base's shapes")
             note = (f"vocabulary grew from {base_shape[0]} to {model_shape[0]} rows (added tokens): saved whole; "
                     f"resize the base's embeddings first (model.resize_token_embeddings({model_shape[0]}))")
-            changed = True
-        elif not changed and not torch.equal(model.read(name), base.read(name)):
-            changed = True
+            changed.append(name)
+        elif not torch.equal(model.read(name), base.read(name)):
+            changed.append(name)
     if not changed:
         return None
     shape = list(model.info(params[0]).shape)
     if module == params[0]:
         raise CheckpointError(f"tensor '{module}' changed but belongs to no module, so PEFT cannot save it; "
                               "an adapter cannot carry it")
-    kind = None if note or _saved_whole(module, options.save_modules) else _decomposable(module, params, kinds, model)
+    kind = None if note or _saved_whole(module, options.save_modules) else _decomposable(module, changed, kinds, model)
     wanted = (include is None or include.search(module)) and not (exclude is not None and exclude.search(module))
     if kind == "linear" or (kind == "embedding" and options.embed_lora):
         if not wanted:
