@@ -22,6 +22,7 @@ _FEATURE_COMMANDS = {
     "eval": "mergeforge.evaluate.cli:eval_command",
     "bench": "mergeforge.bench.cli:bench_command",
     "moe": "mergeforge.moe.cli:moe_command",
+    "lora": "mergeforge.lora.cli:lora_group",
 }
 
 
