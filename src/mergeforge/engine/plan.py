@@ -10,7 +10,6 @@ torch, and either executor runs the same plan.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from mergeforge.checkpoint.writer import OutputTensor
 from mergeforge.engine.jobs import SourceTensor, TensorJob
 from mergeforge.engine.layouts import Planner
 from mergeforge.engine.recipe import Parameters, Recipe
-from mergeforge.errors import RecipeError
+from mergeforge.errors import RecipeError, closest
 from mergeforge.methods.registry import (
     SIDE_SEPARATOR,
     STATISTICS,
@@ -95,8 +94,8 @@ def _check_parameter_names(recipe: Recipe, method: MethodSpec) -> None:
         for name in parameters or {}:
             param = method.param(name)
             if param is None:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
+                match = closest(name, known)
+                hint = f" Did you mean '{match}'?" if match else ""
                 listing = ", ".join(known) if known else "none"
                 raise RecipeError(f"{where}: unknown parameter '{name}' for merge_method '{method.name}'.{hint} Its parameters: {listing}")
             if per_model_level and not param.per_model:

@@ -38,7 +38,6 @@ Nothing here imports torch: specs are plain data, so planning a merge needs no t
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import sys
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from mergeforge.errors import MethodError, RecipeError
+from mergeforge.errors import MethodError, RecipeError, closest
 from mergeforge.methods.params import REQUIRED, Param
 
 if TYPE_CHECKING:
@@ -323,8 +322,8 @@ def get_method(name: str) -> MethodSpec:
     if spec is not None:
         return spec
     known = METHODS.names()
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    match = closest(name, known)
+    hint = f" Did you mean '{match}'?" if match else ""
     raise RecipeError(f"merge_method: unknown method '{name}'.{hint} Known methods: {', '.join(known)}")
 
 
