@@ -118,6 +118,9 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu, cuda or cuda:N.")
 @click.option("--dtype", default=None, help="Round inputs to this dtype before merging (overrides the recipe's dtype).")
 @click.option("--out-dtype", default=None, help="Dtype of the written tensors (overrides the recipe's out_dtype).")
+@click.option("--math-dtype", type=click.Choice(["float32", "recipe"]), default="float32", show_default=True,
+              help="float32: the math runs in float32 whatever the inputs are rounded to (more accurate); recipe: in the "
+                   "recipe's dtype, as mergekit does (to reproduce a mergekit merge).")
 @click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard, in bytes or with a unit (2GB, 500MB).")
 @click.option("--threads", type=int, default=None, help="Worker threads (default: one per core, at most 4).")
 @click.option("--memory-budget", default=None, help="Bytes of tensors the torch executor holds at once (default: automatic), e.g. 1GB.")

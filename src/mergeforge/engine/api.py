@@ -47,7 +47,7 @@ def plan_merge(recipe: RecipeLike, options: MergeOptions | None = None, **fields
 
     Arguments:
         recipe: as for :func:`merge`.
-        options: a :class:`MergeOptions` (``seed``, ``dtype`` and ``out_dtype`` shape the plan),
+        options: a :class:`MergeOptions` (``seed``, ``dtype``, ``out_dtype`` and ``math_dtype`` shape the plan),
             or its fields as keyword arguments.
 
     Returns:
@@ -58,7 +58,7 @@ def plan_merge(recipe: RecipeLike, options: MergeOptions | None = None, **fields
     """
     options = MergeOptions.of(options, fields)
     return build_plan(load_recipe(recipe), relative_to=recipe_folder(recipe), seed=options.seed, dtype=options.dtype,
-                      out_dtype=options.out_dtype)
+                      out_dtype=options.out_dtype, math_dtype=options.math_dtype)
 
 
 def choose_executor(plan: MergePlan, options: MergeOptions) -> Executor:
@@ -197,6 +197,7 @@ def merge_state_dicts(
     seed: int = 0,
     dtype: str | None = None,
     out_dtype: str | None = None,
+    math_dtype: str = "float32",
     device: str = "cpu",
     threads: int | None = None,
     calibration: Mapping[str, Any] | None = None,
@@ -212,7 +213,7 @@ def merge_state_dicts(
         base: the base model's state dict, for methods that use one.
         parameters: the top-level recipe ``parameters`` (scalars, gradients, filter lists).
         model_parameters: ``model_parameters[i]`` are the ``parameters`` of ``models[i]``.
-        seed, dtype, out_dtype, device, threads: as in :class:`MergeOptions`.
+        seed, dtype, out_dtype, math_dtype, device, threads: as in :class:`MergeOptions`.
         calibration: for data-aware methods (fisher_merging, regmean, adamerging), the recipe's
             ``calibration:`` field; its ``data`` may be one path or a list with one path per model.
         calibration_model: for data-aware methods, a module of the models' architecture (e.g. a
@@ -248,8 +249,10 @@ def merge_state_dicts(
         recipe_dict["parameters"] = dict(parameters)
     if calibration is not None:
         recipe_dict["calibration"] = _calibration_for_memory(calibration, len(models))
-    options = MergeOptions(device=device, threads=threads or 1, seed=seed, dtype=dtype, out_dtype=out_dtype, quiet=True)
-    plan = build_plan(load_recipe(recipe_dict), checkpoints=checkpoints, seed=seed, dtype=dtype, out_dtype=out_dtype)
+    options = MergeOptions(device=device, threads=threads or 1, seed=seed, dtype=dtype, out_dtype=out_dtype, math_dtype=math_dtype,
+                           quiet=True)
+    plan = build_plan(load_recipe(recipe_dict), checkpoints=checkpoints, seed=seed, dtype=dtype, out_dtype=out_dtype,
+                      math_dtype=math_dtype)
     if plan.method.calibrate is not None:
         from mergeforge.calibration.context import state_dict_loader
         from mergeforge.engine.calibrate import run_calibration

@@ -17,6 +17,7 @@ from typing import Any
 
 from mergeforge.checkpoint.reader import TensorSource, open_checkpoint
 from mergeforge.checkpoint.writer import OutputTensor
+from mergeforge.dtypes import promote
 from mergeforge.engine.jobs import SourceTensor, TensorJob
 from mergeforge.engine.layouts import Planner
 from mergeforge.engine.recipe import Parameters, Recipe
@@ -39,7 +40,7 @@ class MergePlan:
     checkpoints: Mapping[str, TensorSource]
     reference: str  # the model whose config and files the output carries over
     jobs: list[TensorJob]
-    compute_dtype: str  # "F32", or "F64" when the recipe's dtype is float64
+    compute_dtype: str  # what the methods compute in (see compute_dtype)
     cast_dtype: str | None  # recipe 'dtype': inputs are rounded to it first (mergekit semantics)
     output_layers: list[SourceTensor] | None  # for slices: (model, source layer) of each output layer
     warnings: list[str]
@@ -143,6 +144,19 @@ def open_models(recipe: Recipe, relative_to: Path | None = None) -> dict[str, Te
     return checkpoints
 
 
+def compute_dtype(math_dtype: str, cast_dtype: str | None, input_dtypes: set[str]) -> str:
+    """The dtype the methods compute in.
+
+    ``"float32"`` (the default) widens 16-bit inputs: float32, or float64 when the recipe asks for
+    it. ``"recipe"`` follows mergekit, which computes in what it loaded: the recipe's ``dtype``,
+    else the inputs' own dtype (promoted when they differ). Only the second reproduces a mergekit
+    merge made with ``dtype: bfloat16`` to the bit; the first is more accurate.
+    """
+    if math_dtype == "recipe":
+        return promote({cast_dtype}) if cast_dtype is not None else promote(input_dtypes)
+    return "F64" if cast_dtype == "F64" else "F32"
+
+
 def build_plan(
     recipe: Recipe,
     *,
@@ -151,8 +165,10 @@ def build_plan(
     seed: int = 0,
     dtype: str | None = None,
     out_dtype: str | None = None,
+    math_dtype: str = "float32",
 ) -> MergePlan:
-    """Plan a merge; ``seed``, ``dtype`` and ``out_dtype`` override the recipe's.
+    """Plan a merge; ``seed``, ``dtype`` and ``out_dtype`` override the recipe's; ``math_dtype``
+    is :data:`~mergeforge.engine.options.MATH_DTYPES`' choice (see :func:`compute_dtype`).
 
     Opens the recipe's models unless ``checkpoints`` (reference -> model) is given; the plan owns
     them and :meth:`MergePlan.close` closes them. Reads no tensor data.
@@ -180,7 +196,8 @@ def build_plan(
         checkpoints=opened,
         reference=recipe.reference_model(),
         jobs=planner.jobs,
-        compute_dtype=planner.compute_dtype,
+        compute_dtype=compute_dtype(math_dtype, planner.cast_dtype,
+                                    {dtype for job in planner.jobs if job.method is not None for dtype in job.input_dtypes}),
         cast_dtype=planner.cast_dtype,
         output_layers=output_layers,
         warnings=planner.warnings,

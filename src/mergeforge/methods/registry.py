@@ -95,6 +95,10 @@ class MethodSpec:
     notes: str = ""
     calibrate: Callable[..., dict[str, Any]] | None = None  # data-aware methods: (context) -> {tensor: statistics}
     kernel: Kernel | None = None
+    # Computes in float32 even under --math-dtype recipe with a 16-bit recipe dtype: mergekit's
+    # own implementation widens (linear, slerp, karcher), torch has no 16-bit kernel for its math
+    # (SVD), or 16 bits cannot hold it (an optimiser's small steps).
+    float32_math: bool = False
     _by_name: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -241,6 +245,7 @@ def register_method(
     notes: str = "",
     calibrate: Callable[..., dict[str, Any]] | None = None,
     kernel: Kernel | None = None,
+    float32_math: bool = False,
     replace: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers ``fn`` as merge method ``name``.
@@ -260,6 +265,9 @@ def register_method(
         calibrate: for data-aware methods, ``(CalibrationContext) -> {tensor name: statistics}``,
             run once on whole models before the merge (see :mod:`mergeforge.calibration`).
         kernel: the NumPy implementation (see :mod:`mergeforge.methods.kernels`), if any.
+        float32_math: compute in float32 even when ``--math-dtype recipe`` asks for a 16-bit
+            dtype (mergekit's implementation widens too, torch has no 16-bit kernel for the math,
+            or 16 bits cannot hold it).
         replace: replace a method already registered under ``name`` instead of raising.
 
     Returns:
@@ -291,6 +299,7 @@ def register_method(
             notes=notes,
             calibrate=calibrate,
             kernel=kernel,
+            float32_math=float32_math,
         )
         expected = {p.arg for p in schema} | ({STATISTICS} if calibrate is not None else set())
         _check_signature(name, fn, expected | ({"generator"} if random else set()), "function")
