@@ -51,6 +51,9 @@ class MergeOptions:
     executor: str = "auto"
     out_format: str = "hf"  # "hf": safetensors shards; "gguf": OUT_DIR/model.gguf
     out_type: str | None = None  # GGUF tensor type (f16, q8_0, q4_k_m, ...); None: the merge's output dtype
+    # A multi-document recipe's named stages are written here (DIR/<name>) and kept; None: in a
+    # temporary folder beside the output, deleted at the end.
+    intermediate_dir: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergeforge.checkpoint.reader import TensorSource, open_checkpoint
+from mergeforge.checkpoint.reader import Checkpoint, TensorSource, open_checkpoint
 from mergeforge.checkpoint.writer import OutputTensor
 from mergeforge.dtypes import promote
 from mergeforge.engine.jobs import SourceTensor, TensorJob
@@ -132,11 +132,13 @@ def _check_calibration(recipe: Recipe, method: MethodSpec) -> None:
         raise RecipeError(f"slices: merge_method '{method.name}' (data-aware) merges whole models; use 'models' instead of 'slices'")
 
 
-def open_models(recipe: Recipe, relative_to: Path | None = None) -> dict[str, TensorSource]:
+def open_models(recipe: Recipe, relative_to: Path | None = None, folders: Mapping[str, Path] | None = None) -> dict[str, TensorSource]:
+    """Every model the recipe reads, by its reference; ``folders`` maps references that are not
+    paths (a multi-stage recipe's stage names) to the folders that hold them."""
     checkpoints: dict[str, TensorSource] = {}
     try:
         for ref in recipe.referenced_models():
-            checkpoints[ref] = open_checkpoint(ref, relative_to)
+            checkpoints[ref] = Checkpoint(folders[ref], ref) if folders and ref in folders else open_checkpoint(ref, relative_to)
     except BaseException:
         for checkpoint in checkpoints.values():
             checkpoint.close()
@@ -166,17 +168,19 @@ def build_plan(
     dtype: str | None = None,
     out_dtype: str | None = None,
     math_dtype: str = "float32",
+    folders: Mapping[str, Path] | None = None,
 ) -> MergePlan:
     """Plan a merge; ``seed``, ``dtype`` and ``out_dtype`` override the recipe's; ``math_dtype``
     is :data:`~mergeforge.engine.options.MATH_DTYPES`' choice (see :func:`compute_dtype`).
 
-    Opens the recipe's models unless ``checkpoints`` (reference -> model) is given; the plan owns
-    them and :meth:`MergePlan.close` closes them. Reads no tensor data.
+    Opens the recipe's models (``folders`` maps references to folders, see :func:`open_models`)
+    unless ``checkpoints`` (reference -> model) is given; the plan owns them and
+    :meth:`MergePlan.close` closes them. Reads no tensor data.
     """
     method = get_method(recipe.merge_method)
     _check_parameter_names(recipe, method)
     _check_calibration(recipe, method)
-    opened = open_models(recipe, relative_to) if checkpoints is None else checkpoints
+    opened = open_models(recipe, relative_to, folders) if checkpoints is None else checkpoints
     try:
         planner = Planner(recipe, method, opened, seed, dtype, out_dtype)
         output_layers = planner.plan_slices() if recipe.slices else None
