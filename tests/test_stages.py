@@ -135,3 +135,15 @@ def test_the_cli_runs_a_multi_document_recipe(two_stages, tmp_path):
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines() == [f"error: {cyclic}: the stages read each other in a cycle: "
                                                   "document 1 ('a') -> document 1 ('a')"]
+
+
+def test_the_docs_example_runs(llama_family, tmp_path):
+    usage = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text(encoding="utf-8")
+    section = usage[usage.index("### Multi-stage recipes"):]
+    example = section[section.index("```yaml\n") + 8:section.index("```\n", section.index("```yaml\n") + 8)]
+    (tmp_path / "path" / "to").mkdir(parents=True)
+    for name, key in (("base", "base"), ("math-expert", "ft1"), ("code-expert", "ft2"), ("chat-expert", "ft3")):
+        (tmp_path / "path" / "to" / name).symlink_to(llama_family[key], target_is_directory=True)
+    (tmp_path / "multi.yml").write_text(example)
+    result = mergeforge.merge(tmp_path / "multi.yml", tmp_path / "out", quiet=True)
+    assert [stage.method for stage in result.stages] == ["linear"] and (tmp_path / "out" / "config.json").is_file()

@@ -151,8 +151,9 @@ def compute_dtype(math_dtype: str, cast_dtype: str | None, input_dtypes: set[str
 
     ``"float32"`` (the default) widens 16-bit inputs: float32, or float64 when the recipe asks for
     it. ``"recipe"`` follows mergekit, which computes in what it loaded: the recipe's ``dtype``,
-    else the inputs' own dtype (promoted when they differ). Only the second reproduces a mergekit
-    merge made with ``dtype: bfloat16`` to the bit; the first is more accurate.
+    else the inputs' own dtype (promoted when they differ), to reproduce a mergekit merge made with
+    ``dtype: bfloat16``; the first is more accurate. A method that declares ``float32_math``
+    computes in float32 either way (the torch executor widens its inputs).
     """
     if math_dtype == "recipe":
         return promote({cast_dtype}) if cast_dtype is not None else promote(input_dtypes)
