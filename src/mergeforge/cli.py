@@ -119,6 +119,9 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu, cuda or cuda:N.")
 @click.option("--dtype", default=None, help="Round inputs to this dtype before merging (overrides the recipe's dtype).")
 @click.option("--out-dtype", default=None, help="Dtype of the written tensors (overrides the recipe's out_dtype).")
+@click.option("--math-dtype", type=click.Choice(["float32", "recipe"]), default="float32", show_default=True,
+              help="float32: the math runs in float32 whatever the inputs are rounded to (more accurate); recipe: in the "
+                   "recipe's dtype, as mergekit does (to reproduce a mergekit merge).")
 @click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard, in bytes or with a unit (2GB, 500MB).")
 @click.option("--threads", type=int, default=None, help="Worker threads (default: one per core, at most 4).")
 @click.option("--memory-budget", default=None, help="Bytes of tensors the torch executor holds at once (default: automatic), e.g. 1GB.")
@@ -133,9 +136,16 @@ def _setup_logging(quiet: bool) -> None:
                    "(needs llama-quantize on PATH). Default: the merge's output dtype.")
 @click.option("--executor", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True,
               help="auto: NumPy when it can run the merge (no torch import), else torch.")
+@click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="A multi-document CONFIG (mergekit-multi's format): write each named stage to DIR/<name> and keep it "
+                   "(default: a temporary folder, deleted at the end).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or warnings.")
 def merge_command(config: str, out_dir: str | None, quiet: bool, **flags: Any) -> None:
-    """Merge the models of a mergekit-style YAML recipe CONFIG into OUT_DIR."""
+    """Merge the models of a mergekit-style YAML recipe CONFIG into OUT_DIR.
+
+    CONFIG may hold several '---'-separated documents (mergekit-multi): named stages, merged first
+    in dependency order, that later documents read by name, and one unnamed final merge.
+    """
     from mergeforge.engine.api import merge
     from mergeforge.engine.options import MergeOptions
     from mergeforge.errors import OutputError
@@ -148,8 +158,9 @@ def merge_command(config: str, out_dir: str | None, quiet: bool, **flags: Any) -
         click.echo("\n".join(result.plan_lines))
         return
     if not quiet:
-        click.echo(f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into {result.out_dir} in {result.seconds:.1f} s",
-                   err=True)
+        stages = f" after {len(result.stages)} intermediate stage(s)" if result.stages else ""
+        click.echo(f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into {result.out_dir}{stages} "
+                   f"in {result.seconds:.1f} s", err=True)
 
 
 @main.command("convert")

@@ -67,6 +67,19 @@ def parse_recipe_dtype(value: str | None, field_name: str) -> str | None:
     return name
 
 
+def promote(names: set[str] | frozenset[str]) -> str:
+    """The floating dtype torch's type promotion gives a mix of ``names`` (bf16 with f16 is float32).
+
+    float8 counts as float32: torch has no float8 arithmetic, so no method could compute in it.
+    """
+    floats = {name for name in names if is_floating(name)}
+    if "F64" in floats:
+        return "F64"
+    if floats in ({"BF16"}, {"F16"}):
+        return next(iter(floats))
+    return "F32"
+
+
 def to_torch(name: str) -> torch.dtype:
     import torch
 

@@ -7,6 +7,9 @@ traceback. Anything else that escapes is a bug in mergeforge.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class MergeforgeError(Exception):
     """Base class of every error a user can cause."""
@@ -28,3 +31,10 @@ class OutputError(MergeforgeError):
 
 class MethodError(MergeforgeError):
     """A merge method was given inputs it cannot merge (wrong count, bad parameter value)."""
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice a misspelt ``word`` most likely meant (difflib's closest match), else ``None``:
+    the "did you mean" of every message about an unknown name."""
+    matches = difflib.get_close_matches(word, list(choices), n=1)
+    return matches[0] if matches else None

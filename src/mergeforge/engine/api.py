@@ -46,8 +46,9 @@ def plan_merge(recipe: RecipeLike, options: MergeOptions | None = None, **fields
     """Validate a recipe and plan it without reading any tensor data.
 
     Arguments:
-        recipe: as for :func:`merge`.
-        options: a :class:`MergeOptions` (``seed``, ``dtype`` and ``out_dtype`` shape the plan),
+        recipe: as for :func:`merge` (one document: the stages of a multi-document recipe read
+            earlier stages' outputs, so only ``merge(..., dry_run=True)`` lists them).
+        options: a :class:`MergeOptions` (``seed``, ``dtype``, ``out_dtype`` and ``math_dtype`` shape the plan),
             or its fields as keyword arguments.
 
     Returns:
@@ -56,9 +57,17 @@ def plan_merge(recipe: RecipeLike, options: MergeOptions | None = None, **fields
     Example:
         >>> plan = plan_merge("ties.yml"); print(len(plan.jobs)); plan.close()
     """
+    from mergeforge.engine.stages import read_stages
+
     options = MergeOptions.of(options, fields)
-    return build_plan(load_recipe(recipe), relative_to=recipe_folder(recipe), seed=options.seed, dtype=options.dtype,
-                      out_dtype=options.out_dtype)
+    if read_stages(recipe) is not None:
+        raise RecipeError("plan_merge plans one recipe; plan a multi-document recipe with merge(recipe, dry_run=True)")
+    return _plan(load_recipe(recipe), options, recipe_folder(recipe))
+
+
+def _plan(recipe: Recipe, options: MergeOptions, relative_to: Path | None, folders: Mapping[str, Path] | None = None) -> MergePlan:
+    return build_plan(recipe, relative_to=relative_to, seed=options.seed, dtype=options.dtype, out_dtype=options.out_dtype,
+                      math_dtype=options.math_dtype, folders=folders)
 
 
 def choose_executor(plan: MergePlan, options: MergeOptions) -> Executor:
@@ -81,6 +90,9 @@ def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, opt
 
     Arguments:
         recipe: a mergekit-style YAML path or text, a dict, or a :class:`~mergeforge.engine.recipe.Recipe`.
+            YAML with several ``---``-separated documents is a multi-stage recipe (mergekit-multi's
+            format): named documents are merged first, in dependency order, and the unnamed one
+            into ``out_dir`` (see :mod:`mergeforge.engine.stages`).
         out_dir: the output folder (created; must be empty unless ``overwrite``); not needed for
             a dry run.
         options: how to run it (:class:`MergeOptions`: device, dtypes, threads, seed, dry run, ...),
@@ -88,15 +100,30 @@ def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, opt
 
     Returns:
         A :class:`MergeResult`: tensors, bytes, the executor that ran, the time taken and, for a
-        dry run, the plan listing.
+        dry run, the plan listing (for a multi-stage recipe: the final stage's, with the earlier
+        stages' results in ``stages``).
 
     Example:
         >>> merge("recipe.yml", "merged/")
         >>> merge("recipe.yml", None, dry_run=True).plan_lines
     """
+    from mergeforge.engine.stages import merge_stages, read_stages
+
     options = MergeOptions.of(options, fields)
+    stages = read_stages(recipe)
+    if stages is not None:
+        return merge_stages(stages, out_dir, options, recipe_folder(recipe))
+    if options.intermediate_dir is not None:
+        raise RecipeError("--intermediate-dir keeps the stages of a multi-document recipe; this recipe has one document")
+    return merge_recipe(load_recipe(recipe), out_dir, options, recipe_folder(recipe))
+
+
+def merge_recipe(recipe: Recipe, out_dir: str | os.PathLike[str] | None, options: MergeOptions, relative_to: Path | None = None,
+                 folders: Mapping[str, Path] | None = None) -> MergeResult:
+    """:func:`merge` of one validated recipe whose relative model paths are read from
+    ``relative_to``; ``folders`` maps references to model folders (earlier stages' outputs)."""
     started = time.perf_counter()
-    plan = plan_merge(recipe, options)
+    plan = _plan(recipe, options, relative_to, folders)
     try:
         if options.out_format == "gguf":
             from mergeforge.engine.gguf_output import check_gguf_output
@@ -131,7 +158,7 @@ def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, opt
             if plan.method.calibrate is not None:
                 from mergeforge.engine.calibrate import calibration_summary
 
-                result.plan_lines += calibration_summary(plan, recipe_folder(recipe))
+                result.plan_lines += calibration_summary(plan, relative_to)
             return result
         if out_dir is None:
             raise OutputError("an output folder is required unless dry_run is set")
@@ -141,8 +168,7 @@ def merge(recipe: RecipeLike, out_dir: str | os.PathLike[str] | None = None, opt
             # Data-aware methods: forward/backward passes on whole models, before the streaming merge.
             from mergeforge.engine.calibrate import run_calibration
 
-            statistics = run_calibration(plan, device=options.device, progress=not options.quiet,
-                                         relative_to=recipe_folder(recipe))
+            statistics = run_calibration(plan, device=options.device, progress=not options.quiet, relative_to=relative_to)
             write_merge(plan.with_statistics(statistics), out_path, executor, options)
         else:
             write_merge(plan, out_path, executor, options)
@@ -197,6 +223,7 @@ def merge_state_dicts(
     seed: int = 0,
     dtype: str | None = None,
     out_dtype: str | None = None,
+    math_dtype: str = "float32",
     device: str = "cpu",
     threads: int | None = None,
     calibration: Mapping[str, Any] | None = None,
@@ -212,7 +239,7 @@ def merge_state_dicts(
         base: the base model's state dict, for methods that use one.
         parameters: the top-level recipe ``parameters`` (scalars, gradients, filter lists).
         model_parameters: ``model_parameters[i]`` are the ``parameters`` of ``models[i]``.
-        seed, dtype, out_dtype, device, threads: as in :class:`MergeOptions`.
+        seed, dtype, out_dtype, math_dtype, device, threads: as in :class:`MergeOptions`.
         calibration: for data-aware methods (fisher_merging, regmean, adamerging), the recipe's
             ``calibration:`` field; its ``data`` may be one path or a list with one path per model.
         calibration_model: for data-aware methods, a module of the models' architecture (e.g. a
@@ -248,8 +275,10 @@ def merge_state_dicts(
         recipe_dict["parameters"] = dict(parameters)
     if calibration is not None:
         recipe_dict["calibration"] = _calibration_for_memory(calibration, len(models))
-    options = MergeOptions(device=device, threads=threads or 1, seed=seed, dtype=dtype, out_dtype=out_dtype, quiet=True)
-    plan = build_plan(load_recipe(recipe_dict), checkpoints=checkpoints, seed=seed, dtype=dtype, out_dtype=out_dtype)
+    options = MergeOptions(device=device, threads=threads or 1, seed=seed, dtype=dtype, out_dtype=out_dtype, math_dtype=math_dtype,
+                           quiet=True)
+    plan = build_plan(load_recipe(recipe_dict), checkpoints=checkpoints, seed=seed, dtype=dtype, out_dtype=out_dtype,
+                      math_dtype=math_dtype)
     if plan.method.calibrate is not None:
         from mergeforge.calibration.context import state_dict_loader
         from mergeforge.engine.calibrate import run_calibration

@@ -46,7 +46,6 @@ class Planner:
         self.seed = seed
         self.cast_dtype = parse_recipe_dtype(dtype or recipe.dtype, "dtype")
         self.out_dtype = parse_recipe_dtype(out_dtype or recipe.out_dtype, "out_dtype") or self.cast_dtype
-        self.compute_dtype = "F64" if self.cast_dtype == "F64" else "F32"
         self.warnings: list[str] = []
         self.missing_by_model: dict[str, list[str]] = {}
         self.jobs: list[TensorJob] = []

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mergeforge.checkpoint.reader import Checkpoint
-from mergeforge.dtypes import ITEMSIZE, from_f32, to_f32
+from mergeforge.dtypes import ITEMSIZE, TORCH_NAMES, from_f32, to_f32
 from mergeforge.engine.jobs import SourceTensor, TensorJob
 from mergeforge.engine.options import MergeOptions
 from mergeforge.engine.plan import MergePlan
@@ -46,7 +46,7 @@ def refusal(plan: MergePlan, options: MergeOptions) -> str | None:
     if method.kernel is None:
         return f"'{method.name}' has no NumPy kernel"
     if plan.compute_dtype != "F32":
-        return "computes in float64"
+        return f"computes in {TORCH_NAMES[plan.compute_dtype]}"
     for job in plan.jobs:
         infos = [(s, plan.checkpoints[s.model].info(s.name)) for s in [*job.inputs, job.base] if s is not None]
         for source, info in infos:

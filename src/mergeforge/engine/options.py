@@ -14,6 +14,10 @@ from mergeforge.engine.rules import parse_size
 from mergeforge.errors import MergeforgeError
 
 EXECUTORS = ("auto", "numpy", "torch")
+# "float32": the math runs in float32 (float64 for a float64 recipe) whatever the inputs were rounded
+# to, the more accurate choice; "recipe": it runs in the recipe's dtype, as mergekit's does, to
+# reproduce a published mergekit merge bit for bit (see docs/usage.md for the methods it changes).
+MATH_DTYPES = ("float32", "recipe")
 
 
 def default_threads() -> int:
@@ -32,6 +36,7 @@ class MergeOptions:
 
     device: str = "cpu"  # where the math runs: cpu, or a torch device such as cuda or cuda:1 (torch executor)
     dtype: str | None = None  # overrides the recipe's dtype: inputs are rounded to it before merging
+    math_dtype: str = "float32"  # one of MATH_DTYPES: what the methods compute in
     out_dtype: str | None = None  # overrides the recipe's out_dtype: the dtype of the written tensors
     out_shard_size: int | str = DEFAULT_SHARD_BYTES  # largest output shard: bytes, or text such as "2GB"
     threads: int | None = None  # worker threads; None: default_threads()
@@ -46,12 +51,17 @@ class MergeOptions:
     executor: str = "auto"
     out_format: str = "hf"  # "hf": safetensors shards; "gguf": OUT_DIR/model.gguf
     out_type: str | None = None  # GGUF tensor type (f16, q8_0, q4_k_m, ...); None: the merge's output dtype
+    # A multi-document recipe's named stages are written here (DIR/<name>) and kept; None: in a
+    # temporary folder beside the output, deleted at the end.
+    intermediate_dir: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise MergeforgeError("--threads must be at least 1")
         if self.executor not in EXECUTORS:
             raise MergeforgeError(f"--executor: unknown executor '{self.executor}'; use one of {', '.join(EXECUTORS)}")
+        if self.math_dtype not in MATH_DTYPES:
+            raise MergeforgeError(f"--math-dtype: unknown choice '{self.math_dtype}'; use one of {', '.join(MATH_DTYPES)}")
         if self.out_format not in ("hf", "gguf"):
             raise MergeforgeError(f"--out-format: unknown format '{self.out_format}'; use hf or gguf")
         if self.out_type is not None and self.out_format != "gguf":

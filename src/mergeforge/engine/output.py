@@ -60,6 +60,7 @@ class MergeResult:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     plan_lines: list[str] = field(default_factory=list)  # the dry-run listing
+    stages: list[MergeResult] = field(default_factory=list)  # a multi-stage recipe's earlier stages, in order
 
 
 def human_size(count: float) -> str:

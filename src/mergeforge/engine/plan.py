@@ -10,18 +10,18 @@ torch, and either executor runs the same plan.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergeforge.checkpoint.reader import TensorSource, open_checkpoint
+from mergeforge.checkpoint.reader import Checkpoint, TensorSource, open_checkpoint
 from mergeforge.checkpoint.writer import OutputTensor
+from mergeforge.dtypes import promote
 from mergeforge.engine.jobs import SourceTensor, TensorJob
 from mergeforge.engine.layouts import Planner
 from mergeforge.engine.recipe import Parameters, Recipe
-from mergeforge.errors import RecipeError
+from mergeforge.errors import RecipeError, closest
 from mergeforge.methods.registry import (
     SIDE_SEPARATOR,
     STATISTICS,
@@ -40,7 +40,7 @@ class MergePlan:
     checkpoints: Mapping[str, TensorSource]
     reference: str  # the model whose config and files the output carries over
     jobs: list[TensorJob]
-    compute_dtype: str  # "F32", or "F64" when the recipe's dtype is float64
+    compute_dtype: str  # what the methods compute in (see compute_dtype)
     cast_dtype: str | None  # recipe 'dtype': inputs are rounded to it first (mergekit semantics)
     output_layers: list[SourceTensor] | None  # for slices: (model, source layer) of each output layer
     warnings: list[str]
@@ -95,8 +95,8 @@ def _check_parameter_names(recipe: Recipe, method: MethodSpec) -> None:
         for name in parameters or {}:
             param = method.param(name)
             if param is None:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
+                match = closest(name, known)
+                hint = f" Did you mean '{match}'?" if match else ""
                 listing = ", ".join(known) if known else "none"
                 raise RecipeError(f"{where}: unknown parameter '{name}' for merge_method '{method.name}'.{hint} Its parameters: {listing}")
             if per_model_level and not param.per_model:
@@ -132,16 +132,32 @@ def _check_calibration(recipe: Recipe, method: MethodSpec) -> None:
         raise RecipeError(f"slices: merge_method '{method.name}' (data-aware) merges whole models; use 'models' instead of 'slices'")
 
 
-def open_models(recipe: Recipe, relative_to: Path | None = None) -> dict[str, TensorSource]:
+def open_models(recipe: Recipe, relative_to: Path | None = None, folders: Mapping[str, Path] | None = None) -> dict[str, TensorSource]:
+    """Every model the recipe reads, by its reference; ``folders`` maps references that are not
+    paths (a multi-stage recipe's stage names) to the folders that hold them."""
     checkpoints: dict[str, TensorSource] = {}
     try:
         for ref in recipe.referenced_models():
-            checkpoints[ref] = open_checkpoint(ref, relative_to)
+            checkpoints[ref] = Checkpoint(folders[ref], ref) if folders and ref in folders else open_checkpoint(ref, relative_to)
     except BaseException:
         for checkpoint in checkpoints.values():
             checkpoint.close()
         raise
     return checkpoints
+
+
+def compute_dtype(math_dtype: str, cast_dtype: str | None, input_dtypes: set[str]) -> str:
+    """The dtype the methods compute in.
+
+    ``"float32"`` (the default) widens 16-bit inputs: float32, or float64 when the recipe asks for
+    it. ``"recipe"`` follows mergekit, which computes in what it loaded: the recipe's ``dtype``,
+    else the inputs' own dtype (promoted when they differ), to reproduce a mergekit merge made with
+    ``dtype: bfloat16``; the first is more accurate. A method that declares ``float32_math``
+    computes in float32 either way (the torch executor widens its inputs).
+    """
+    if math_dtype == "recipe":
+        return promote({cast_dtype}) if cast_dtype is not None else promote(input_dtypes)
+    return "F64" if cast_dtype == "F64" else "F32"
 
 
 def build_plan(
@@ -152,16 +168,20 @@ def build_plan(
     seed: int = 0,
     dtype: str | None = None,
     out_dtype: str | None = None,
+    math_dtype: str = "float32",
+    folders: Mapping[str, Path] | None = None,
 ) -> MergePlan:
-    """Plan a merge; ``seed``, ``dtype`` and ``out_dtype`` override the recipe's.
+    """Plan a merge; ``seed``, ``dtype`` and ``out_dtype`` override the recipe's; ``math_dtype``
+    is :data:`~mergeforge.engine.options.MATH_DTYPES`' choice (see :func:`compute_dtype`).
 
-    Opens the recipe's models unless ``checkpoints`` (reference -> model) is given; the plan owns
-    them and :meth:`MergePlan.close` closes them. Reads no tensor data.
+    Opens the recipe's models (``folders`` maps references to folders, see :func:`open_models`)
+    unless ``checkpoints`` (reference -> model) is given; the plan owns them and
+    :meth:`MergePlan.close` closes them. Reads no tensor data.
     """
     method = get_method(recipe.merge_method)
     _check_parameter_names(recipe, method)
     _check_calibration(recipe, method)
-    opened = open_models(recipe, relative_to) if checkpoints is None else checkpoints
+    opened = open_models(recipe, relative_to, folders) if checkpoints is None else checkpoints
     try:
         planner = Planner(recipe, method, opened, seed, dtype, out_dtype)
         output_layers = planner.plan_slices() if recipe.slices else None
@@ -181,7 +201,8 @@ def build_plan(
         checkpoints=opened,
         reference=recipe.reference_model(),
         jobs=planner.jobs,
-        compute_dtype=planner.compute_dtype,
+        compute_dtype=compute_dtype(math_dtype, planner.cast_dtype,
+                                    {dtype for job in planner.jobs if job.method is not None for dtype in job.input_dtypes}),
         cast_dtype=planner.cast_dtype,
         output_layers=output_layers,
         warnings=planner.warnings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -29,3 +30,11 @@ class ProgressReporter:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def announce(line: str, enabled: bool) -> None:
+    """One line on stderr between progress bars (a multi-stage merge's stage headers)."""
+    if enabled:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)

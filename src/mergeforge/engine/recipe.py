@@ -11,17 +11,26 @@ Unknown fields are errors, never silently ignored.
 
 from __future__ import annotations
 
-import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union, cast
+from typing import Annotated, Any, Union, cast
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from mergeforge.calibration.config import CalibrationConfig
-from mergeforge.errors import RecipeError
+from mergeforge.errors import RecipeError, closest
 
 Scalar = Union[bool, int, float]
 
@@ -34,8 +43,113 @@ class FilterEntry(BaseModel):
     value: Scalar | list[Scalar]
 
 
+# ---------------------------------------------------------------------------------------------
+# Parameter values, read by hand: pydantic would try each shape of the union in turn and report
+# the last branch's complaint ("parameters.t.bool: Input should be a valid boolean"), which names
+# neither the key at fault nor the shape that was meant.
+
+Path_ = tuple[Union[str, int], ...]  # a place inside a parameter value: list indices and keys
+FILTER_KEYS = ("filter", "value")
+# What people write for 'filter' that no edit distance would suggest (mergekit's own
+# examples/gradient-slerp.yml once wrote 'pattern').
+FILTER_SYNONYMS = frozenset({"pattern", "regex", "match", "name", "tensor", "select", "where", "filters"})
+VALUE_SHAPES = "a number, a list of numbers (a gradient over the layers) or a list of {filter, value} entries"
+
+
+class ParameterValueError(Exception):
+    """A malformed parameter value: ``message`` about the part at ``where`` (relative to the
+    parameter); ``key`` is the unknown key, for the line number."""
+
+    def __init__(self, where: Path_, message: str, key: str | None = None):
+        super().__init__(message)
+        self.where, self.message, self.key = where, message, key
+
+
+def _scalar(raw: Any, where: Path_, expected: str) -> Scalar:
+    """A number (or true/false); numeric text is read as a number, as pydantic's lax mode did."""
+    if isinstance(raw, (bool, int, float)):
+        return raw
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in ("true", "false"):
+            return text == "true"
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    got = "nothing" if raw is None else ("a list" if isinstance(raw, list) else
+                                          "a mapping" if isinstance(raw, Mapping) else repr(raw))
+    raise ParameterValueError(where, f"expected {expected}, got {got}")
+
+
+def _scalar_or_gradient(raw: Any, where: Path_, expected: str) -> Scalar | list[Scalar]:
+    if isinstance(raw, list):
+        if not raw:
+            raise ParameterValueError(where, f"an empty list; give {expected}")
+        return [_scalar(item, (*where, i), "a number") for i, item in enumerate(raw)]
+    return _scalar(raw, where, expected)
+
+
+def _filter_entry(raw: Mapping[Any, Any] | FilterEntry, where: Path_) -> FilterEntry:
+    if isinstance(raw, FilterEntry):
+        return raw
+    for key in raw:
+        if key not in FILTER_KEYS:
+            match = "filter" if str(key).lower() in FILTER_SYNONYMS else closest(str(key), FILTER_KEYS)
+            hint = f"; did you mean '{match}'?" if match else ""
+            # mergekit drops unknown keys here: an entry left without a filter matches every tensor.
+            silent = "; mergekit would ignore it and apply this entry to every tensor" if "filter" not in raw and "value" in raw else ""
+            raise ParameterValueError(
+                where, f"unknown key '{key}' in a filter entry{hint} (an entry has 'filter', a substring of tensor "
+                       f"names, and 'value'){silent}", key=str(key))
+    if "value" not in raw:
+        raise ParameterValueError(where, "a filter entry needs a 'value' (and optionally a 'filter')")
+    filter_text = raw.get("filter")
+    if filter_text is not None and not isinstance(filter_text, str):
+        raise ParameterValueError((*where, "filter"), f"a filter is a substring of tensor names (text), got {filter_text!r}")
+    value = _scalar_or_gradient(raw["value"], (*where, "value"), "a number or a list of numbers (a gradient)")
+    return FilterEntry(filter=filter_text, value=value)
+
+
+def parse_parameter_value(raw: Any) -> ParamValue:
+    """A parameter value checked and typed: a scalar, a gradient, or a filter list (a single
+    ``{filter, value}`` mapping, as mergekit also accepts, becomes a list of one).
+
+    Raises:
+        ParameterValueError: naming the part at fault, e.g. ``[0]``: unknown key 'pattern'.
+    """
+    if isinstance(raw, (Mapping, FilterEntry)):
+        return [_filter_entry(raw, ())]
+    if isinstance(raw, list) and any(isinstance(item, (Mapping, FilterEntry)) for item in raw):
+        entries = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, (Mapping, FilterEntry)):
+                raise ParameterValueError((i,), f"a filter list holds only {{filter, value}} entries, got {item!r}")
+            entries.append(_filter_entry(item, (i,)))
+        return entries
+    return _scalar_or_gradient(raw, (), VALUE_SHAPES)
+
+
+def _validate_parameter_value(raw: Any) -> ParamValue:
+    """pydantic's hook: the error carries the place and the message to
+    :func:`_format_validation_error` untouched."""
+    try:
+        return parse_parameter_value(raw)
+    except ParameterValueError as bad:
+        raise PydanticCustomError("parameter_value", "{message}",
+                                  {"message": bad.message, "where": bad.where, "key": bad.key}) from None
+
+
+def _dump_parameter_value(value: ParamValue) -> Any:
+    """The YAML/JSON form of a checked value (a filter entry without a filter omits it)."""
+    if isinstance(value, list):
+        return [item.model_dump(exclude_none=True) if isinstance(item, FilterEntry) else item for item in value]
+    return value
+
+
 ParamValue = Union[Scalar, list[Scalar], list[FilterEntry]]
-Parameters = dict[str, ParamValue]
+Parameters = dict[str, Annotated[ParamValue, PlainValidator(_validate_parameter_value), PlainSerializer(_dump_parameter_value)]]
 
 
 class _Strict(BaseModel):
@@ -144,12 +258,60 @@ class Recipe(_Strict):
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
+def format_location(parts: Sequence[str | int]) -> str:
+    """``("slices", 0, "parameters", "t", 1)`` -> ``slices[0].parameters.t[1]``."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def yaml_line(node: yaml.Node | None, parts: Sequence[str | int]) -> int | None:
+    """The 1-based line of the key or item at ``parts`` in a composed YAML document (the deepest
+    one that exists), or ``None`` without a document."""
+    line = None if node is None else node.start_mark.line + 1
+    for part in parts:
+        if isinstance(node, yaml.MappingNode):
+            pair = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if pair is None:
+                break
+            line, node = pair[0].start_mark.line + 1, pair[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _document_node(text: str | None, document: int) -> yaml.Node | None:
+    """Document ``document`` of ``text``, composed (positions only; read again only for an error)."""
+    if text is None:
+        return None
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:
+        return None
+    return nodes[document] if document < len(nodes) else None
+
+
+def _format_validation_error(error: ValidationError, source: str, node: yaml.Node | None = None) -> str:
+    """One line naming the file (and line), the field and what is wrong: never pydantic's text
+    about the branches of a union."""
     first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-after"))
+    parts: list[str | int] = [part for part in first["loc"] if not str(part).startswith("function-after")]
     message = first["msg"].removeprefix("Value error, ")
+    line_parts = parts
+    if first["type"] == "parameter_value":
+        context = first.get("ctx") or {}
+        parts = [*parts, *context["where"]]
+        line_parts = [*parts, context["key"]] if context.get("key") else parts
+        message = context["message"]
+    line = yaml_line(node, line_parts)
+    where = f"{source}, line {line}" if line is not None else source
+    location = format_location(parts)
     if first["type"] == "extra_forbidden":
-        field = str(first["loc"][-1])
+        field = str(parts[-1])
         known = {
             "": list(Recipe.model_fields),
             "models": list(InputModel.model_fields),
@@ -157,11 +319,10 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             "sources": list(SliceSource.model_fields),
             "calibration": list(CalibrationConfig.model_fields),
         }
-        candidates = [name for names in known.values() for name in names]
-        close = difflib.get_close_matches(field, candidates, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"{source}: unknown field '{location}'{hint}"
-    return f"{source}: field '{location}': {message}" if location else f"{source}: {message}"
+        match = closest(field, [name for names in known.values() for name in names])
+        hint = f"; did you mean '{match}'?" if match else ""
+        return f"{where}: unknown field '{location}'{hint}"
+    return f"{where}: field '{location}': {message}" if location else f"{where}: {message}"
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -169,9 +330,34 @@ def parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise RecipeError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise _yaml_error(exc, source) from None
+
+
+def parse_yaml_documents(text: str, source: str) -> list[Any]:
+    """Every document of a ``---``-separated YAML stream (one for an ordinary recipe)."""
+    try:
+        return list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, source) from None
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> RecipeError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return RecipeError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}")
+
+
+def read_recipe_text(recipe: str | os.PathLike[str]) -> tuple[str, str]:
+    """(text, source) of a recipe given as a YAML file path or YAML text; ``source`` names the
+    file for messages (``recipe`` for text)."""
+    text = str(recipe)
+    path = Path(text)
+    looks_like_path = "\n" not in text and (text.endswith((".yml", ".yaml")) or path.exists())
+    if not looks_like_path:
+        return text, "recipe"
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    return path.read_text(encoding="utf-8"), str(path)
 
 
 def load_recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> Recipe:
@@ -182,23 +368,21 @@ def load_recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike[str]) -> 
     """
     if isinstance(recipe, Recipe):
         return recipe
-    source = "recipe"
     if isinstance(recipe, (str, os.PathLike)):
-        text = str(recipe)
-        path = Path(text)
-        looks_like_path = "\n" not in text and (text.endswith((".yml", ".yaml")) or path.exists())
-        if looks_like_path:
-            if not path.is_file():
-                raise RecipeError(f"{path}: recipe file not found")
-            source = str(path)
-            text = path.read_text(encoding="utf-8")
-        recipe = parse_yaml(text, source)
-    if not isinstance(recipe, Mapping):
+        text, source = read_recipe_text(recipe)
+        return validate_recipe(parse_yaml(text, source), source, text)
+    return validate_recipe(recipe, "recipe")
+
+
+def validate_recipe(data: Any, source: str, text: str | None = None, document: int = 0) -> Recipe:
+    """A parsed YAML document (or dict) as a :class:`Recipe`, or a :class:`RecipeError` naming
+    ``source``, the field and, when ``text`` is given, the line in document ``document`` of it."""
+    if not isinstance(data, Mapping):
         raise RecipeError(f"{source}: a recipe must be a mapping with at least 'merge_method' and 'models' or 'slices'")
     try:
-        parsed = Recipe.model_validate(dict(recipe))
+        parsed = Recipe.model_validate(dict(data))
     except ValidationError as exc:
-        raise RecipeError(_format_validation_error(exc, source)) from None
+        raise RecipeError(_format_validation_error(exc, source, _document_node(text, document))) from None
     if parsed.modules:
         raise RecipeError(f"{source}: 'modules' (multi-module recipes) is not supported yet; use 'models' or 'slices'")
     if parsed.tokenizer_source == "union" or (parsed.tokenizer is not None and parsed.tokenizer.source == "union"):

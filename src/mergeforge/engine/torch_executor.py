@@ -119,12 +119,18 @@ class _Run:
 
     # -- one job ------------------------------------------------------------------------------
 
-    def _load(self, source: SourceTensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    def _job_dtype(self, job: TensorJob) -> torch.dtype:
+        """The plan's compute dtype, widened to float32 for a method that never computes in 16 bits."""
+        if job.method is not None and job.method.float32_math and self.compute_itemsize < 4:
+            return torch.float32
+        return self.compute_dtype
+
+    def _load(self, source: SourceTensor, rows: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
         checkpoint = self.plan.checkpoints[source.model]
         tensor = checkpoint.read(source.name, *rows) if rows else checkpoint.read(source.name)
         if self.cast_dtype is not None and tensor.dtype.is_floating_point:
             tensor = tensor.to(self.cast_dtype)
-        return tensor.to(device=self.device, dtype=self.compute_dtype, non_blocking=True)
+        return tensor.to(device=self.device, dtype=dtype, non_blocking=True)
 
     def _copy(self, job: TensorJob) -> None:
         name = job.output.name
@@ -141,19 +147,25 @@ class _Run:
 
     def _merge(self, job: TensorJob, rows: tuple[int, int] | None) -> None:
         assert job.method is not None
-        base = self._load(job.base, rows) if job.base is not None else None
+        dtype = self._job_dtype(job)
+        base = self._load(job.base, rows, dtype) if job.base is not None else None
         tensors = []
         for source in job.inputs:
             if source is None:
                 assert base is not None  # a model may lack a tensor only when the base has it (the planner checks)
                 tensors.append(base)  # unchanged from the base; methods never modify their inputs
             else:
-                tensors.append(self._load(source, rows))
+                tensors.append(self._load(source, rows, dtype))
         generator = None
         if job.method.random:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(job.seed + (rows[0] if rows else 0))
-        result = job.method.run(tensors, base, job.params, generator)
+        try:
+            result = job.method.run(tensors, base, job.params, generator)
+        except NotImplementedError as exc:  # torch lacks a kernel for this dtype on this device
+            name = str(dtype).removeprefix("torch.")
+            raise MethodError(f"merge_method '{job.method.name}' cannot compute tensor '{job.output.name}' in {name} on "
+                              f"{self.device.type} ({str(exc).splitlines()[0]}); use --math-dtype float32") from None
         del tensors, base
         extras: dict[str, torch.Tensor] = {}
         if isinstance(result, tuple):

@@ -62,4 +62,7 @@ def arcee_fusion(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tenso
     importance = fusion_importance(other, base)
     keep_mask = importance >= upper_fence(importance)
     del importance
-    return torch.where(keep_mask, other, base)
+    # mergekit's form, base + δ·mask with a float32 mask, rather than where(mask, θ₁, base): the two
+    # agree exactly in float32 on 16-bit inputs; in 16-bit math (--math-dtype recipe) δ is rounded
+    # first and the sum is float32, as in mergekit.
+    return base + (other - base) * keep_mask.float()

@@ -61,6 +61,7 @@ def linear_kernel(tensors: Sequence[Source], base: Source | None, *, weight: Seq
 
 @register_method(
     "linear",
+    float32_math=True,  # mergekit computes it in float32 too
     params=[WEIGHT, Param("normalize", True, kind="bool", help="divide by the sum of weights")],
     math="Σ wᵢ·θᵢ / Σ wᵢ (without normalize: Σ wᵢ·θᵢ)",
     citation="Model soups, Wortsman et al. 2022 (arXiv:2203.05482); mergekit 'linear'",
@@ -134,6 +135,7 @@ def slerp_kernel(tensors: Sequence[Source], base: Source | None, *, t: float) ->
 
 @register_method(
     "slerp",
+    float32_math=True,  # mergekit computes it in float32 too
     params=[Param("t", REQUIRED, help="interpolation factor: 0 gives the base, 1 the other model")],
     base=BaseUse.REQUIRED,
     math="sin((1−t)Ω)/sin Ω·θ_base + sin(tΩ)/sin Ω·θ₁, Ω the angle between the flattened tensors",

@@ -77,6 +77,7 @@ def isotropic_common_and_task_specific(task_vectors: list[torch.Tensor], fractio
 
 @register_method(
     "iso_c",
+    float32_math=True,  # torch has no 16-bit SVD on the CPU
     params=[ALPHA, EXACT_SVD],
     base=BaseUse.REQUIRED,
     math="Σᵢ Δᵢ = U Σ Vᵀ; θ_base + α·σ̄ U Vᵀ with σ̄ the mean singular value",
@@ -91,6 +92,7 @@ def iso_c(tensors: list[torch.Tensor], base: torch.Tensor, *, lambda_: float, ex
 
 @register_method(
     "iso_cts",
+    float32_math=True,  # torch has no 16-bit SVD on the CPU
     params=[ALPHA, COMMON_SPACE_FRACTION, EXACT_SVD],
     base=BaseUse.REQUIRED,
     math="top-k directions of Σᵢ Δᵢ plus each task's top (r−k)/T directions off them; orthogonalise; θ_base + α·σ̄ U Vᵀ",

@@ -38,7 +38,6 @@ Nothing here imports torch: specs are plain data, so planning a merge needs no t
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import sys
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from mergeforge.errors import MethodError, RecipeError
+from mergeforge.errors import MethodError, RecipeError, closest
 from mergeforge.methods.params import REQUIRED, Param
 
 if TYPE_CHECKING:
@@ -96,6 +95,10 @@ class MethodSpec:
     notes: str = ""
     calibrate: Callable[..., dict[str, Any]] | None = None  # data-aware methods: (context) -> {tensor: statistics}
     kernel: Kernel | None = None
+    # Computes in float32 even under --math-dtype recipe with a 16-bit recipe dtype: mergekit's
+    # own implementation widens (linear, slerp, karcher), torch has no 16-bit kernel for its math
+    # (SVD), or 16 bits cannot hold it (an optimiser's small steps).
+    float32_math: bool = False
     _by_name: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -242,6 +245,7 @@ def register_method(
     notes: str = "",
     calibrate: Callable[..., dict[str, Any]] | None = None,
     kernel: Kernel | None = None,
+    float32_math: bool = False,
     replace: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers ``fn`` as merge method ``name``.
@@ -261,6 +265,9 @@ def register_method(
         calibrate: for data-aware methods, ``(CalibrationContext) -> {tensor name: statistics}``,
             run once on whole models before the merge (see :mod:`mergeforge.calibration`).
         kernel: the NumPy implementation (see :mod:`mergeforge.methods.kernels`), if any.
+        float32_math: compute in float32 even when ``--math-dtype recipe`` asks for a 16-bit
+            dtype (mergekit's implementation widens too, torch has no 16-bit kernel for the math,
+            or 16 bits cannot hold it).
         replace: replace a method already registered under ``name`` instead of raising.
 
     Returns:
@@ -292,6 +299,7 @@ def register_method(
             notes=notes,
             calibrate=calibrate,
             kernel=kernel,
+            float32_math=float32_math,
         )
         expected = {p.arg for p in schema} | ({STATISTICS} if calibrate is not None else set())
         _check_signature(name, fn, expected | ({"generator"} if random else set()), "function")
@@ -323,8 +331,8 @@ def get_method(name: str) -> MethodSpec:
     if spec is not None:
         return spec
     known = METHODS.names()
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    match = closest(name, known)
+    hint = f" Did you mean '{match}'?" if match else ""
     raise RecipeError(f"merge_method: unknown method '{name}'.{hint} Known methods: {', '.join(known)}")
 
 

@@ -198,6 +198,7 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], *, max_iter:
 
 @register_method(
     "karcher",
+    float32_math=True,  # mergekit computes it in float32 too
     params=[
         Param("max_iter", 10, kind="int", low=0, help="maximum Riemannian fixed-point iterations"),
         Param("tol", 1e-5, low=0.0, low_open=True, help="stop when the tangent step is shorter than this"),

@@ -45,6 +45,7 @@ def task_singular_vectors_merge(task_vectors: list[torch.Tensor], exact_svd: boo
 
 @register_method(
     "tsv",
+    float32_math=True,  # torch has no 16-bit SVD on the CPU
     params=[LAMBDA, EXACT_SVD],
     base=BaseUse.REQUIRED,
     math="per matrix: top ⌊r/T⌋ SVD triplets of each Δᵢ; U⊥, V⊥ = polar([U₁…U_T]), polar([V₁…V_T]); θ_base + α·U⊥ diag(Σ) V⊥ᵀ",

@@ -79,6 +79,7 @@ def wudi_matrix(task_vectors: list[torch.Tensor], iterations: int, lr: float) ->
 
 @register_method(
     "wudi",
+    float32_math=True,  # Adam steps of lr 1e-5 vanish in 16-bit arithmetic
     params=[
         Param("iterations", 300, kind="int", low=0, help="Adam steps (the paper's 300; 0 gives task arithmetic)"),
         Param("lr", 1e-5, low=0.0, low_open=True, help="Adam learning rate (the paper's 1e-5)"),
