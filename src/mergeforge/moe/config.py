@@ -23,7 +23,6 @@ Torch-free; errors name the file and field.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergeforge.errors import RecipeError
+from mergeforge.errors import RecipeError, closest
 from mergeforge.moe import ALLOW_ALL_SAME_FLAG
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "calibrated")
@@ -83,8 +82,8 @@ def _validation_message(error: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         field = str(first["loc"][-1])
         known = list(MoEConfig.model_fields) + list(MoEExpert.model_fields)
-        close = difflib.get_close_matches(field, known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        close = closest(field, known)
+        hint = f"; did you mean '{close}'?" if close else ""
         return f"{source}: unknown field '{location}'{hint}"
     if first["type"] == "literal_error" and first["loc"][-1] == "gate_mode":
         return f"{source}: field 'gate_mode': unknown gate mode {first['input']!r}; use one of {', '.join(GATE_MODES)}"
