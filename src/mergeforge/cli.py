@@ -22,6 +22,9 @@ _FEATURE_COMMANDS = {
     "eval": "mergeforge.evaluate.cli:eval_command",
     "bench": "mergeforge.bench.cli:bench_command",
     "moe": "mergeforge.moe.cli:moe_command",
+    "analyze": "mergeforge.analysis.cli:analyze_command",
+    "lmc": "mergeforge.analysis.cli:lmc_command",
+    "align": "mergeforge.analysis.align_cli:align_command",
     "lora": "mergeforge.lora.cli:lora_group",
 }
 
