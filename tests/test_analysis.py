@@ -140,6 +140,8 @@ def test_lmc_curves_and_barriers_match_the_interpolated_models(zoo, tmp_path):
     assert linear[1]["loss"] == pytest.approx(sum(t["loss"] for t in direct["tasks"].values()) / 2, rel=1e-4)
     losses = [row["loss"] for row in linear]
     assert report["paths"]["linear"]["loss_barrier"] == pytest.approx(max(0.0, losses[1] - (losses[0] + losses[2]) / 2))
+    shift = [row["tasks"]["shift"]["loss"] for row in linear]
+    assert report["paths"]["linear"]["tasks"]["shift"]["loss_barrier"] == pytest.approx(max(0.0, shift[1] - (shift[0] + shift[2]) / 2))
     through = report["paths"]["through_base"]["curve"]
     assert len(through) == 5 and through[0]["loss"] == pytest.approx(linear[0]["loss"])
     assert through[-1]["loss"] == pytest.approx(linear[-1]["loss"])

@@ -69,5 +69,7 @@ def lmc_command(model_a: Path, model_b: Path, base: Path | None, task_names: str
     result = lmc(model_a, model_b, tasks, base=base, points=points, split=split, max_examples=limit, out_dir=out_dir,
                  overwrite=overwrite, progress=echo)
     for name, path in result["paths"].items():
-        click.echo(f"{name}: loss barrier {path['loss_barrier']:.4f}, accuracy barrier {100 * path['accuracy_barrier']:.1f} points")
+        for scope, values in [("mean", path), *path["tasks"].items()]:
+            click.echo(f"{name}, {scope}: loss barrier {values['loss_barrier']:.4f}, "
+                       f"accuracy barrier {100 * values['accuracy_barrier']:.1f} points")
     click.echo(f"wrote {out_dir / 'report.html'}")

@@ -8,8 +8,9 @@ in place at each point; each point is scored by the evaluator (forced scoring, a
 The **barrier** of a path (Frankle et al. 2020, arXiv:1912.05671) is the largest excess of the
 loss over the straight interpolation of its end points' losses, max_α [L(θ(α)) − ((1 − α)L(0) + αL(1))]
 (the end points count, so it is at least 0; near 0: the two models sit in one basin); the accuracy barrier is the largest shortfall of
-accuracy under the interpolation of the end points' accuracies. Loss and accuracy are the means
-over the tasks.
+accuracy under the interpolation of the end points' accuracies. Both are given for the means over
+the tasks and for each task alone: for two experts of different tasks, each task's own curve is
+the one that says whether they share a basin (the mean mixes a falling loss with a rising one).
 """
 
 from __future__ import annotations
@@ -103,11 +104,16 @@ def lmc(a: str | os.PathLike[str], b: str | os.PathLike[str], tasks: Sequence[An
         paths["through_base"] = through
     for name, rows in paths.items():
         xs = [r["alpha"] for r in rows]
-        result["paths"][name] = {"curve": rows, "loss_barrier": barrier(xs, [r["loss"] for r in rows]),
-                                 "accuracy_barrier": barrier(xs, [r["accuracy"] for r in rows], higher_is_better=True)}
+        result["paths"][name] = {"curve": rows, **_barriers(xs, rows),
+                                 "tasks": {task: _barriers(xs, [r["tasks"][task] for r in rows]) for task in rows[0]["tasks"]}}
     if out_dir is not None:
         _write(result, Path(out_dir))
     return result
+
+
+def _barriers(alphas: list[float], rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {"loss_barrier": barrier(alphas, [r["loss"] for r in rows]),
+            "accuracy_barrier": barrier(alphas, [r["accuracy"] for r in rows], higher_is_better=True)}
 
 
 def _draw(result: dict[str, Any]) -> Callable[[Any], None]:
@@ -131,10 +137,11 @@ def _write(result: dict[str, Any], out_dir: Path) -> None:
     from mergeforge.checkpoint.folder import atomic_output_folder
 
     picture = png(_draw(result), (11, 4))
-    rows = [[name, path["loss_barrier"], path["accuracy_barrier"]] for name, path in result["paths"].items()]
+    rows = [[name, scope, values["loss_barrier"], values["accuracy_barrier"]] for name, path in result["paths"].items()
+            for scope, values in [("mean over tasks", path), *path["tasks"].items()]]
     html = page("Linear mode connectivity", [f"<p>A <code>{result['a']}</code>, B <code>{result['b']}</code>"
                                               + (f", base <code>{result['base']}</code>" if result["base"] else "") + ".</p>",
-                                              table(["path", "loss barrier", "accuracy barrier"], rows), image(picture, "curves")])
+                                              table(["path", "task", "loss barrier", "accuracy barrier"], rows), image(picture, "curves")])
     with atomic_output_folder(out_dir) as temp:
         (temp / JSON_FILE).write_text(json.dumps(result, indent=1) + "\n")
         (temp / HTML_FILE).write_text(html, encoding="utf-8")
