@@ -59,6 +59,14 @@ def test_the_statistics_match_a_direct_computation(llama_family, analysis):
     p = singular / singular.sum()
     assert row["spectral"]["effective_rank"][0] == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-9)
     assert effective_rank(torch.ones(5)) == pytest.approx(5.0)
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.gate_proj.weight"):  # both Gram sides
+        row = next(t for t in report["tensors"] if t["name"] == name)
+        taus = [(m[name].float() - base[name].float()).double() for m in models]
+        u, s, _ = torch.linalg.svd(sum(taus), full_matrices=False)
+        k = int(((s**2).cumsum(0) < SAR_ENERGY * (s**2).sum()).sum()) + 1
+        assert row["spectral"]["sar_rank"] == k
+        for i, tau in enumerate(taus):
+            assert row["subspace_alignment"][i] == pytest.approx(float((u[:, :k].T @ tau).norm() / tau.norm()), rel=1e-6)
     layer = next(layer for layer in report["layers"] if layer["layer"] == 1)
     assert 0 < layer["subspace_alignment"][0] <= 1
     # DARE's measured noise is close to its expectation sqrt(p / (1 - p)) ||tau|| / ||base||.

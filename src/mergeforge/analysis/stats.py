@@ -129,24 +129,47 @@ def effective_rank(singular_values: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """The singular values of ``matrix`` in descending order, in float64, from the eigenvalues of
+    its Gram matrix on the smaller side: several times faster than an SVD on 2 cores, and exact
+    enough for spectra, effective ranks and energies (the smallest values lose relative accuracy)."""
+    x = matrix.double()
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+
+
+def leading_left_vectors(matrix: torch.Tensor, energy: float) -> torch.Tensor:
+    """The top-k left singular vectors of ``matrix`` ([rows, k], float64), k the smallest rank that
+    holds ``energy`` of its squared norm (0 columns for a zero matrix)."""
+    x = matrix.double()
+    small_side = x.shape[0] <= x.shape[1]
+    values, vectors = torch.linalg.eigh(x @ x.T if small_side else x.T @ x)
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    total = float(values.sum())
+    if total <= 0:
+        return x.new_zeros((x.shape[0], 0))
+    k = int(torch.searchsorted(torch.cumsum(values, 0), energy * total)) + 1
+    k = min(k, int((values > 0).sum()))
+    if small_side:
+        return vectors[:, :k]
+    return (x @ vectors[:, :k]) / values[:k].sqrt()  # U = X V / s
+
+
 def spectral_stats(base: torch.Tensor, models: Sequence[torch.Tensor], sums: Sums) -> dict[str, Any]:
     """Singular spectra, effective ranks and SAR of one matrix's task vectors; adds the SAR sums to ``sums``."""
     b = base.float()
-    vectors = [m.float() - b for m in models]
-    total = torch.stack(vectors).sum(0).double()
-    u, s, _ = torch.linalg.svd(total, full_matrices=False)
-    energy = torch.cumsum(s**2, 0)
-    k = int(torch.searchsorted(energy, SAR_ENERGY * energy[-1])) + 1 if float(energy[-1]) > 0 else 0
-    basis = u[:, :k]
+    vectors = [(m.float() - b).double() for m in models]
+    total = torch.stack(vectors).sum(0)
+    basis = leading_left_vectors(total, SAR_ENERGY)
     spectra, ranks = [], []
     for index, tau in enumerate(vectors):
-        values = torch.linalg.svdvals(tau.double())
+        values = singular_values(tau)
         spectra.append((values[:SPECTRUM_KEEP] / values[0].clamp_min(1e-300)).tolist())
         ranks.append(effective_rank(values))
-        sums.spectral_sq[index] += float(tau.double().pow(2).sum())
-        sums.projected_sq[index] += float((basis.T @ tau.double()).pow(2).sum())
-    return {"effective_rank": ranks, "sar_rank": k, "spectrum": spectra,
-            "task_arithmetic_effective_rank": effective_rank(s)}
+        sums.spectral_sq[index] += float(tau.pow(2).sum())
+        sums.projected_sq[index] += float((basis.T @ tau).pow(2).sum())
+    return {"effective_rank": ranks, "sar_rank": basis.shape[1], "spectrum": spectra,
+            "task_arithmetic_effective_rank": effective_rank(singular_values(total))}
 
 
 def analyze_checkpoints(base: Any, models: Sequence[Any], names: Sequence[str], *, density: float = 0.2, seed: int = 0,
