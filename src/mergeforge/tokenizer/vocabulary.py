@@ -5,7 +5,8 @@ the output's tokenizer files.
 Tokenizers are read with the ``tokenizers`` library from ``tokenizer.json`` (torch-free); a
 folder with only a slow tokenizer (``tokenizer.model``, ``vocab.json``) is converted by
 transformers, as mergekit does. A token counts as a model's only when it has a row in the
-model's embedding (ids past the rows are padding-free junk some tokenizers carry).
+model's embedding (some tokenizers hold more tokens than the embedding has rows; those have no
+row to merge).
 
 The union follows ``mergekit/tokenizer/build.py``: the output is the base's tokenizer (the
 reference model's) with every other token appended: the other models' ordinary tokens as plain
