@@ -13,7 +13,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "mergeforge"
 LAYERS = {
     "mergeforge.errors": 1, "mergeforge.dtypes": 1, "mergeforge._lazy": 1, "mergeforge.cache": 1,
     "mergeforge.tasks": 2,
-    "mergeforge.checkpoint": 3,
+    "mergeforge.checkpoint": 3, "mergeforge.tokenizer": 3,
     "mergeforge.methods.registry": 4, "mergeforge.methods.params": 4, "mergeforge.methods.kernels": 4,
     "mergeforge.methods.__init__": 4,  # the package itself: the registry's loader of the built-in modules
     "mergeforge.calibration": 5,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeforge.dtypes import TORCH_NAMES
-from mergeforge.errors import OutputError, RecipeError
+from mergeforge.errors import OutputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 NOT_CARRIED = {"README.md", "config.json", "mergekit_config.yml", "mergeforge_config.yml", ".git", ".gitattributes", ".cache"}
@@ -73,13 +73,16 @@ def write_config(
     out: Path,
     dtype: str | None,
     layer_sources: list[int] | None,
+    vocab_size: int | None = None,
 ) -> None:
     """config.json from the reference model; dtype (a safetensors name) and, for slices, layer
     count and per-layer lists updated. ``layer_sources[k]`` is the reference layer whose per-layer
-    entries output layer ``k`` takes."""
+    entries output layer ``k`` takes; ``vocab_size``, a merged vocabulary's rows."""
     if reference_config is None:
         return
     config = json.loads(json.dumps(reference_config))
+    if vocab_size is not None:
+        _set_vocab_size(config, vocab_size)
     if dtype is not None:
         dtype_name = TORCH_NAMES[dtype]
         keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
@@ -95,6 +98,16 @@ def write_config(
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _set_vocab_size(config: dict[str, Any], vocab_size: int) -> None:
+    """``vocab_size`` at the top level, and in a multimodal model's ``text_config`` where it lives there."""
+    text_config = config.get("text_config")
+    if isinstance(text_config, dict) and "vocab_size" in text_config:
+        text_config["vocab_size"] = vocab_size
+        if "vocab_size" not in config:
+            return
+    config["vocab_size"] = vocab_size
+
+
 def _renumber_layers(config: dict[str, Any], layer_sources: list[int]) -> None:
     old_count = next((config[key] for key in LAYER_COUNT_KEYS if isinstance(config.get(key), int)), None)
     if old_count is None:
@@ -106,74 +119,6 @@ def _renumber_layers(config: dict[str, Any], layer_sources: list[int]) -> None:
         # Per-layer lists (layer_types, sliding-window flags, ...) follow their source layers.
         if isinstance(value, list) and len(value) == old_count and key not in LAYER_COUNT_KEYS:
             config[key] = [value[min(i, old_count - 1)] for i in layer_sources]
-
-
-BUILTIN_CHAT_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-    "llama3": (
-        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
-        "+ message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-    ),
-    "mistral": (
-        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% else %}{{ message['content'] + '\n\n' }}"
-        "{% endif %}{% endfor %}"
-    ),
-    "alpaca": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
-    ),
-    "exaone": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ '[|system|]' + message['content'] + '[|endofturn|]\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '[|user|]' + message['content'] + '\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ '[|assistant|]' + message['content'] + '[|endofturn|]\n' }}{% endif %}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
-    ),
-}
-
-
-def _model_chat_template(folder: Path) -> str | None:
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config_path = folder / "tokenizer_config.json"
-    if config_path.is_file():
-        try:
-            template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
-        except json.JSONDecodeError:
-            return None
-        return template if isinstance(template, str) else None
-    return None
-
-
-def apply_chat_template(setting: str | None, out: Path, model_folders: list[Path]) -> None:
-    """``chat_template``: ``auto`` (the most common among inputs), a built-in name, or Jinja text."""
-    if not setting:
-        return
-    if setting == "auto":
-        templates = [t for t in (_model_chat_template(f) for f in model_folders) if t]
-        if not templates:
-            return
-        template = max(set(templates), key=templates.count)
-    elif setting in BUILTIN_CHAT_TEMPLATES:
-        template = BUILTIN_CHAT_TEMPLATES[setting]
-    elif "{" in setting:
-        template = setting
-    else:
-        raise RecipeError(f"chat_template: unknown template '{setting}'; use auto, {', '.join(BUILTIN_CHAT_TEMPLATES)} or Jinja text")
-    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
-    config_path = out / "tokenizer_config.json"
-    if config_path.is_file():
-        # One source of truth: transformers reads chat_template.jinja when it exists.
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        if config.pop("chat_template", None) is not None:
-            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_model_card(out: Path, base_models: list[str], method: str, recipe_yaml: str, title: str | None = None) -> None:

@@ -67,8 +67,7 @@ def folder_tokenizer(plan: MergePlan) -> Any:
     """The tokenizer of the recipe's tokenizer source (default: the base, else the first model)."""
     from transformers import AutoTokenizer
 
-    source = plan.recipe.tokenizer_source
-    ref = plan.reference if source in (None, "base", "union") else source
+    ref = plan.recipe.tokenizer_model() or plan.reference
     folder = plan.checkpoints[ref].folder
     try:
         return AutoTokenizer.from_pretrained(folder)

@@ -62,12 +62,14 @@ def write_gguf_folder(plan: MergePlan, temp: Path, options: MergeOptions, write_
     staging.mkdir()
     write_hf(staging)
     reference = plan.checkpoints[plan.reference]
-    source = plan.recipe.tokenizer_source
-    tokenizer_model = reference if source in (None, "base") else plan.checkpoints.get(source, reference)
+    source = plan.recipe.tokenizer_model()
+    tokenizer_model = plan.checkpoints[source] if source is not None else reference
+    # A tokenizer with tokens appended exists only as the Hugging Face files in the staging folder.
+    appended = plan.vocabulary is not None and bool(plan.vocabulary.additions)
     output = GGUFOutput(
         read_json(staging / "config.json") or {},
         metadata_source=reference if isinstance(reference, GGUFCheckpoint) else None,
-        tokenizer_source=tokenizer_model if isinstance(tokenizer_model, GGUFCheckpoint) else staging,
+        tokenizer_source=tokenizer_model if isinstance(tokenizer_model, GGUFCheckpoint) and not appended else staging,
         name=plan.recipe.name,
         where=f"model '{plan.reference}'",
     )

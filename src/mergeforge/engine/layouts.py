@@ -34,6 +34,26 @@ from mergeforge.methods.registry import BaseUse, MethodSpec
 EMBEDDING_PATTERN = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared\.weight")
 
 
+def outside_slice(recipe: Recipe, name: str) -> OutputSlice:
+    """The slice whose sources give a tensor outside the layer stack: the first slice's for
+    embeddings, the last's for everything else (final norm, output head)."""
+    slices = recipe.slices or []
+    return slices[0] if EMBEDDING_PATTERN.search(name) else slices[-1]
+
+
+def models_of_tensor(recipe: Recipe, method: MethodSpec, name: str) -> tuple[list[str], str | None]:
+    """The models (and the base among them, or ``None``) that feed output tensor ``name`` outside
+    the layer stack, as the planner will read them: what a merged vocabulary's fills draw on."""
+    if recipe.slices:
+        output_slice = outside_slice(recipe, name)
+        sources, base = [s.model for s in output_slice.sources], output_slice.base_model or recipe.base_model
+    else:
+        sources, base = [m.model for m in recipe.models or []], recipe.base_model
+    if method.base == BaseUse.NONE:
+        base = None
+    return list(dict.fromkeys([*([base] if base else []), *sources])), base
+
+
 class Planner:
     """Plans the jobs of one recipe: :meth:`plan_models` or :meth:`plan_slices`, then
     :meth:`finish_warnings`."""
@@ -193,9 +213,10 @@ class Planner:
             inputs, base_source = self._split_base(output_slice.sources, base, f"slices[{i}]")
             plans.append((output_slice, inputs, base_source))
 
-        first, last = plans[0], plans[-1]
+        by_slice = {id(output_slice): (inputs, base_source) for output_slice, inputs, base_source in plans}
         for name in non_layer:
-            output_slice, inputs, base_source = first if EMBEDDING_PATTERN.search(name) else last
+            output_slice = outside_slice(recipe, name)
+            inputs, base_source = by_slice[id(output_slice)]
             self._add_job(name, name, 0.0, inputs, base_source, output_slice)
 
         for output_slice, inputs, base_source in plans:

@@ -29,6 +29,7 @@ from mergeforge.engine.jobs import SourceTensor, TensorJob
 from mergeforge.engine.options import MergeOptions
 from mergeforge.engine.plan import MergePlan
 from mergeforge.methods.kernels import Blocks
+from mergeforge.tokenizer.view import VocabularyView
 
 # Resident memory of the process before any tensor work: the interpreter with NumPy, pydantic,
 # PyYAML and click (measured: 46 MB on Linux x86-64, Python 3.11, NumPy 2.4), plus allocator slack.
@@ -107,10 +108,11 @@ class NumpyExecutor:
                 raise
 
 
-def _file_checkpoint(plan: MergePlan, source: SourceTensor) -> Checkpoint:
-    """The model folder ``source`` is read from (:func:`refusal` admits no other kind of input)."""
-    checkpoint = plan.checkpoints[source.model]
-    assert isinstance(checkpoint, Checkpoint)
+def _file_checkpoint(plan: MergePlan, source: SourceTensor) -> Checkpoint | VocabularyView:
+    """The model folder ``source`` is read from, or its view in a merged vocabulary (which reads
+    the folder; :func:`refusal` admits no other kind of input)."""
+    checkpoint = plan.reader(source.model)
+    assert isinstance(checkpoint, (Checkpoint, VocabularyView))
     return checkpoint
 
 

@@ -19,6 +19,7 @@ from mergeforge.engine.options import MergeOptions
 from mergeforge.engine.plan import MergePlan
 from mergeforge.engine.progress import ProgressReporter
 from mergeforge.errors import OutputError
+from mergeforge.tokenizer.chat_templates import apply_chat_template
 
 SIDE_FOLDER = "mergeforge_side"  # per-task side tensors (EMR, TALL masks), beside the weights
 RECIPE_FILE = "mergeforge_config.yml"
@@ -74,6 +75,8 @@ def human_size(count: float) -> str:
 def describe(plan: MergePlan, executor: str, peak: int, shard_bytes: int) -> list[str]:
     """The ``--dry-run`` listing: every output tensor and where it comes from, then the totals."""
     lines = [f"method: {plan.method.name}", f"models: {', '.join(plan.checkpoints)}"]
+    if plan.vocabulary is not None:
+        lines.append(plan.vocabulary.summary() + (f"; remapped: {', '.join(plan.views)}" if plan.views else ""))
     for job in plan.jobs:
         sources = [s.model if s else "(base)" for s in job.inputs]
         how = job.method.name if job.method else "copy"
@@ -138,17 +141,19 @@ def finish_folder(plan: MergePlan, temp: Path, copy_tokenizer: bool) -> None:
     """Everything in the output folder besides the weights."""
     recipe = plan.recipe
     reference = plan.checkpoints[plan.reference]
-    tokenizer_from = None
-    if copy_tokenizer:
-        source = recipe.tokenizer_source
-        tokenizer_from = reference.folder if source in (None, "base") else plan.checkpoints[source].folder
+    vocabulary = plan.vocabulary
+    # A merged vocabulary's tokenizer is always written: the weights' rows follow it (as mergekit).
+    tokenizer_from = vocabulary.source_folder if vocabulary is not None else reference.folder if copy_tokenizer else None
     folder_files.carry_over_files(reference.folder, temp, tokenizer_from)
+    if vocabulary is not None:
+        vocabulary.write(temp)
     floating = Counter(job.output.dtype for job in plan.jobs if is_floating(job.output.dtype))
     out_dtype = floating.most_common(1)[0][0] if floating else None
     layer_sources = [int(layer.name) for layer in plan.output_layers] if plan.output_layers is not None else None
-    folder_files.write_config(reference.config, temp, out_dtype, layer_sources)
+    folder_files.write_config(reference.config, temp, out_dtype, layer_sources,
+                              vocab_size=vocabulary.rows if vocabulary is not None else None)
     if recipe.chat_template:
-        folder_files.apply_chat_template(recipe.chat_template, temp, [c.folder for c in plan.checkpoints.values()])
+        apply_chat_template(recipe.chat_template, temp, [plan.checkpoints[m].folder for m in recipe.merged_models()])
     recipe_yaml = recipe.to_yaml()
     (temp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     folder_files.write_model_card(temp, list(plan.checkpoints), plan.method.name, recipe_yaml, title=recipe.name)

@@ -21,7 +21,8 @@ from mergeforge.dtypes import promote
 from mergeforge.engine.jobs import SourceTensor, TensorJob
 from mergeforge.engine.layouts import Planner
 from mergeforge.engine.recipe import Parameters, Recipe
-from mergeforge.errors import RecipeError, closest
+from mergeforge.engine.vocabulary import plan_vocabulary, tokenizer_field
+from mergeforge.errors import CheckpointError, RecipeError, closest
 from mergeforge.methods.registry import (
     SIDE_SEPARATOR,
     STATISTICS,
@@ -29,6 +30,7 @@ from mergeforge.methods.registry import (
     all_methods,
     get_method,
 )
+from mergeforge.tokenizer import MergedVocabulary
 
 
 @dataclass
@@ -44,6 +46,13 @@ class MergePlan:
     cast_dtype: str | None  # recipe 'dtype': inputs are rounded to it first (mergekit semantics)
     output_layers: list[SourceTensor] | None  # for slices: (model, source layer) of each output layer
     warnings: list[str]
+    vocabulary: MergedVocabulary | None = None  # the output's vocabulary, when the recipe sets one
+    views: Mapping[str, TensorSource] = dataclasses.field(default_factory=dict)  # models read through it
+
+    def reader(self, model: str) -> TensorSource:
+        """What the executors read ``model``'s tensors from: its view in the merged vocabulary
+        when the recipe remaps it, else the model itself."""
+        return self.views.get(model) or self.checkpoints[model]
 
     @property
     def bytes_to_read(self) -> int:
@@ -136,9 +145,18 @@ def open_models(recipe: Recipe, relative_to: Path | None = None, folders: Mappin
     """Every model the recipe reads, by its reference; ``folders`` maps references that are not
     paths (a multi-stage recipe's stage names) to the folders that hold them."""
     checkpoints: dict[str, TensorSource] = {}
+    tokenizer_only = recipe.tokenizer_model() if recipe.tokenizer_model() not in recipe.merged_models() else None
     try:
         for ref in recipe.referenced_models():
-            checkpoints[ref] = Checkpoint(folders[ref], ref) if folders and ref in folders else open_checkpoint(ref, relative_to)
+            try:
+                checkpoints[ref] = Checkpoint(folders[ref], ref) if folders and ref in folders else open_checkpoint(ref, relative_to)
+            except CheckpointError as exc:
+                if ref != tokenizer_only:
+                    raise
+                match = closest(ref, recipe.merged_models())
+                hint = f"; did you mean '{match}'?" if match else ""
+                raise RecipeError(f"{tokenizer_field(recipe)}: '{ref}' is not one of the merged models and cannot be opened as a "
+                                  f"model ({exc}){hint}") from None
     except BaseException:
         for checkpoint in checkpoints.values():
             checkpoint.close()
@@ -183,7 +201,9 @@ def build_plan(
     _check_calibration(recipe, method)
     opened = open_models(recipe, relative_to, folders) if checkpoints is None else checkpoints
     try:
-        planner = Planner(recipe, method, opened, seed, dtype, out_dtype)
+        vocabulary = plan_vocabulary(recipe, method, opened)
+        readers = {**opened, **vocabulary.views} if vocabulary is not None else opened
+        planner = Planner(recipe, method, readers, seed, dtype, out_dtype)
         output_layers = planner.plan_slices() if recipe.slices else None
         if not recipe.slices:
             planner.plan_models()
@@ -205,5 +225,7 @@ def build_plan(
                                     {dtype for job in planner.jobs if job.method is not None for dtype in job.input_dtypes}),
         cast_dtype=planner.cast_dtype,
         output_layers=output_layers,
-        warnings=planner.warnings,
+        warnings=[*(vocabulary.warnings if vocabulary else []), *planner.warnings],
+        vocabulary=vocabulary.merged if vocabulary else None,
+        views=vocabulary.views if vocabulary else {},
     )

@@ -12,7 +12,7 @@ Unknown fields are errors, never silently ignored.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Union, cast
 
@@ -31,6 +31,16 @@ from pydantic_core import PydanticCustomError
 
 from mergeforge.calibration.config import CalibrationConfig
 from mergeforge.errors import RecipeError, closest
+from mergeforge.tokenizer.chat_templates import check_chat_template
+from mergeforge.tokenizer.config import (
+    BASE,
+    UNION,
+    ModelToken,
+    TokenizerSpec,
+    TokenOverride,
+    TokenSource,
+    ZeroRow,
+)
 
 Scalar = Union[bool, int, float]
 
@@ -131,14 +141,18 @@ def parse_parameter_value(raw: Any) -> ParamValue:
     return _scalar_or_gradient(raw, (), VALUE_SHAPES)
 
 
-def _validate_parameter_value(raw: Any) -> ParamValue:
-    """pydantic's hook: the error carries the place and the message to
-    :func:`_format_validation_error` untouched."""
-    try:
-        return parse_parameter_value(raw)
-    except ParameterValueError as bad:
-        raise PydanticCustomError("parameter_value", "{message}",
-                                  {"message": bad.message, "where": bad.where, "key": bad.key}) from None
+def _checked(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """pydantic's hook around a hand-written parser: its error carries the place and the message
+    to :func:`_format_validation_error` untouched."""
+
+    def validate(raw: Any) -> Any:
+        try:
+            return parse(raw)
+        except ParameterValueError as bad:
+            raise PydanticCustomError("parameter_value", "{message}",
+                                      {"message": bad.message, "where": bad.where, "key": bad.key}) from None
+
+    return validate
 
 
 def _dump_parameter_value(value: ParamValue) -> Any:
@@ -149,7 +163,7 @@ def _dump_parameter_value(value: ParamValue) -> Any:
 
 
 ParamValue = Union[Scalar, list[Scalar], list[FilterEntry]]
-Parameters = dict[str, Annotated[ParamValue, PlainValidator(_validate_parameter_value), PlainSerializer(_dump_parameter_value)]]
+Parameters = dict[str, Annotated[ParamValue, PlainValidator(_checked(parse_parameter_value)), PlainSerializer(_dump_parameter_value)]]
 
 
 class _Strict(BaseModel):
@@ -195,10 +209,74 @@ class OutputSlice(_Strict):
         return self
 
 
+# ---------------------------------------------------------------------------------------------
+# The tokenizer block, mergekit's mergekit/tokenizer/config.py. A token's source is read by hand
+# for the reason parameter values are: a union's branch errors name nothing useful.
+
+TOKEN_SOURCE_KEYS = {"model_token": ("kind", "model", "token", "token_id"), "zero": ("kind",)}
+
+
+def parse_token_source(raw: Any) -> TokenSource:
+    """A ``tokens:`` entry's ``source``: a model reference, ``{kind: model_token, model, token |
+    token_id}`` or ``{kind: zero}``.
+
+    Raises:
+        ParameterValueError: naming the part at fault, e.g. unknown kind 'zeros'.
+    """
+    if raw is None or isinstance(raw, (str, ModelToken, ZeroRow)):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise ParameterValueError((), f"expected a model reference or a mapping with 'kind' (model_token or zero), got {raw!r}")
+    kind = raw.get("kind")
+    if kind not in TOKEN_SOURCE_KEYS:
+        match = closest(str(kind), TOKEN_SOURCE_KEYS) if kind is not None else None
+        hint = f"; did you mean '{match}'?" if match else ""
+        raise ParameterValueError(("kind",), f"unknown kind {kind!r}{hint} (use model_token or zero)" if kind is not None
+                                  else "a token source mapping needs 'kind': model_token or zero")
+    allowed = TOKEN_SOURCE_KEYS[kind]
+    for key in raw:
+        if key not in allowed:
+            match = closest(str(key), allowed)
+            hint = f"; did you mean '{match}'?" if match else ""
+            raise ParameterValueError((), f"unknown key '{key}' in a {kind} source{hint} (it has {', '.join(allowed)})", key=str(key))
+    if kind == "zero":
+        return ZeroRow()
+    model, token, token_id = raw.get("model"), raw.get("token"), raw.get("token_id")
+    if not isinstance(model, str) or not model:
+        raise ParameterValueError(("model",), "a model_token source needs 'model', the model whose row is taken")
+    if (token is None) == (token_id is None):
+        raise ParameterValueError((), "a model_token source needs exactly one of 'token' (text) and 'token_id' (a row)")
+    if token is not None and not isinstance(token, str):
+        raise ParameterValueError(("token",), f"'token' is the token's text, got {token!r}")
+    if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
+        raise ParameterValueError(("token_id",), f"'token_id' is a row number (0 or more), got {token_id!r}")
+    return ModelToken(model=model, token=token, token_id=token_id)
+
+
+def _dump_token_source(source: TokenSource) -> Any:
+    if isinstance(source, ZeroRow):
+        return {"kind": "zero"}
+    if isinstance(source, ModelToken):
+        key, value = ("token", source.token) if source.token is not None else ("token_id", source.token_id)
+        return {"kind": "model_token", "model": source.model, key: value}
+    return source
+
+
+class TokenSetting(_Strict):
+    """An entry of ``tokenizer.tokens``: where the token's row comes from, and whether every model
+    takes it (``force``) or only the models that lack the token."""
+
+    source: Annotated[Any, PlainValidator(_checked(parse_token_source)), PlainSerializer(_dump_token_source)] = None
+    force: bool = False
+
+
 class TokenizerConfig(_Strict):
-    source: str = "union"
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = None
+    """The ``tokenizer:`` block: the vocabulary's ``source`` (``union``, ``base`` or a model),
+    per-token ``tokens`` overrides, and ``pad_to_multiple_of`` for the vocabulary's rows."""
+
+    source: str = UNION
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
 class Recipe(_Strict):
@@ -239,7 +317,13 @@ class Recipe(_Strict):
         return self.slices[0].sources[0].model
 
     def referenced_models(self) -> list[str]:
-        """Every model the recipe reads, base first, each once, in recipe order."""
+        """Every model the recipe reads, base first, each once, in recipe order; a model named
+        only as the tokenizer's source comes last."""
+        source = self.tokenizer_model()
+        return list(dict.fromkeys([*self.merged_models(), *([source] if source is not None else [])]))
+
+    def merged_models(self) -> list[str]:
+        """The models whose weights the merge reads, base first, each once, in recipe order."""
         names: list[str] = []
         if self.base_model:
             names.append(self.base_model)
@@ -249,9 +333,20 @@ class Recipe(_Strict):
             if output_slice.base_model:
                 names.append(output_slice.base_model)
             names.extend(source.model for source in output_slice.sources)
-        if self.tokenizer_source not in (None, "base", "union"):
-            names.append(self.tokenizer_source)
         return list(dict.fromkeys(names))
+
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """The output vocabulary asked for (``tokenizer_source`` or the ``tokenizer:`` block), or
+        ``None``: the reference model's tokenizer files are copied and no tensor is remapped."""
+        if self.tokenizer is not None:
+            tokens = {token: TokenOverride(setting.source, setting.force) for token, setting in (self.tokenizer.tokens or {}).items()}
+            return TokenizerSpec(self.tokenizer.source, tokens, self.tokenizer.pad_to_multiple_of)
+        return TokenizerSpec(self.tokenizer_source) if self.tokenizer_source is not None else None
+
+    def tokenizer_model(self) -> str | None:
+        """The model named as the vocabulary's source (not ``union`` or ``base``), if any."""
+        spec = self.tokenizer_spec()
+        return spec.source if spec is not None and spec.source not in (UNION, BASE) else None
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True, by_alias=True)
@@ -318,6 +413,8 @@ def _format_validation_error(error: ValidationError, source: str, node: yaml.Nod
             "slices": list(OutputSlice.model_fields),
             "sources": list(SliceSource.model_fields),
             "calibration": list(CalibrationConfig.model_fields),
+            "tokenizer": list(TokenizerConfig.model_fields),
+            "tokens": list(TokenSetting.model_fields),
         }
         match = closest(field, [name for names in known.values() for name in names])
         hint = f"; did you mean '{match}'?" if match else ""
@@ -385,10 +482,12 @@ def validate_recipe(data: Any, source: str, text: str | None = None, document: i
         raise RecipeError(_format_validation_error(exc, source, _document_node(text, document))) from None
     if parsed.modules:
         raise RecipeError(f"{source}: 'modules' (multi-module recipes) is not supported yet; use 'models' or 'slices'")
-    if parsed.tokenizer_source == "union" or (parsed.tokenizer is not None and parsed.tokenizer.source == "union"):
-        raise RecipeError(f"{source}: tokenizer_source: 'union' (merging vocabularies) is not supported yet; use 'base' or a model")
-    if parsed.tokenizer is not None:
-        raise RecipeError(f"{source}: tokenizer: per-token tokenizer configuration is not supported yet; use tokenizer_source")
+    if parsed.chat_template is not None:
+        try:
+            check_chat_template(parsed.chat_template)
+        except RecipeError as exc:
+            line = yaml_line(_document_node(text, document), ["chat_template"])
+            raise RecipeError(f"{source}{f', line {line}' if line else ''}: {exc}") from None
     return parsed
 
 

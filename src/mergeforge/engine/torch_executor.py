@@ -126,7 +126,7 @@ class _Run:
         return self.compute_dtype
 
     def _load(self, source: SourceTensor, rows: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
-        checkpoint = self.plan.checkpoints[source.model]
+        checkpoint = self.plan.reader(source.model)
         tensor = checkpoint.read(source.name, *rows) if rows else checkpoint.read(source.name)
         if self.cast_dtype is not None and tensor.dtype.is_floating_point:
             tensor = tensor.to(self.cast_dtype)
@@ -135,12 +135,12 @@ class _Run:
     def _copy(self, job: TensorJob) -> None:
         name = job.output.name
         if job.base is not None:
-            self.writer.write(name, self.plan.checkpoints[job.base.model].read(job.base.name))
+            self.writer.write(name, self.plan.reader(job.base.model).read(job.base.name))
             return
         sources = [s for s in job.inputs if s is not None]
-        first = self.plan.checkpoints[sources[0].model].read(sources[0].name)
+        first = self.plan.reader(sources[0].model).read(sources[0].name)
         for source in sources[1:]:
-            other = self.plan.checkpoints[source.model].read(source.name)
+            other = self.plan.reader(source.model).read(source.name)
             if not torch.equal(first, other):
                 raise job.copies_differ(sources[0], source)
         self.writer.write(name, first)
