@@ -53,8 +53,15 @@ class ModuleUpdate:
 
     def delta(self) -> torch.Tensor:
         """The dense update of the module's weight, in float32."""
-        product = (self.up.float() * self.scale) @ self.down.float()
-        return product.T if self.embedding else product
+        return self.delta_rows(0, None)
+
+    def delta_rows(self, start: int, stop: int | None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of :meth:`delta`, computed from those rows' factors alone, so a
+        reader streaming row blocks never builds the whole update (an embedding's rows are
+        columns of ``lora_embedding_A``)."""
+        if self.embedding:
+            return ((self.up.float() * self.scale) @ self.down[:, start:stop].float()).T
+        return (self.up[start:stop].float() * self.scale) @ self.down.float()
 
 
 @dataclass
@@ -111,7 +118,9 @@ def read_lora(folder: str | Path) -> Adapter:
         if suffix is None:
             if ".lora_" in path:
                 raise CheckpointError(f"{folder}: adapter tensor '{key}' is not a LoRA factor mergeforge knows")
-            saved[path] = tensor
+            # PEFT's save_embedding_layers stores an adapted embedding's own weight as
+            # '<module>.base_layer.weight': it stands for the model's '<module>.weight'.
+            saved[path.replace(".base_layer.", ".")] = tensor
             continue
         side, embedding = _FACTOR_SUFFIXES[suffix]
         factors.setdefault((path.removesuffix(suffix), embedding), {})[side] = tensor
