@@ -161,6 +161,7 @@ def test_dry_run_names_the_torch_executor_and_why(base, adapter):
                                                           {"model": str(base), "parameters": {"weight": 1.0}}]}, dry_run=True)
     assert result.executor == "torch"
     assert any("has a LoRA applied while it is read" in line for line in result.plan_lines)
+    assert any(line.startswith(f"input {base}+{adapter}: safetensors + LoRA") for line in result.plan_lines), result.plan_lines
 
 
 def test_the_output_may_not_replace_the_adapter(base, adapter):
