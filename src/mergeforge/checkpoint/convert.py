@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergeforge.checkpoint import folder as folder_files
+from mergeforge.checkpoint.adapted import input_locations
 from mergeforge.checkpoint.gguf_reader import GGUFCheckpoint
 from mergeforge.checkpoint.gguf_writer import GGUFOutput, check_out_type, write_gguf
 from mergeforge.checkpoint.reader import open_checkpoint
@@ -33,6 +34,34 @@ def atomic_file(target: Path) -> Iterator[Path]:
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def write_gguf_atomically(out_path: Path, file_name: str, write: Callable[[Path], None]) -> Path:
+    """Write one GGUF file so that it appears only when complete: ``out_path`` itself when it ends
+    in ``.gguf``, else ``out_path/file_name`` in a folder made for it. Returns the file."""
+    if out_path.suffix == ".gguf":
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out_path) as temp_file:
+            write(temp_file)
+        return out_path
+    with folder_files.atomic_output_folder(out_path) as temp:
+        write(temp / file_name)
+    return out_path / file_name
+
+
+def check_output(out_path: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output (a ``.gguf`` file, else a folder) that is an input, lies inside an input
+    folder, or exists without ``overwrite``: inputs are never modified, nor written beside."""
+    if out_path.suffix != ".gguf":
+        folder_files.check_output_location(out_path, inputs, overwrite)
+        return
+    for location in inputs:
+        if out_path.resolve() == location.resolve():
+            raise OutputError(f"{out_path}: is the input file; choose another output")
+        if location.is_dir() and location.resolve() in out_path.resolve().parents:
+            raise OutputError(f"{out_path}: is inside the input model folder {location}; choose another output")
+    if out_path.exists() and not overwrite:
+        raise OutputError(f"{out_path}: exists; pass --overwrite to replace it")
 
 
 def gguf_output_for(checkpoint: TensorSource, name: str | None = None) -> GGUFOutput:
@@ -59,14 +88,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], out_for
     if out_format == "gguf":
         check_out_type(out_type or "f16")
     with open_checkpoint(source) as checkpoint:
-        if out_path.suffix != ".gguf":
-            folder_files.check_output_location(out_path, [checkpoint.location], overwrite)
-        elif out_path.resolve() == checkpoint.location.resolve():
-            raise OutputError(f"{out_path}: is the input file; choose another output")
-        elif checkpoint.location.is_dir() and checkpoint.location.resolve() in out_path.resolve().parents:
-            raise OutputError(f"{out_path}: is inside the input model folder {checkpoint.location}; choose another output")
-        elif out_path.exists() and not overwrite:
-            raise OutputError(f"{out_path}: exists; pass --overwrite to replace it")
+        check_output(out_path, input_locations(checkpoint), overwrite)
         if out_format == "hf":
             if out_path.suffix == ".gguf":
                 raise OutputError(f"{out_path}: a Hugging Face output is a folder; drop the .gguf suffix or use --out-format gguf")
@@ -75,15 +97,7 @@ def convert(source: str | os.PathLike[str], out: str | os.PathLike[str], out_for
             return out_path, []
         output = gguf_output_for(checkpoint, name)
         names = checkpoint.names()
-        if out_path.suffix == ".gguf":
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(out_path) as temp_file:
-                write_gguf(checkpoint, names, output, temp_file, out_type or "f16")
-            written = out_path
-        else:
-            with folder_files.atomic_output_folder(out_path) as temp:
-                write_gguf(checkpoint, names, output, temp / GGUF_FILE, out_type or "f16")
-            written = out_path / GGUF_FILE
+        written = write_gguf_atomically(out_path, GGUF_FILE, lambda path: write_gguf(checkpoint, names, output, path, out_type or "f16"))
         return written, [output.pre_tokenizer_guess] if output.pre_tokenizer_guess else []
 
 

@@ -49,6 +49,8 @@ LLAMA_QUANTIZE_TYPES = (
     "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq3_m", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
 )
 OUT_TYPES = PYTHON_TYPES + LLAMA_QUANTIZE_TYPES
+# --out-type values of a LoRA adapter GGUF: those llama.cpp's convert_lora_to_gguf.py writes
+LORA_OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
 # Keys never copied from a source GGUF: they describe that file, not the model.
 NOT_COPIED = ("GGUF.", "general.file_type", "general.quantization_version", "general.alignment", "split.", "general.architecture")
 
@@ -80,7 +82,7 @@ def _file_type(out_type: str) -> int:
 
 @dataclass(frozen=True)
 class _Planned:
-    hf_name: str | None  # None: a tensor copied from the GGUF source as stored (rope_freqs)
+    hf_name: str | None  # None: a tensor copied from the GGUF source as stored (rope_freqs); else quantized from float32
     gguf_name: str
     shape: tuple[int, ...]  # NumPy order (HF)
     kind: gguf.GGMLQuantizationType
@@ -112,10 +114,7 @@ class GGUFOutput:
 def plan_tensors(output: GGUFOutput, tensors: list[tuple[str, tuple[int, ...]]], out_type: str) -> list[_Planned]:
     """Each output tensor's GGUF name, type and size; an unmappable name is an error, raised
     before anything is written."""
-    import gguf
-
     wanted = _ggml_type(out_type if out_type in PYTHON_TYPES else "bf16")  # llama-quantize starts from BF16
-    block, _ = gguf.GGML_QUANT_SIZES[wanted]
     planned = []
     for name, shape in tensors:
         gguf_name = output.arch.gguf_name(name)
@@ -123,12 +122,7 @@ def plan_tensors(output: GGUFOutput, tensors: list[tuple[str, tuple[int, ...]]],
             continue  # tied to token_embd by the architecture
         if gguf_name is None:
             raise CheckpointError(f"{output.where}: tensor '{name}' has no GGUF name in architecture '{output.arch.name}'")
-        kind = wanted
-        if len(shape) < 2:
-            kind = gguf.GGMLQuantizationType.F32
-        elif shape[-1] % block:
-            kind = gguf.GGMLQuantizationType.F16  # rows not whole blocks: as llama.cpp's converter does
-        planned.append(_Planned(name, gguf_name, shape, kind, _nbytes(shape, kind)))
+        planned.append(_plan_one(name, gguf_name, shape, wanted))
     config = output.config
     layers = config.get("num_hidden_layers")
     if isinstance(layers, int):
@@ -147,6 +141,20 @@ def plan_tensors(output: GGUFOutput, tensors: list[tuple[str, tuple[int, ...]]],
                 shape = tuple(reversed([int(d) for d in raw.shape]))
                 planned.append(_Planned(None, gguf_name, shape, raw.tensor_type, int(raw.n_bytes)))
     return planned
+
+
+def _plan_one(hf_name: str | None, gguf_name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> _Planned:
+    """One tensor's GGUF type, as llama.cpp's converter picks it: 1-D tensors (norms, biases) stay
+    F32, and a 2-D tensor whose rows are not a whole number of blocks falls back to F16."""
+    import gguf
+
+    block, _ = gguf.GGML_QUANT_SIZES[wanted]
+    kind = wanted
+    if len(shape) < 2:
+        kind = gguf.GGMLQuantizationType.F32
+    elif shape[-1] % block:
+        kind = gguf.GGMLQuantizationType.F16
+    return _Planned(hf_name, gguf_name, shape, kind, _nbytes(shape, kind))
 
 
 def _nbytes(shape: tuple[int, ...], kind: gguf.GGMLQuantizationType) -> int:
@@ -187,17 +195,38 @@ def write_gguf(source: TensorSource, names: list[str], output: GGUFOutput, path:
         finally:
             staging.unlink(missing_ok=True)
         return
-    import gguf
-
     planned = plan_tensors(output, [(n, source.info(n).shape) for n in names], out_type)
+    heads, kv_heads = qk_heads(output)
+
+    def values(item: _Planned) -> np.ndarray:
+        if item.hf_name is None:
+            assert output.metadata_source is not None
+            return np.array(output.metadata_source.raw_tensor(item.gguf_name).data)
+        return _gguf_values(source, item.hf_name, output.arch, heads, kv_heads)
+
+    _write_file(path, output.arch, lambda writer: _add_metadata(writer, output, out_type), planned, values)
+
+
+def qk_heads(output: GGUFOutput) -> tuple[int, int]:
+    """Query and key/value heads of the output's config: what the Q/K permutation needs."""
     heads = int(output.config.get("num_attention_heads") or 0)
     kv_heads = int(output.config.get("num_key_value_heads") or heads)
     if output.arch.permute_qk and not heads:
         raise CheckpointError(f"{output.where}: config.json has no num_attention_heads, which the Q/K permutation needs")
-    writer = gguf.GGUFWriter(path, output.arch.name, use_temp_file=False)
+    return heads, kv_heads
+
+
+def _write_file(path: Path, arch: Architecture, add_metadata: Callable[[gguf.GGUFWriter], None], planned: list[_Planned],
+                values: Callable[[_Planned], np.ndarray]) -> None:
+    """Header, metadata and tensor table, then every tensor in plan order, each made by
+    ``values`` (float32 in llama.cpp's layout, or the raw bytes of a tensor copied as stored)
+    only when it is written; the file is on disk when this returns."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch.name, use_temp_file=False)
     try:
         try:
-            _write_file(writer, path, output, planned, source, heads, kv_heads, out_type)
+            _write_tensors(writer, path, add_metadata, planned, values)
         finally:
             writer.close()
         with open(path, "rb+") as handle:  # on disk before the caller renames it into place
@@ -206,12 +235,11 @@ def write_gguf(source: TensorSource, names: list[str], output: GGUFOutput, path:
         raise OutputError(f"{path}: cannot write: {exc.strerror}") from None
 
 
-def _write_file(writer: gguf.GGUFWriter, path: Path, output: GGUFOutput, planned: list[_Planned], source: TensorSource,
-                heads: int, kv_heads: int, out_type: str) -> None:
-    """Header, metadata and tensor table, then every tensor in plan order."""
+def _write_tensors(writer: gguf.GGUFWriter, path: Path, add_metadata: Callable[[gguf.GGUFWriter], None],
+                   planned: list[_Planned], values: Callable[[_Planned], np.ndarray]) -> None:
     import gguf
 
-    _add_metadata(writer, output, out_type)
+    add_metadata(writer)
     for item in planned:
         if _is_quantized(item.kind):
             writer.add_tensor_info(item.gguf_name, gguf.quants.quant_shape_to_byte_shape(item.shape, item.kind),
@@ -223,13 +251,36 @@ def _write_file(writer: gguf.GGUFWriter, path: Path, output: GGUFOutput, planned
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for item in planned:
-        if item.hf_name is None:
-            assert output.metadata_source is not None
-            data = np.array(output.metadata_source.raw_tensor(item.gguf_name).data)
-        else:
-            values = _gguf_values(source, item.hf_name, output.arch, heads, kv_heads)
-            data = gguf.quants.quantize(values, item.kind)
-        writer.write_tensor_data(data)
+        data = values(item)
+        writer.write_tensor_data(data if item.hf_name is None else gguf.quants.quantize(data, item.kind))
+
+
+def write_lora_gguf(path: Path, arch: Architecture, alpha: float, tensors: list[tuple[str, str, np.ndarray]], out_type: str,
+                    name: str) -> None:
+    """Write llama.cpp's LoRA adapter file (what ``llama-cli --lora`` and
+    ``Llama(lora_path=...)`` load): ``general.type = adapter``, ``adapter.type = lora``,
+    ``adapter.lora.alpha``, and ``tensors`` as ``(hf_name, gguf_name, float32 array in llama.cpp's
+    layout)``, typed as llama.cpp's converter types them. llama.cpp scales each pair by
+    ``alpha / rank``, the rank read from ``lora_b``.
+    """
+    import gguf
+
+    if out_type not in LORA_OUT_TYPES:
+        raise OutputError(f"--out-type: a LoRA GGUF is {', '.join(LORA_OUT_TYPES)} (as llama.cpp's converter writes it), "
+                          f"not '{out_type}'")
+    wanted = _ggml_type(out_type)
+    planned = [_plan_one(hf_name, gguf_name, tuple(array.shape), wanted) for hf_name, gguf_name, array in tensors]
+    arrays = {gguf_name: array for _, gguf_name, array in tensors}
+
+    def add_metadata(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_name(name)
+        writer.add_file_type(_file_type(out_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    _write_file(path, arch, add_metadata, planned, lambda item: arrays[item.gguf_name])
 
 
 def _is_quantized(kind: gguf.GGMLQuantizationType) -> bool:

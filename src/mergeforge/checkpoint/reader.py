@@ -30,6 +30,7 @@ from mergeforge.checkpoint.safetensors_format import (
     pread_into,
     read_json,
     resolve_model_path,
+    split_adapter_reference,
     weights_layout,
 )
 from mergeforge.dtypes import ITEMSIZE, NUMPY_STORAGE, from_torch, to_torch
@@ -38,6 +39,7 @@ from mergeforge.errors import CheckpointError
 if TYPE_CHECKING:
     import torch
 
+    from mergeforge.checkpoint.adapted import AdaptedCheckpoint
     from mergeforge.checkpoint.gguf_reader import GGUFCheckpoint
 
 
@@ -269,9 +271,10 @@ class Checkpoint(TensorIndex):
 
 
 
-def open_checkpoint(ref: str | os.PathLike[str], relative_to: Path | None = None) -> Checkpoint | GGUFCheckpoint:
+def open_checkpoint(ref: str | os.PathLike[str], relative_to: Path | None = None) -> Checkpoint | GGUFCheckpoint | AdaptedCheckpoint:
     """Open a model lazily: a folder of safetensors or ``.bin`` weights (or a cached hub id), a
-    ``.gguf`` file, or a folder holding exactly one ``.gguf`` file.
+    ``.gguf`` file, a folder holding exactly one ``.gguf`` file, or any of these with a PEFT LoRA
+    applied on the fly (``MODEL+ADAPTER``, :mod:`mergeforge.checkpoint.adapted`).
 
     Example:
         >>> with open_checkpoint("path/to/model") as ckpt:
@@ -280,6 +283,12 @@ def open_checkpoint(ref: str | os.PathLike[str], relative_to: Path | None = None
     from mergeforge.checkpoint.gguf_reader import GGUFCheckpoint, gguf_file_of
 
     ref = str(ref)
+    parts = split_adapter_reference(ref, relative_to)
+    if parts is not None:
+        from mergeforge.checkpoint.adapted import AdaptedCheckpoint
+
+        model_ref, adapter_ref = parts
+        return AdaptedCheckpoint.open(ref, open_checkpoint(model_ref, relative_to), adapter_ref, relative_to)
     candidate = Path(ref).expanduser()
     if not candidate.is_absolute() and relative_to is not None and (relative_to / candidate).exists():
         candidate = relative_to / candidate

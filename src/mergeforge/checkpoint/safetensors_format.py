@@ -197,8 +197,6 @@ def resolve_model_path(ref: str, relative_to: Path | None = None) -> Path:
     if candidate.is_dir():
         return candidate.resolve()
     name, _, revision = ref.partition("@")
-    if "+" in name and not Path(name).exists():
-        raise CheckpointError(f"model '{ref}': 'model+lora' references are not supported yet; merge the LoRA into the model first")
     if _HUB_ID.match(name) and not Path(name).exists():
         repo = hub_cache_dir() / f"models--{name.replace('/', '--')}"
         revision = revision or "main"
@@ -214,6 +212,27 @@ def resolve_model_path(ref: str, relative_to: Path | None = None) -> Path:
             f"mergeforge never downloads: fetch it first (e.g. `huggingface-cli download {name}`) or give a local path"
         )
     raise CheckpointError(f"model '{ref}': folder not found")
+
+
+ADAPTER_SEPARATOR = "+"
+
+
+def split_adapter_reference(ref: str, relative_to: Path | None = None) -> tuple[str, str] | None:
+    """``(model, adapter)`` of a ``model+adapter`` reference, or None for a plain one.
+
+    A path that exists is plain even with a ``+`` in its name; otherwise the reference splits at
+    its one ``+``, as mergekit's ``ModelReference`` does (more than one is an error).
+    """
+    if ADAPTER_SEPARATOR not in ref:
+        return None
+    candidate = Path(ref).expanduser()
+    if candidate.exists() or (relative_to is not None and not candidate.is_absolute() and (relative_to / candidate).exists()):
+        return None
+    parts = ref.split(ADAPTER_SEPARATOR)
+    if len(parts) != 2 or not all(parts):
+        raise CheckpointError(f"model '{ref}': a model reference is MODEL or MODEL+ADAPTER, with one '+' "
+                              "(a path with a '+' in it must exist)")
+    return parts[0], parts[1]
 
 
 # -- writing ----------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def merge_recipe(recipe: Recipe, out_dir: str | os.PathLike[str] | None, options
         if out_dir is None:
             raise OutputError("an output folder is required unless dry_run is set")
         out_path = Path(out_dir)
-        folder_files.check_output_location(out_path, [c.location for c in plan.checkpoints.values()], options.overwrite)
+        folder_files.check_output_location(out_path, plan.input_locations(), options.overwrite)
         if plan.method.calibrate is not None:
             # Data-aware methods: forward/backward passes on whole models, before the streaming merge.
             from mergeforge.engine.calibrate import run_calibration

@@ -16,6 +16,7 @@ import torch
 
 from mergeforge.calibration.context import CalibrationContext, ModelLoader
 from mergeforge.calibration.data import CalibrationError, load_examples
+from mergeforge.checkpoint.adapted import AdaptedCheckpoint
 from mergeforge.checkpoint.gguf_reader import GGUFCheckpoint
 from mergeforge.dtypes import is_floating
 from mergeforge.engine.plan import MergePlan
@@ -42,15 +43,17 @@ def folder_loader(plan: MergePlan) -> ModelLoader:
 
         checkpoint = plan.checkpoints[ref]
         folder = checkpoint.folder
+        stored = checkpoint.inner if isinstance(checkpoint, AdaptedCheckpoint) else checkpoint
         # transformers reads a GGUF file itself (dequantized, Q/K un-permuted), as the merge does.
-        gguf_file = checkpoint.path if isinstance(checkpoint, GGUFCheckpoint) else None
+        gguf_file = stored.path if isinstance(stored, GGUFCheckpoint) else None
         # Our own progress bar covers calibration; transformers' per-model loading bar is noise.
         bar_was_enabled = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()
         try:
             if gguf_file is not None:
-                return AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         except (OSError, ValueError, KeyError) as exc:
             raise CalibrationError(
                 f"model '{ref}' ({folder}): data-aware methods run the model, and transformers cannot load it as a causal "
@@ -59,6 +62,12 @@ def folder_loader(plan: MergePlan) -> ModelLoader:
         finally:
             if bar_was_enabled:
                 transformers_logging.enable_progress_bar()
+        if isinstance(checkpoint, AdaptedCheckpoint):
+            # model+adapter: the model runs with the adapted weights the merge reads
+            with torch.no_grad():
+                for name in checkpoint.adapted_names():
+                    model.get_parameter(name).copy_(checkpoint.read(name))
+        return model
 
     return load
 

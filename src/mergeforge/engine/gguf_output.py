@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mergeforge.checkpoint.adapted import AdaptedCheckpoint
 from mergeforge.checkpoint.convert import GGUF_FILE
 from mergeforge.checkpoint.gguf_reader import FLOAT_TYPES, GGUFCheckpoint
 from mergeforge.checkpoint.gguf_writer import GGUFOutput, check_out_type, plan_tensors, write_gguf
@@ -89,13 +90,16 @@ def write_gguf_folder(plan: MergePlan, temp: Path, options: MergeOptions, write_
 def input_type_lines(plan: MergePlan) -> list[str]:
     """One dry-run line per model: its format and how many tensors of each type it holds."""
     lines = []
-    for ref, checkpoint in plan.checkpoints.items():
+    for ref, source in plan.checkpoints.items():
+        checkpoint = source.inner if isinstance(source, AdaptedCheckpoint) else source
         if isinstance(checkpoint, GGUFCheckpoint):
             kinds = Counter(checkpoint.gguf_types.values())
             fmt = f"GGUF {checkpoint.arch.name}"
         else:
             kinds = Counter(checkpoint.info(name).dtype for name in checkpoint.names())
             fmt = "safetensors" if isinstance(checkpoint, Checkpoint) else "in memory"
+        if isinstance(source, AdaptedCheckpoint):
+            fmt += f" + LoRA {source.adapter.folder} ({len(source.adapted_names())} tensors adapted)"
         counts = ", ".join(f"{kind} x{count}" for kind, count in kinds.most_common())
         lines.append(f"input {ref}: {fmt}; tensor types: {counts}")
     return lines

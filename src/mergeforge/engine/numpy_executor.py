@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mergeforge.checkpoint.adapted import AdaptedCheckpoint
 from mergeforge.checkpoint.reader import Checkpoint
 from mergeforge.dtypes import ITEMSIZE, TORCH_NAMES, from_f32, to_f32
 from mergeforge.engine.jobs import SourceTensor, TensorJob
@@ -48,6 +49,9 @@ def refusal(plan: MergePlan, options: MergeOptions) -> str | None:
         return f"'{method.name}' has no NumPy kernel"
     if plan.compute_dtype != "F32":
         return f"computes in {TORCH_NAMES[plan.compute_dtype]}"
+    adapted = next((ref for ref, source in plan.checkpoints.items() if isinstance(source, AdaptedCheckpoint)), None)
+    if adapted is not None:
+        return f"model '{adapted}' has a LoRA applied while it is read"
     for job in plan.jobs:
         infos = [(s, plan.checkpoints[s.model].info(s.name)) for s in [*job.inputs, job.base] if s is not None]
         for source, info in infos:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergeforge.checkpoint.adapted import input_locations
 from mergeforge.checkpoint.reader import Checkpoint, TensorSource, open_checkpoint
 from mergeforge.checkpoint.writer import OutputTensor
 from mergeforge.dtypes import promote
@@ -65,6 +66,11 @@ class MergePlan:
     @property
     def bytes_to_write(self) -> int:
         return sum(job.output.nbytes for job in self.jobs)
+
+    def input_locations(self) -> list[Path]:
+        """Every file or folder the merge reads, which its output must not replace: the models,
+        and the adapters of ``model+adapter`` references."""
+        return [location for checkpoint in self.checkpoints.values() for location in input_locations(checkpoint)]
 
     def side_tensors(self) -> list[OutputTensor]:
         """The side tensors the method will produce (e.g. EMR's per-task masks), none for most."""

@@ -1,4 +1,5 @@
-"""``mergeforge lora extract|merge``: LoRA adapters from fine-tunes, and exact merges of adapters.
+"""``mergeforge lora extract|merge|convert``: LoRA adapters from fine-tunes, exact merges of adapters,
+and adapters as llama.cpp LoRA GGUF files.
 
 Torch and transformers are imported inside the commands, so ``mergeforge --help`` stays fast.
 """
@@ -67,3 +68,22 @@ def merge_command(config: Path, out_dir: Path, rank: int | None, energy: float |
     result = merge_adapters(config, out_dir, seed=seed, overwrite=overwrite, progress=echo, rank=rank, energy=energy,
                             sv_epsilon=sv_epsilon, knots=knots)
     click.echo("\n".join(result.summary_lines()))
+
+
+@lora_group.command("convert")
+@click.argument("adapter", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--base", default=None,
+              help="The adapter's base model (a Hugging Face folder or a GGUF file; its config and shapes are used). "
+                   "Default: the adapter's base_model_name_or_path.")
+@click.option("--out-type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", show_default=True,
+              help="GGUF type of the LoRA factors (the types llama.cpp's convert_lora_to_gguf.py writes).")
+@click.option("--name", default=None, help="general.name of the GGUF (default: the adapter folder's name).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def convert_command(adapter: Path, out: Path, base: str | None, out_type: str, name: str | None, overwrite: bool) -> None:
+    """Write the PEFT LoRA ADAPTER as llama.cpp's LoRA GGUF OUT (a .gguf file, else OUT/adapter.gguf),
+    for `llama-cli -m base.gguf --lora OUT`."""
+    from mergeforge.lora.gguf_export import convert_lora
+
+    result = convert_lora(adapter, out, base=base, out_type=out_type, overwrite=overwrite, name=name)
+    click.echo("\n".join(result.summary_lines()), err=True)
