@@ -35,7 +35,7 @@ def barrier(alphas: Sequence[float], values: Sequence[float], higher_is_better: 
     ``higher_is_better``: the largest shortfall under it)."""
     start, end = values[0], values[-1]
     excess = [(v - ((1 - a) * start + a * end)) for a, v in zip(alphas, values, strict=True)]
-    return max(-e for e in excess) if higher_is_better else max(excess)
+    return (max(-e for e in excess) if higher_is_better else max(excess)) + 0.0  # + 0.0: never -0.0
 
 
 def _states(model: torch.nn.Module) -> dict[str, torch.Tensor]:
