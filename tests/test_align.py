@@ -74,6 +74,7 @@ def test_permuting_query_key_dimensions_breaks_rope_so_they_stay_put():
     assert relative_error(_logits(model, broken), _logits(model, state)) > 1e-3
 
 
+@pytest.mark.slow  # several real builds or a curve of evaluations: CI runs it with make test-slow
 def test_the_cli_writes_b_aligned_with_its_report_and_the_same_function(tmp_path):
     a = build_model("llama", tmp_path / "a", seed=1)
     b = build_model("llama", tmp_path / "b", seed=2)

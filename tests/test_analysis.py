@@ -121,6 +121,7 @@ def zoo():
     return load_zoo(default_zoo_dir("tiny", 0))
 
 
+@pytest.mark.slow  # several real builds or a curve of evaluations: CI runs it with make test-slow
 def test_lmc_curves_and_barriers_match_the_interpolated_models(zoo, tmp_path):
     """Each point of the curve is the evaluator's score of the interpolated model; the barrier is
     the largest excess over the chord; the path through the base starts and ends at the experts."""

@@ -91,6 +91,7 @@ def test_hidden_gates_are_mergekits_router_rows(dense, tmp_path):
     assert torch.allclose(rows.norm(dim=-1), torch.ones(4, 2))
 
 
+@pytest.mark.slow  # several real builds or a curve of evaluations: CI runs it with make test-slow
 @pytest.mark.parametrize("mode", ["hidden_avg", "cheap_embed", "random", "uniform_random"])
 def test_every_gate_mode_builds(dense, tmp_path, mode):
     out = tmp_path / "out"
@@ -117,6 +118,7 @@ def test_bad_configs_fail_with_one_message(dense, tmp_path, fields, message):
     assert not out.exists()
 
 
+@pytest.mark.slow  # several real builds or a curve of evaluations: CI runs it with make test-slow
 def test_useless_moes_are_refused_unless_asked_for(dense, tmp_path):
     same = [{"source_model": str(dense["a"]), "positive_prompts": PROMPTS["a"]},
             {"source_model": str(dense["a"]), "positive_prompts": PROMPTS["b"]}]
@@ -352,6 +354,7 @@ def test_bad_shared_methods_are_refused_with_the_field(dense, tmp_path, fields, 
     assert not out.exists()
 
 
+@pytest.mark.slow  # several real builds or a curve of evaluations: CI runs it with make test-slow
 @pytest.mark.parametrize("shared", [False, True], ids=["mixtral", "qwen2_moe"])
 def test_fused_experts_are_transformers_5s_own_tensors(dense, tmp_path, shared):
     """--fused-experts: mlp.experts.gate_up_proj [E, 2I, H] (gate rows first) and down_proj
