@@ -1,6 +1,7 @@
 """PEFT's factor-space adapter merges against the exact delta-space merge (docs/lora.md).
 
     python benchmarks/lora_merge.py [WORK_DIR]
+    python benchmarks/lora_merge.py WORK_DIR --zoo ZOO_DIR   # the zoo's first three LoRA experts instead
 
 Three rank-16 LoRA adapters (alpha 32, on every attention and MLP projection) are *trained*, with
 PEFT, on a tiny Llama built from a config (hidden 64, 4 layers, vocabulary 64, random weights):
@@ -118,11 +119,20 @@ def model_with(base: Path, deltas: dict[str, torch.Tensor]) -> torch.nn.Module:
     return model.eval()
 
 
-def main(work: Path) -> None:
+def main(work: Path, zoo: Path | None = None) -> None:
+    """Train the three adapters (or, with ``zoo``, take a zoo's LoRA experts: errors only, no
+    accuracy, since their tasks are the zoo's) and print the table."""
     started = time.perf_counter()
-    base = base_model(work / "base")
-    adapters = [train_adapter(base, i, work / f"adapter-{i}", seed=i) for i in range(len(TASKS))]
+    if zoo is None:
+        base = base_model(work / "base")
+        adapters = [train_adapter(base, i, work / f"adapter-{i}", seed=i) for i in range(len(TASKS))]
+    else:
+        from mergeforge.zoo import load_zoo
+
+        loaded = load_zoo(zoo)
+        base, adapters = loaded.base.path, [m.path for m in loaded.loras][:3]
     trained = time.perf_counter() - started
+    scored = zoo is None
     singles = [{name: u.delta() for name, u in read_lora(folder).updates.items()} for folder in adapters]
     exact_linear = {name: sum(w * d[name] for w, d in zip(WEIGHTS, singles)) for name in singles[0]}
     exact_ties = {name: merge_tensors("ties", [d[name] for d in singles], base=torch.zeros_like(singles[0][name]),
@@ -138,14 +148,17 @@ def main(work: Path) -> None:
         peft_model.add_weighted_adapter(names, WEIGHTS, label, **kwargs)
         deltas = peft_deltas(peft_model, label)
         rows.append((f"PEFT `{kwargs['combination_type']}`" + (f" (rank {kwargs['svd_rank']})" if "svd_rank" in kwargs else ""),
-                     kind, relative(deltas, reference), [accuracy(model_with(base, deltas), t) for t in range(len(TASKS))]))
+                     kind, relative(deltas, reference), scores(deltas)))
 
     def ours_row(label: str, kind: str, reference: dict[str, torch.Tensor], method: str, **options: object) -> None:
         recipe = {"merge_method": method, "models": [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(adapters, WEIGHTS)],
                   "parameters": {"density": DENSITY} if method == "ties" else {"normalize": False}}
         merge_adapters(recipe, work / label, overwrite=True, **options)
         deltas = {name: u.delta() for name, u in read_lora(work / label).updates.items()}
-        rows.append((label, kind, relative(deltas, reference), [accuracy(model_with(base, deltas), t) for t in range(len(TASKS))]))
+        rows.append((label, kind, relative(deltas, reference), scores(deltas)))
+
+    def scores(deltas: dict[str, torch.Tensor]) -> list[float]:
+        return [accuracy(model_with(base, deltas), t) for t in range(len(TASKS))] if scored else []
 
     peft_row("p_linear", "linear", exact_linear, combination_type="linear")
     peft_row("p_cat", "linear", exact_linear, combination_type="cat")
@@ -156,25 +169,31 @@ def main(work: Path) -> None:
     peft_row("p_ties_svd", "ties", exact_ties, combination_type="ties_svd", density=DENSITY, svd_rank=RANK)
     ours_row("mergeforge ties (dense SVD, rank 48)", "ties", exact_ties, "ties")
     ours_row("mergeforge ties (dense SVD, rank 16)", "ties", exact_ties, "ties", rank=RANK)
-    ours_row("mergeforge ties (dense SVD, full rank 64)", "ties", exact_ties, "ties", rank=64)
+    full = max(min(delta.shape) for delta in singles[0].values())
+    ours_row(f"mergeforge ties (dense SVD, full rank {full})", "ties", exact_ties, "ties", rank=full)
     ours_row("mergeforge ties + KnOTS (rank 48)", "ties", exact_ties, "ties", knots=True)
 
-    evaluate: Callable[[torch.nn.Module], list[float]] = lambda m: [accuracy(m.eval(), t) for t in range(len(TASKS))]  # noqa: E731
-    base_accuracy = evaluate(load(base))
-    own = [accuracy(PeftModel.from_pretrained(load(base), folder).eval(), task) for task, folder in enumerate(adapters)]
-    print(f"three rank-{RANK} adapters trained in {trained:.0f} s; own-task accuracy {', '.join(f'{a:.3f}' for a in own)}; "
-          f"base {', '.join(f'{a:.3f}' for a in base_accuracy)}\n")
+    if scored:
+        evaluate: Callable[[torch.nn.Module], list[float]] = lambda m: [accuracy(m.eval(), t) for t in range(len(TASKS))]  # noqa: E731
+        base_accuracy = evaluate(load(base))
+        own = [accuracy(PeftModel.from_pretrained(load(base), folder).eval(), task) for task, folder in enumerate(adapters)]
+        print(f"three rank-{RANK} adapters trained in {trained:.0f} s; own-task accuracy {', '.join(f'{a:.3f}' for a in own)}; "
+              f"base {', '.join(f'{a:.3f}' for a in base_accuracy)}\n")
+    else:
+        print(f"the zoo's LoRA experts: {', '.join(Path(a).name for a in adapters)}\n")
     print("| merge | reference | ‖ΔW − ΔW_ref‖ / ‖ΔW_ref‖ | accuracy task 1 / 2 / 3 |")
     print("| --- | --- | --- | --- |")
     references = {"linear": "exact Σ wᵢΔWᵢ", "ties": "TIES of the dense ΔWᵢ"}
     for label, kind, error, accuracies in rows:
-        print(f"| {label} | {references[kind]} | {error:.2e} | {' / '.join(f'{a:.3f}' for a in accuracies)} |")
+        print(f"| {label} | {references[kind]} | {error:.2e} | {' / '.join(f'{a:.3f}' for a in accuracies) or 'not scored'} |")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    if len(sys.argv) > 1:
+    if len(sys.argv) > 2 and sys.argv[2] == "--zoo":
+        main(Path(sys.argv[1]), Path(sys.argv[3]))
+    elif len(sys.argv) > 1:
         main(Path(sys.argv[1]))
     else:
         with tempfile.TemporaryDirectory() as folder:
