@@ -65,8 +65,8 @@ class Splits(_Strict):
 
     search: str = "val"
     test: str = "test"
-    search_examples: int | None = Field(None, gt=0)  # the first N examples of the search split (all if unset)
-    test_examples: int | None = Field(None, gt=0)
+    search_examples: int | None = Field(default=None, gt=0)  # the first N examples of the search split (all if unset)
+    test_examples: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _apart(self) -> Splits:
@@ -78,8 +78,8 @@ class Splits(_Strict):
 class Budget(_Strict):
     """When the search stops: after this many candidates, or seconds, whichever comes first."""
 
-    evaluations: int | None = Field(None, gt=0)
-    seconds: float | None = Field(None, gt=0)  # wall time; a resumed run counts the time already spent
+    evaluations: int | None = Field(default=None, gt=0)
+    seconds: float | None = Field(default=None, gt=0)  # wall time; a resumed run counts the time already spent
 
     @model_validator(mode="after")
     def _some(self) -> Budget:
@@ -90,8 +90,8 @@ class Budget(_Strict):
 
 class Optimizer(_Strict):
     name: Literal["cma"] = "cma"
-    sigma0: float = Field(1 / 6, gt=0, le=1)  # in the unit cube; Sakana's evolutionary merge used 1/6
-    popsize: int | None = Field(None, ge=2)  # default: cma's 4 + 3·ln(dimensions)
+    sigma0: float = Field(default=1 / 6, gt=0, le=1)  # in the unit cube; Sakana's evolutionary merge used 1/6
+    popsize: int | None = Field(default=None, ge=2)  # default: cma's 4 + 3·ln(dimensions)
     diagonal: bool = False  # separable CMA (cheaper state) for long genomes
 
 
