@@ -167,7 +167,7 @@ def check_against_method(config: SearchConfig, source: str) -> None:
     try:
         spec = get_method(config.merge_method)
     except RecipeError as exc:
-        raise RecipeError(f"{source}: field 'merge_method': {exc}") from None
+        raise RecipeError(f"{source}: field 'merge_method': {str(exc).removeprefix('merge_method: ')}") from None
     params = {param.name: param for param in spec.params}
     for name, bounds in config.search.items():
         param = params.get(name)
