@@ -224,3 +224,33 @@ def test_the_exported_recipe_reproduces_the_fitness_through_the_cli(zoo_dir, tmp
     tasks = [zoo_dir / "tasks" / "shift", zoo_dir / "tasks" / "reverse"]
     scores = evaluate_model(tmp_path / "again", tasks, split="val", max_examples=12, scoring="forced", with_loss=False)
     assert sum(entry["score"] for entry in scores["tasks"].values()) == report["best"]["fitness"]
+
+
+def test_a_journal_line_cut_short_by_a_kill_is_dropped(tmp_path):
+    from mergeforge.evolve.journal import JOURNAL, append_entry, read_journal
+
+    append_entry(tmp_path, {"generation": 0, "candidate": 0})
+    with (tmp_path / JOURNAL).open("a") as handle:
+        handle.write('{"generation": 0, "cand')
+    assert read_journal(tmp_path) == [{"generation": 0, "candidate": 0}]
+    append_entry(tmp_path, {"generation": 0, "candidate": 1})
+    assert [e["candidate"] for e in read_journal(tmp_path)] == [0, 1]
+
+
+def test_help_imports_neither_torch_nor_cma():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from mergeforge.cli import main\n"
+        "for args in (['--help'], ['evolve', '--help']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'cma', 'transformers', 'numpy') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "evolve" in result.stdout and "--resume" in result.stdout and "HEAVY []" in result.stdout

@@ -4,6 +4,7 @@ report."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from mergeforge.errors import MergeforgeError
 from mergeforge.evolve.config import SearchConfig, load_search_config, resolve_path
 from mergeforge.evolve.journal import prepare_out_dir
 
@@ -40,6 +42,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         baseline_rows,
         convergence_plot,
         remerge_winner,
+        table,
         winner_recipe_text,
         write_report,
     )
@@ -55,12 +58,13 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     pool = CandidatePool(config, folder)
     say(f"{pool.space.dimensions} genes over {len(pool.space.labels)} group(s); sources loaded in "
         f"{time.perf_counter() - started:.1f} s")
-    entries = search_loop(pool, out, say)
+    entries, stopped = search_loop(pool, out, say)
+    say(f"search ended: {stopped}")
     best = best_entry(entries)
     terms = [term_key(t.task, t.metric) for t in config.fitness]
     report: dict[str, Any] = {
         "method": config.merge_method, "seed": config.seed, "dimensions": pool.space.dimensions, "groups": pool.space.labels,
-        "search_split": config.splits.search, "test_split": config.splits.test, "evaluations": len(entries),
+        "search_split": config.splits.search, "test_split": config.splits.test, "evaluations": len(entries), "stopped": stopped,
         "failed": sum(e["fitness"] is None for e in entries),
         "seconds": sum(e["timing"]["seconds"] for e in entries),
         "failures": [{"evaluation": i, "error": e["error"]} for i, e in enumerate(entries, 1) if e["fitness"] is None],
@@ -68,9 +72,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     report["candidates_per_minute"] = 60 * len(entries) / report["seconds"] if report["seconds"] > 0 else 0.0
     if best is None:
         report["best"] = None
-        (out / "report.json").write_text(__import__("json").dumps(report, indent=2) + "\n", encoding="utf-8")
-        from mergeforge.errors import MergeforgeError
-
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         raise MergeforgeError(f"{out}: every candidate failed ({report['failures'][0]['error'] if entries else 'none ran'}); "
                               "see journal.jsonl")
     values = pool.space.values(best["genome"])
@@ -85,8 +87,6 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     report["test"] = baseline_rows(pool, values)
     report["plot"] = convergence_plot(entries, out / "convergence.png") or "convergence.png"
     write_report(out, report, terms)
-    from mergeforge.evolve.report import table
-
     say(table(report["test"], terms))
     return report
 

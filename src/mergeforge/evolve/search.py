@@ -102,8 +102,9 @@ def loss_of(entry: dict[str, Any]) -> float:
     return FAILED_LOSS if entry["fitness"] is None else -float(entry["fitness"])
 
 
-def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Run (or continue) the search in ``out_dir`` until the budget is spent; returns the journal."""
+def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> tuple[list[dict[str, Any]], str]:
+    """Run (or continue) the search in ``out_dir`` until the budget is spent or CMA-ES stops
+    (converged, or flat fitness); returns the journal and why it stopped."""
     config: SearchConfig = pool.config
     entries = read_journal(out_dir)
     done = {(e["generation"], e["candidate"]): e for e in entries}
@@ -124,7 +125,7 @@ def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> li
                                       "the saved optimiser asks for; the folder was changed by hand, start a new search")
             else:
                 if budget.spent():
-                    return entries
+                    return entries, "budget spent"
                 entry = journal_entry(pool, generation, index, unit)
                 append_entry(out_dir, entry)
                 entries.append(entry)
@@ -133,7 +134,9 @@ def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> li
         optimizer.tell(asked, [loss_of(e) for e in results])
         save_optimizer(out_dir, optimizer)
         progress(generation_line(generation, results, entries, budget))
-    return entries
+    if budget.spent():
+        return entries, "budget spent"
+    return entries, "cma stopped: " + ", ".join(f"{key} {value}" for key, value in optimizer.stop().items())
 
 
 def generation_line(generation: int, results: list[dict[str, Any]], entries: list[dict[str, Any]], budget: Budget) -> str:
