@@ -69,6 +69,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         "seconds": sum(e["timing"]["seconds"] for e in entries),
         "failures": [{"evaluation": i, "error": e["error"]} for i, e in enumerate(entries, 1) if e["fitness"] is None],
     }
+    report["timing"] = mean_timing(entries)
     report["candidates_per_minute"] = 60 * len(entries) / report["seconds"] if report["seconds"] > 0 else 0.0
     if best is None:
         report["best"] = None
@@ -99,3 +100,10 @@ def absolute_paths(config: SearchConfig, folder: Path) -> SearchConfig:
         "models": [m.model_copy(update={"model": str(resolve_path(m.model, folder))}) for m in config.models],
         "fitness": [t.model_copy(update={"task": str(resolve_path(t.task, folder))}) for t in config.fitness],
     })
+
+
+def mean_timing(entries: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds of merging and scoring, and groups merged, over the scored candidates."""
+    scored = [e["timing"] for e in entries if e["fitness"] is not None]
+    keys = ("merge_seconds", "score_seconds", "remerged_groups")
+    return {key: sum(t[key] for t in scored) / len(scored) if scored else 0.0 for key in keys}

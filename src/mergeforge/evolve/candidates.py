@@ -24,7 +24,9 @@ from mergeforge.evolve.config import SearchConfig, resolve_path
 from mergeforge.evolve.space import SearchSpace, subset, tensors_by_group
 from mergeforge.methods.registry import BaseUse, get_method
 
-CACHE_PER_GROUP = 2  # merges kept per group besides the resident one: enough for a step back
+# Merges kept per group, the resident one included: enough to step back to the previous genes.
+# With one group this is two copies of the model beside the sources, so no more.
+CACHE_PER_GROUP = 2
 
 
 @dataclass
@@ -94,19 +96,16 @@ class CandidatePool:
             key = self.space.group_genes(values, group)
             if self.resident[group] == key:
                 continue
+            self.resident[group] = None  # the skeleton's group is in doubt until its copy ends
             cache = self.cache[group]
             if key in cache:
                 cache.move_to_end(key)
-                tensors = cache[key]
             else:
-                self.resident[group] = None  # the skeleton's group is in doubt until the copy ends
-                tensors = self.merge_group(values, group)
+                cache[key] = self.merge_group(values, group)
                 merged += 1
-                cache[key] = tensors
-                while len(cache) > CACHE_PER_GROUP + 1:
+                while len(cache) > CACHE_PER_GROUP:
                     cache.popitem(last=False)
-            self.resident[group] = None
-            self._copy_in(tensors)
+            self._copy_in(cache[key])
             self.resident[group] = key
         return merged
 

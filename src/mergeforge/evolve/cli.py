@@ -23,6 +23,9 @@ def evolve_command(search: Path, out_dir: Path, resume: bool, quiet: bool) -> No
     """
     import logging
 
+    from mergeforge.evolve.config import load_search_config
+
+    load_search_config(search)  # a bad search file fails here, before transformers is imported
     from transformers.utils import logging as transformers_logging
 
     from mergeforge.evolve.api import run_search

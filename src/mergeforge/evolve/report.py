@@ -9,6 +9,7 @@ from the journalled fitness is reported (0 when the in-memory and on-disk merges
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,15 @@ def remerge_winner(pool: CandidatePool, out_dir: Path) -> dict[str, Any]:
     from mergeforge.engine.options import MergeOptions
 
     model_dir = out_dir / "model"
+    started = time.perf_counter()
     merge(out_dir / WINNER, model_dir, MergeOptions(seed=pool.config.seed, quiet=True, overwrite=True, device=pool.config.device))
     state = pool.pool.state(model_dir)
     pool.load_state(state)
+    # What each candidate would cost if it were written and read back instead of merged in memory.
+    disk_seconds = time.perf_counter() - started
     scores = pool.score(pool.config.splits.search)
-    return {"model": str(model_dir), "scores": scores, "fitness": fitness_of(pool.config, scores)}
+    return {"model": str(model_dir), "scores": scores, "fitness": fitness_of(pool.config, scores),
+            "merge_to_disk_and_load_seconds": disk_seconds}
 
 
 def baseline_rows(pool: CandidatePool, winner_values: list[float]) -> list[dict[str, Any]]:
@@ -146,6 +151,9 @@ def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> Non
         f"{report['candidates_per_minute']:.1f} candidates/minute; {report['stopped']}",
         f"- best fitness on `{report['search_split']}`: {report['best']['fitness']:.4f} (evaluation {report['best']['evaluation']})",
         f"- re-merged from `{WINNER}`: {report['reproduction']['fitness']:.4f} (difference {report['reproduction']['difference']:.2e})",
+        f"- seconds per candidate: merge {report['timing']['merge_seconds']:.3f} (in memory, "
+        f"{report['timing']['remerged_groups']:.2f} groups merged on average), score {report['timing']['score_seconds']:.3f}; "
+        f"merging the winner to disk and loading it took {report['reproduction']['merge_to_disk_and_load_seconds']:.2f}",
         "", f"## Test split (`{report['test_split']}`)", "", table(report["test"], terms), "",
     ]
     (out_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -59,7 +59,7 @@ def new_optimizer(config: SearchConfig, start: list[float]) -> Any:
 
 
 @dataclass
-class Budget:
+class BudgetClock:
     """How much of the budget is spent: evaluations in the journal, and seconds over all runs."""
 
     config: SearchConfig
@@ -109,7 +109,7 @@ def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> tu
     entries = read_journal(out_dir)
     done = {(e["generation"], e["candidate"]): e for e in entries}
     optimizer = load_optimizer(out_dir) or new_optimizer(config, pool.space.start())
-    budget = Budget(config, len(entries), sum(e["timing"]["seconds"] for e in entries))
+    budget = BudgetClock(config, len(entries), sum(e["timing"]["seconds"] for e in entries))
     while not budget.spent() and not optimizer.stop():
         generation = optimizer.countiter
         asked = optimizer.ask()
@@ -139,7 +139,7 @@ def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> tu
     return entries, "cma stopped: " + ", ".join(f"{key} {value}" for key, value in optimizer.stop().items())
 
 
-def generation_line(generation: int, results: list[dict[str, Any]], entries: list[dict[str, Any]], budget: Budget) -> str:
+def generation_line(generation: int, results: list[dict[str, Any]], entries: list[dict[str, Any]], budget: BudgetClock) -> str:
     """One line per generation: its best and median, the best so far, failures, speed."""
     fitness = sorted(e["fitness"] for e in results if e["fitness"] is not None)
     best = max((e["fitness"] for e in entries if e["fitness"] is not None), default=None)
