@@ -75,6 +75,9 @@ def read_lines(path: Path) -> list[dict]:
     ({"fitness": [{"task": "t", "metric": "bleu"}]}, r"field 'fitness.0.metric'"),
     ({"merge_method": "tiez"}, r"field 'merge_method': unknown method 'tiez'. Did you mean 'ties'\?"),
     ({"parameters": {"lamda": 1.0}}, r"field 'parameters.lamda': 'dare_ties' has no parameter 'lamda'"),
+    ({"models": [{"model": "a", "parameters": {"wieght": 1.0}}]},
+     r"field 'models.0.parameters.wieght': 'dare_ties' has no per-model parameter 'wieght'"),
+    ({"baselines": [{"merge_method": "tiez"}]}, r"field 'baselines.0.merge_method': unknown method 'tiez'"),
 ])
 def test_a_bad_search_file_is_refused_naming_the_file_and_field(tmp_path, change, message):
     from mergeforge.evolve.config import load_search_config
@@ -254,3 +257,30 @@ def test_help_imports_neither_torch_nor_cma():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "evolve" in result.stdout and "--resume" in result.stdout and "HEAVY []" in result.stdout
+
+
+@pytest.mark.slow  # three CLI runs of a 40-candidate search: about 40 s on 2 cores
+def test_a_search_killed_with_sigkill_resumes_to_the_uninterrupted_result(zoo_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = search(zoo_dir, budget={"evaluations": 40}, splits={"search_examples": 48, "test_examples": 12})
+    path = write_search(tmp_path / "search.yml", config)
+    assert run_cli("evolve", path, tmp_path / "whole", "--quiet").returncode == 0
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "mergeforge", "evolve", str(path), str(killed), "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = killed / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while (not journal.is_file() or len(journal.read_bytes().splitlines()) < 6) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(journal.read_bytes().splitlines())
+    assert 6 <= done < 40, "the run was not killed in the middle"
+    result = run_cli("evolve", path, killed, "--resume", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert deterministic(read_lines(journal)) == deterministic(read_lines(tmp_path / "whole" / "journal.jsonl"))
+    assert (killed / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()

@@ -187,6 +187,16 @@ def check_against_method(config: SearchConfig, source: str) -> None:
     for name in config.parameters:
         if name not in params:
             raise RecipeError(f"{source}: field 'parameters.{name}': '{config.merge_method}' has no parameter '{name}'")
+    for index, model in enumerate(config.models):
+        for name in model.parameters:
+            if name not in params or not params[name].per_model:
+                raise RecipeError(f"{source}: field 'models.{index}.parameters.{name}': '{config.merge_method}' has no "
+                                  f"per-model parameter '{name}'")
+    for index, baseline in enumerate(config.baselines or []):
+        try:
+            get_method(baseline.merge_method)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: field 'baselines.{index}.merge_method': {str(exc).removeprefix('merge_method: ')}") from None
     if len(config.models) < 2 and spec.base.value == "none":
         raise RecipeError(f"{source}: field 'models': '{config.merge_method}' merges two models or more")
 
