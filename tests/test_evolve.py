@@ -185,9 +185,9 @@ def test_a_resumed_search_writes_the_journal_of_an_uninterrupted_one(zoo_dir, tm
         run_search(search(zoo_dir), tmp_path / "whole")
 
 
-def test_a_failing_candidate_is_journalled_and_the_search_goes_on(zoo_dir, tmp_path, scratch_methods):
+def register_fragile_method() -> None:
+    """A method that raises when the first model's weight is above 1."""
     from mergeforge import Param, register_method
-    from mergeforge.evolve.api import run_search
     from mergeforge.methods.registry import BaseUse
 
     @register_method("fragile_sum_for_test", params=[Param("weight", 1.0, per_model=True, low=0.0, high=2.0)],
@@ -197,6 +197,11 @@ def test_a_failing_candidate_is_journalled_and_the_search_goes_on(zoo_dir, tmp_p
             raise RuntimeError(f"weight {weight[0]:.3f} is too large for this test method")
         return base + sum(w * (t - base) for w, t in zip(weight, tensors, strict=True))
 
+
+def test_a_failing_candidate_is_journalled_and_the_search_goes_on(zoo_dir, tmp_path, scratch_methods):
+    from mergeforge.evolve.api import run_search
+
+    register_fragile_method()
     config = search(zoo_dir, merge_method="fragile_sum_for_test", search={"weight": {"low": 0.0, "high": 2.0}},
                     budget={"evaluations": 12}, optimizer={"popsize": 6, "sigma0": 0.5})
     report = run_search(config, tmp_path / "out")
@@ -206,6 +211,17 @@ def test_a_failing_candidate_is_journalled_and_the_search_goes_on(zoo_dir, tmp_p
     assert all("RuntimeError" in e["error"] and "too large for this test method" in e["error"] for e in failed)
     assert report["failed"] == len(failed) and report["best"]["fitness"] is not None
     assert report["best"]["parameters"]["weight [model 0, group 0]"] <= 1.0
+
+
+def test_a_search_where_every_candidate_fails_says_so(zoo_dir, tmp_path, scratch_methods):
+    from mergeforge.evolve.api import run_search
+
+    register_fragile_method()
+    config = search(zoo_dir, merge_method="fragile_sum_for_test", search={"weight": {"low": 1.1, "high": 2.0}},
+                    budget={"evaluations": 4})
+    with pytest.raises(MergeforgeError, match="every candidate failed .RuntimeError: weight .* is too large"):
+        run_search(config, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["failed"] == 4
 
 
 def test_the_exported_recipe_reproduces_the_fitness_through_the_cli(zoo_dir, tmp_path):

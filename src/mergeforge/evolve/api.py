@@ -62,17 +62,8 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     say(f"search ended: {stopped}")
     best = best_entry(entries)
     terms = [term_key(t.task, t.metric) for t in config.fitness]
-    report: dict[str, Any] = {
-        "method": config.merge_method, "seed": config.seed, "dimensions": pool.space.dimensions, "groups": pool.space.labels,
-        "search_split": config.splits.search, "test_split": config.splits.test, "evaluations": len(entries), "stopped": stopped,
-        "failed": sum(e["fitness"] is None for e in entries),
-        "seconds": sum(e["timing"]["seconds"] for e in entries),
-        "failures": [{"evaluation": i, "error": e["error"]} for i, e in enumerate(entries, 1) if e["fitness"] is None],
-    }
-    report["timing"] = mean_timing(entries)
-    report["candidates_per_minute"] = 60 * len(entries) / report["seconds"] if report["seconds"] > 0 else 0.0
+    report = summary(pool, entries, stopped)
     if best is None:
-        report["best"] = None
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         raise MergeforgeError(f"{out}: every candidate failed ({report['failures'][0]['error'] if entries else 'none ran'}); "
                               "see journal.jsonl")
@@ -86,7 +77,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     say(f"winner re-merged from {WINNER}: fitness {reproduction['fitness']:.4f} (search {best['fitness']:.4f}, "
         f"difference {reproduction['difference']:.2e})")
     report["test"] = baseline_rows(pool, values)
-    report["plot"] = convergence_plot(entries, out / "convergence.png") or "convergence.png"
+    report["plot_skipped"] = convergence_plot(entries, out / "convergence.png")
     write_report(out, report, terms)
     say(table(report["test"], terms))
     return report
@@ -107,3 +98,17 @@ def mean_timing(entries: list[dict[str, Any]]) -> dict[str, float]:
     scored = [e["timing"] for e in entries if e["fitness"] is not None]
     keys = ("merge_seconds", "score_seconds", "remerged_groups")
     return {key: sum(t[key] for t in scored) / len(scored) if scored else 0.0 for key in keys}
+
+
+def summary(pool: Any, entries: list[dict[str, Any]], stopped: str) -> dict[str, Any]:
+    """The report's account of the search itself (before the winner's export and the test table)."""
+    config = pool.config
+    seconds = sum(e["timing"]["seconds"] for e in entries)
+    return {
+        "method": config.merge_method, "seed": config.seed, "dimensions": pool.space.dimensions, "groups": pool.space.labels,
+        "search_split": config.splits.search, "test_split": config.splits.test, "evaluations": len(entries), "stopped": stopped,
+        "failed": sum(e["fitness"] is None for e in entries), "seconds": seconds,
+        "candidates_per_minute": 60 * len(entries) / seconds if seconds > 0 else 0.0, "timing": mean_timing(entries),
+        "failures": [{"evaluation": i, "error": e["error"]} for i, e in enumerate(entries, 1) if e["fitness"] is None],
+        "best": None,
+    }
