@@ -99,8 +99,9 @@ def test_the_cli_refuses_a_bad_search_in_one_line_before_reading_a_model(tmp_pat
 def test_too_many_layer_groups_is_refused(zoo_dir, tmp_path):
     from mergeforge.evolve.api import run_search
 
-    with pytest.raises(RecipeError, match=r"field 'layer_groups': 5 groups for a model of 2 layers"):
-        run_search(search(zoo_dir, layer_groups=5), tmp_path / "out")
+    path = write_search(tmp_path / "search.yml", search(zoo_dir, layer_groups=5))
+    with pytest.raises(RecipeError, match=r"search.yml: field 'layer_groups': 5 groups for a model of 2 layers"):
+        run_search(path, tmp_path / "out")
 
 
 # -- in-memory merging ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from mergeforge.errors import MergeforgeError
+from mergeforge.errors import MergeforgeError, RecipeError
 from mergeforge.evolve.config import SearchConfig, load_search_config, resolve_path
 from mergeforge.evolve.journal import prepare_out_dir
 
@@ -55,7 +55,13 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     out = Path(out_dir)
     prepare_out_dir(out, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True), resume)
     started = time.perf_counter()
-    pool = CandidatePool(config, folder)
+    try:
+        pool = CandidatePool(config, folder)
+    except RecipeError as exc:
+        if not str(exc).startswith("field '"):
+            raise
+        source = str(search) if isinstance(search, (str, os.PathLike)) else "search config"
+        raise RecipeError(f"{source}: {exc}") from None  # a field that needed the models to check (layer_groups)
     say(f"{pool.space.dimensions} genes over {len(pool.space.labels)} group(s); sources loaded in "
         f"{time.perf_counter() - started:.1f} s")
     entries, stopped = search_loop(pool, out, say)
