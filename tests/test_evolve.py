@@ -169,6 +169,18 @@ def test_the_partial_re_merge_gives_the_weights_of_a_full_one(grouped_pool):
 # -- the search -----------------------------------------------------------------------------------
 
 
+def test_an_int_parameter_is_searched_as_rounded_values():
+    from mergeforge.evolve.config import load_search_config
+    from mergeforge.evolve.space import SearchSpace
+    from mergeforge.methods.registry import get_method
+
+    config, _ = load_search_config(search(Path("."), merge_method="consensus", search={"k": {"low": 1, "high": 4}},
+                                          layer_groups=1))
+    space = SearchSpace(config, get_method("consensus"), ["model.layers.0.mlp.weight", "lm_head.weight"])
+    assert [gene.integer for gene in space.genes] == [True]
+    assert space.values([0.0]) == [1] and space.values([0.6]) == [3] and space.values([1.0]) == [4]
+
+
 def test_a_resumed_search_writes_the_journal_of_an_uninterrupted_one(zoo_dir, tmp_path):
     from mergeforge.evolve.api import run_search
 

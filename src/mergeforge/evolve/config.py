@@ -161,7 +161,7 @@ def _validation_message(error: ValidationError, source: str) -> str:
 
 def check_against_method(config: SearchConfig, source: str) -> None:
     """The searched and fixed parameters against the method's registered schema: a searched name
-    must be a numeric parameter of the method, and its bounds inside the parameter's range."""
+    must be a numeric (float or int) parameter of the method, and its bounds inside the parameter's range."""
     from mergeforge.methods.registry import get_method
 
     try:
@@ -176,9 +176,9 @@ def check_against_method(config: SearchConfig, source: str) -> None:
             hint = f"; did you mean '{match}'?" if match else ""
             raise RecipeError(f"{source}: field 'search.{name}': '{config.merge_method}' has no parameter '{name}'{hint} "
                               f"(its parameters: {', '.join(params) or 'none'})")
-        if param.kind != "float":
-            raise RecipeError(f"{source}: field 'search.{name}': '{name}' is a {param.kind} parameter; only float parameters "
-                              "are searched")
+        if param.kind == "bool":
+            raise RecipeError(f"{source}: field 'search.{name}': '{name}' is a bool parameter; only numeric parameters "
+                              "are searched (set it under 'parameters')")
         below = param.low is not None and (bounds.low < param.low or (param.low_open and bounds.low <= param.low))
         above = param.high is not None and (bounds.high > param.high or (param.high_open and bounds.high >= param.high))
         if below or above:

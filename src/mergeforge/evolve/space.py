@@ -34,6 +34,7 @@ class Gene:
     model: int | None
     low: float
     high: float
+    integer: bool = False  # an int parameter: the value is rounded, so nearby genomes share merges
 
     @property
     def label(self) -> str:
@@ -58,8 +59,9 @@ class SearchSpace:
         self.layers = count_layers(tensor_names)
         self.group_of, self.labels, self.layer_prefixes = _groups(tensor_names, config.layer_groups, self.layers)
         per_model = {param.name: param.per_model for param in method.params}
+        integer = {param.name: param.kind == "int" for param in method.params}
         self.genes = [
-            Gene(name, group, model, bounds.low, bounds.high)
+            Gene(name, group, model, bounds.low, bounds.high, integer[name])
             for group in range(len(self.labels))
             for name, bounds in config.search.items()
             for model in (range(self.model_count) if per_model[name] else [None])
@@ -76,10 +78,14 @@ class SearchSpace:
                 for start, gene in zip(self._starts, self.genes, strict=True)]
 
     def values(self, unit: Sequence[float]) -> list[float]:
-        """Gene values on their bounds (the unit point clipped to the cube first)."""
+        """Gene values on their bounds (the unit point clipped to the cube first; int genes rounded)."""
         if len(unit) != self.dimensions:
             raise RecipeError(f"a genome of {len(unit)} numbers for a search of {self.dimensions} genes")
-        return [gene.low + min(1.0, max(0.0, float(x))) * (gene.high - gene.low) for x, gene in zip(unit, self.genes, strict=True)]
+        values = []
+        for x, gene in zip(unit, self.genes, strict=True):
+            value = gene.low + min(1.0, max(0.0, float(x))) * (gene.high - gene.low)
+            values.append(round(value) if gene.integer else value)
+        return values
 
     def group_genes(self, values: Sequence[float], group: int) -> tuple[float, ...]:
         """The values of one group's genes: the key of that group's merge cache."""
