@@ -1,0 +1,120 @@
+"""``run_search``: one call from a search file to a finished output folder (what ``mergeforge
+evolve`` runs): validate, load the sources once, search (or resume), then export, re-merge and
+report."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergeforge.errors import MergeforgeError, RecipeError
+from mergeforge.evolve.config import SearchConfig, load_search_config, resolve_path
+from mergeforge.evolve.journal import prepare_out_dir
+
+SearchLike = SearchConfig | dict[str, Any] | str | os.PathLike[str]
+
+
+def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: bool = False,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Search a merge's parameters with CMA-ES and write the winner and the report to ``out_dir``.
+
+    Arguments:
+        search: the search file (YAML path), a dict of it, or a :class:`SearchConfig`.
+        out_dir: an empty or new folder; with ``resume``, the folder of a search to continue
+            (the same search; only its ``budget`` may change).
+        progress: called with one line per generation and per final step (default: silent).
+
+    Returns:
+        The report (also ``out_dir/report.json``).
+
+    Example:
+        >>> run_search("search.yml", "runs/ties", progress=print)["best"]["fitness"]
+    """
+    from mergeforge.evolve.candidates import CandidatePool, term_key
+    from mergeforge.evolve.report import (
+        WINNER,
+        baseline_rows,
+        convergence_plot,
+        remerge_winner,
+        table,
+        winner_recipe_text,
+        write_report,
+    )
+    from mergeforge.evolve.search import best_entry, search_loop
+
+    say = progress or (lambda line: None)
+    config, folder = load_search_config(search)
+    config = absolute_paths(config, folder)
+    import cma  # noqa: F401 - missing optional package: fail before any model is read
+    out = Path(out_dir)
+    prepare_out_dir(out, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True), resume)
+    started = time.perf_counter()
+    try:
+        pool = CandidatePool(config, folder)
+    except RecipeError as exc:
+        if not str(exc).startswith("field '"):
+            raise
+        source = str(search) if isinstance(search, (str, os.PathLike)) else "search config"
+        raise RecipeError(f"{source}: {exc}") from None  # a field that needed the models to check (layer_groups)
+    say(f"{pool.space.dimensions} genes over {len(pool.space.labels)} group(s); sources loaded in "
+        f"{time.perf_counter() - started:.1f} s")
+    entries, stopped = search_loop(pool, out, say)
+    say(f"search ended: {stopped}")
+    best = best_entry(entries)
+    terms = [term_key(t.task, t.metric) for t in config.fitness]
+    report = summary(pool, entries, stopped)
+    if best is None:
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        raise MergeforgeError(f"{out}: every candidate failed ({report['failures'][0]['error'] if entries else 'none ran'}); "
+                              "see journal.jsonl")
+    values = pool.space.values(best["genome"])
+    report["best"] = {"evaluation": entries.index(best) + 1, "generation": best["generation"], "fitness": best["fitness"],
+                      "scores": best["scores"], "parameters": best["parameters"], "genome": best["genome"]}
+    (out / WINNER).write_text(winner_recipe_text(pool, values), encoding="utf-8")
+    reproduction = remerge_winner(pool, out)
+    reproduction["difference"] = reproduction["fitness"] - best["fitness"]
+    report["reproduction"] = reproduction
+    say(f"winner re-merged from {WINNER}: fitness {reproduction['fitness']:.4f} (search {best['fitness']:.4f}, "
+        f"difference {reproduction['difference']:.2e})")
+    report["test"] = baseline_rows(pool, values)
+    report["plot_skipped"] = convergence_plot(entries, out / "convergence.png")
+    write_report(out, report, terms)
+    say(table(report["test"], terms))
+    return report
+
+
+def absolute_paths(config: SearchConfig, folder: Path) -> SearchConfig:
+    """The search with its model and task paths resolved against the search file's folder, so the
+    saved copy (and a resume) means the same from any working directory."""
+    return config.model_copy(update={
+        "base_model": str(resolve_path(config.base_model, folder)),
+        "models": [m.model_copy(update={"model": str(resolve_path(m.model, folder))}) for m in config.models],
+        "fitness": [t.model_copy(update={"task": str(resolve_path(t.task, folder))}) for t in config.fitness],
+    })
+
+
+def mean_timing(entries: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds of merging and scoring, and groups merged, over the scored candidates."""
+    scored = [e["timing"] for e in entries if e["fitness"] is not None]
+    keys = ("merge_seconds", "score_seconds", "remerged_groups")
+    return {key: sum(t[key] for t in scored) / len(scored) if scored else 0.0 for key in keys}
+
+
+def summary(pool: Any, entries: list[dict[str, Any]], stopped: str) -> dict[str, Any]:
+    """The report's account of the search itself (before the winner's export and the test table)."""
+    config = pool.config
+    seconds = sum(e["timing"]["seconds"] for e in entries)
+    return {
+        "method": config.merge_method, "seed": config.seed, "dimensions": pool.space.dimensions, "groups": pool.space.labels,
+        "search_split": config.splits.search, "test_split": config.splits.test, "evaluations": len(entries), "stopped": stopped,
+        "failed": sum(e["fitness"] is None for e in entries), "seconds": seconds,
+        "candidates_per_minute": 60 * len(entries) / seconds if seconds > 0 else 0.0, "timing": mean_timing(entries),
+        "failures": [{"evaluation": i, "error": e["error"]} for i, e in enumerate(entries, 1) if e["fitness"] is None],
+        "best": None,
+    }

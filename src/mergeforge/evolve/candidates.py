@@ -1,0 +1,156 @@
+"""Candidates merged and scored in memory: the hot path of a search.
+
+The sources are loaded once (through the bench's model pool, :class:`mergeforge.bench.runner._Evaluator`),
+one model skeleton stays resident, and a candidate's weights are copied into it in place. A
+candidate is merged group by group (:mod:`mergeforge.evolve.space`) with the engine's own
+:func:`~mergeforge.engine.api.merge_state_dicts`; a group whose genes equal those already in the
+skeleton is neither merged nor copied, and the last few merges of each group are kept, so a
+candidate that changes one group's genes recomputes one group. Scoring is the evaluator's
+teacher-forced mode (``scoring="forced"``): one forward pass settles most examples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeforge.evolve.config import SearchConfig, resolve_path
+from mergeforge.evolve.space import SearchSpace, subset, tensors_by_group
+from mergeforge.methods.registry import BaseUse, get_method
+
+# Merges kept per group, the resident one included: enough to step back to the previous genes.
+# With one group this is two copies of the model beside the sources, so no more.
+CACHE_PER_GROUP = 2
+
+
+@dataclass
+class Scored:
+    """One candidate's scores (``task: value`` of each fitness term's metric) and fitness."""
+
+    scores: dict[str, float]
+    fitness: float
+    remerged_groups: int
+    merge_seconds: float
+    score_seconds: float
+
+
+def fitness_of(config: SearchConfig, values: Mapping[str, float]) -> float:
+    """Σ weight × metric over the fitness terms (higher is better; a negative weight turns a loss
+    into something to maximise)."""
+    return sum(term.weight * values[term_key(term.task, term.metric)] for term in config.fitness)
+
+
+def term_key(task: str, metric: str) -> str:
+    """The journal key of one fitness term: the task folder's name, with the metric unless it is the score."""
+    name = Path(task).name
+    return name if metric == "score" else f"{name}:{metric}"
+
+
+class CandidatePool:
+    """The resident model, the sources, and the per-group merge cache of one search."""
+
+    def __init__(self, config: SearchConfig, folder: Path):
+        from mergeforge.bench.runner import BenchSuite, _Evaluator
+
+        self.config = config
+        self.method = get_method(config.merge_method)
+        self.task_dirs = {term_key(t.task, "score"): resolve_path(t.task, folder) for t in config.fitness}
+        self.base_dir = resolve_path(config.base_model, folder)
+        self.model_dirs = [resolve_path(m.model, folder) for m in config.models]
+        suite = BenchSuite(base=self.base_dir, experts={}, tasks=self.task_dirs)
+        self.pool = _Evaluator(suite, config.splits.test_examples, config.batch_size, config.device,
+                               config.splits.search_examples)
+        self.base_state = self.pool.state(self.base_dir)
+        self.model_states = [self.pool.state(path) for path in self.model_dirs]
+        self.target = self.pool.skeleton.state_dict()  # shares storage with the skeleton: copies land in the model
+        self.names = list(self.target)
+        self.space = SearchSpace(config, self.method, self.names)
+        self.group_names = tensors_by_group(self.space, self.names)
+        self.resident: list[tuple[float, ...] | None] = [None] * len(self.group_names)
+        self.cache: list[OrderedDict[tuple[float, ...], dict[str, torch.Tensor]]] = [OrderedDict() for _ in self.group_names]
+        self.with_loss = any(term.metric != "score" for term in config.fitness)
+
+    # -- merging ------------------------------------------------------------------------------
+
+    def merge_group(self, values: Sequence[float], group: int) -> dict[str, torch.Tensor]:
+        """One group's tensors merged by the engine with that group's parameters."""
+        from mergeforge.engine.api import merge_state_dicts
+
+        names = self.group_names[group]
+        params = self.space.group_parameters(values, group)
+        base = subset(self.base_state, names) if self.method.base != BaseUse.NONE else None
+        return merge_state_dicts(self.method.name, [subset(state, names) for state in self.model_states], base,
+                                 parameters=params.top, model_parameters=params.per_model, seed=self.config.seed,
+                                 device=self.config.device, threads=2)
+
+    def load(self, values: Sequence[float]) -> int:
+        """Put the candidate's weights into the resident model; returns how many groups were merged."""
+        merged = 0
+        for group in range(len(self.group_names)):
+            key = self.space.group_genes(values, group)
+            if self.resident[group] == key:
+                continue
+            self.resident[group] = None  # the skeleton's group is in doubt until its copy ends
+            cache = self.cache[group]
+            if key in cache:
+                cache.move_to_end(key)
+            else:
+                cache[key] = self.merge_group(values, group)
+                merged += 1
+                while len(cache) > CACHE_PER_GROUP:
+                    cache.popitem(last=False)
+            self._copy_in(cache[key])
+            self.resident[group] = key
+        return merged
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """A whole state dict (a baseline, a re-merged winner) into the resident model."""
+        self.resident = [None] * len(self.group_names)
+        self._copy_in(state)
+
+    def forget(self) -> None:
+        """After a failure the resident weights are unknown: every group is copied again next time."""
+        self.resident = [None] * len(self.group_names)
+
+    def _copy_in(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                self.target[name].copy_(tensor)
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def score(self, split: str) -> dict[str, float]:
+        """Each fitness term's metric for the resident model on ``split``."""
+        from mergeforge.evaluate.api import evaluate_model
+
+        limit = self.config.splits.search_examples if split == self.config.splits.search else self.config.splits.test_examples
+        tasks = [self.pool.tasks[name] for name in self.task_dirs]
+        result = evaluate_model(self.pool.skeleton, tasks, split=split, batch_size=self.config.batch_size, max_examples=limit,
+                                tokenizer=self.pool.tokenizer, with_loss=self.with_loss, scoring="forced")
+        values: dict[str, float] = {}
+        for term in self.config.fitness:
+            entry = result["tasks"][self.pool.tasks[term_key(term.task, "score")].name]
+            values[term_key(term.task, term.metric)] = float(entry[term.metric])
+        return values
+
+    def evaluate(self, values: Sequence[float]) -> Scored:
+        """Merge (partially) and score one candidate on the search split."""
+        started = time.perf_counter()
+        remerged = self.load(values)
+        merged_at = time.perf_counter()
+        scores = self.score(self.config.splits.search)
+        return Scored(scores, fitness_of(self.config, scores), remerged, merged_at - started, time.perf_counter() - merged_at)
+
+    def full_merge(self, method: str, parameters: Mapping[str, Any], model_parameters: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """A whole-model merge of the sources (baselines), by the same engine call."""
+        from mergeforge.engine.api import merge_state_dicts
+
+        base = self.base_state if get_method(method).base != BaseUse.NONE else None
+        return merge_state_dicts(method, self.model_states, base, parameters=parameters, model_parameters=model_parameters,
+                                 seed=self.config.seed, device=self.config.device, threads=2)

@@ -1,0 +1,160 @@
+"""The end of a search: the winner exported as a plain recipe and re-merged from it, the
+hand-set baselines on the test split, ``report.json``, ``report.md`` and ``convergence.png``.
+
+The re-merge goes through :func:`mergeforge.merge` (what ``mergeforge merge`` runs) from the
+exported file, into ``OUT_DIR/model``, and is scored on the search split again: the difference
+from the journalled fitness is reported (0 when the in-memory and on-disk merges agree).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergeforge.evolve.candidates import CandidatePool, fitness_of
+from mergeforge.evolve.config import DEFAULT_BASELINES
+
+WINNER = "winner.yml"
+
+
+def winner_recipe_text(pool: CandidatePool, values: list[float]) -> str:
+    """The winner as mergekit YAML. mergekit recipes have no seed field, so the seed (it fixes
+    DARE/DELLA masks) is written as the header comment and the ``--seed`` of the command line."""
+    base = str(pool.base_dir)
+    recipe = pool.space.recipe(values, [str(path) for path in pool.model_dirs], base)
+    seed = pool.config.seed
+    header = (f"# mergeforge evolve winner; seed: {seed}\n"
+              f"# reproduce: mergeforge merge {WINNER} OUT_DIR --seed {seed}\n")
+    return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def remerge_winner(pool: CandidatePool, out_dir: Path) -> dict[str, Any]:
+    """Re-merge ``winner.yml`` from disk with the engine and score it on the search split."""
+    from mergeforge.engine.api import merge
+    from mergeforge.engine.options import MergeOptions
+
+    model_dir = out_dir / "model"
+    started = time.perf_counter()
+    merge(out_dir / WINNER, model_dir, MergeOptions(seed=pool.config.seed, quiet=True, overwrite=True, device=pool.config.device))
+    state = pool.pool.state(model_dir)
+    pool.load_state(state)
+    # What each candidate would cost if it were written and read back instead of merged in memory.
+    disk_seconds = time.perf_counter() - started
+    scores = pool.score(pool.config.splits.search)
+    return {"model": str(model_dir), "scores": scores, "fitness": fitness_of(pool.config, scores),
+            "merge_to_disk_and_load_seconds": disk_seconds}
+
+
+def baseline_rows(pool: CandidatePool, winner_values: list[float]) -> list[dict[str, Any]]:
+    """Test-split scores of the base, each source, the hand-set merges and the winner."""
+    config = pool.config
+    test = config.splits.test
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, state: Any = None, error: str | None = None) -> None:
+        if error is not None:
+            rows.append({"name": name, "error": error})
+            return
+        pool.load_state(state)
+        scores = pool.score(test)
+        rows.append({"name": name, "scores": scores, "fitness": fitness_of(config, scores)})
+
+    row("base", pool.base_state)
+    for path, state in zip(pool.model_dirs, pool.model_states, strict=True):
+        row(f"source: {path.name}", state)
+    for baseline in config.baselines if config.baselines is not None else DEFAULT_BASELINES:
+        name = baseline.name or baseline.merge_method
+        try:
+            state = pool.full_merge(baseline.merge_method, baseline.parameters,
+                                    [dict(baseline.model_parameters)] * len(pool.model_states))
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run on these models is reported, not fatal
+            row(name, error=f"{type(exc).__name__}: {exc}")
+            continue
+        row(name, state)
+    pool.forget()
+    pool.load(winner_values)
+    scores = pool.score(test)
+    rows.append({"name": "evolved (winner)", "scores": scores, "fitness": fitness_of(config, scores)})
+    return rows
+
+
+def table(rows: list[dict[str, Any]], terms: list[str]) -> str:
+    """The test table in Markdown: one row per model, one column per fitness term, then the fitness."""
+    lines = ["| model | " + " | ".join(terms) + " | fitness |", "|---" * (len(terms) + 2) + "|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | " + " | ".join("-" for _ in terms) + f" | failed: {row['error']} |")
+            continue
+        cells = " | ".join(f"{row['scores'][term]:.4f}" for term in terms)
+        lines.append(f"| {row['name']} | {cells} | {row['fitness']:.4f} |")
+    return "\n".join(lines)
+
+
+def convergence_plot(entries: list[dict[str, Any]], path: Path) -> str | None:
+    """Best-so-far and each generation's quantiles against evaluations and wall time; returns
+    why no plot was drawn (matplotlib missing, nothing scored), else None."""
+    scored = [(i, e) for i, e in enumerate(entries, 1) if e["fitness"] is not None]
+    if not scored:
+        return "no candidate was scored"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return "matplotlib is not installed (pip install 'mergeforge[evolve]')"
+    best, running, clock, seconds = [], float("-inf"), [], 0.0
+    for entry in entries:
+        seconds += entry["timing"]["seconds"]
+        if entry["fitness"] is not None:
+            running = max(running, entry["fitness"])
+        best.append(running)
+        clock.append(seconds)
+    generations: dict[int, list[tuple[int, float]]] = {}
+    for i, entry in scored:
+        generations.setdefault(entry["generation"], []).append((i, entry["fitness"]))
+    figure, (by_count, by_time) = plt.subplots(1, 2, figsize=(10, 4))
+    count = list(range(1, len(entries) + 1))
+    by_count.scatter([i for i, _ in scored], [e["fitness"] for _, e in scored], s=8, alpha=0.4, label="candidates")
+    by_count.plot(count, best, color="black", label="best so far")
+    ends = [max(i for i, _ in points) for points in generations.values()]
+    for q, style in ((0.5, "--"), (0.9, ":")):
+        values = [_quantile([f for _, f in points], q) for points in generations.values()]
+        by_count.plot(ends, values, style, label=f"generation q{int(q * 100)}")
+    by_count.set_xlabel("evaluations")
+    by_count.set_ylabel("fitness (search split)")
+    by_count.legend(fontsize=8)
+    by_time.plot(clock, best, color="black")
+    by_time.set_xlabel("seconds")
+    by_time.set_ylabel("best fitness so far")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return None
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> None:
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    lines = [
+        "# mergeforge evolve report", "",
+        f"- method: `{report['method']}`, {report['dimensions']} genes, seed {report['seed']}",
+        f"- evaluations: {report['evaluations']} ({report['failed']} failed), {report['seconds']:.1f} s, "
+        f"{report['candidates_per_minute']:.1f} candidates/minute; {report['stopped']}",
+        f"- best fitness on `{report['search_split']}`: {report['best']['fitness']:.4f} (evaluation {report['best']['evaluation']})",
+        f"- re-merged from `{WINNER}`: {report['reproduction']['fitness']:.4f} (difference {report['reproduction']['difference']:.2e})",
+        f"- seconds per candidate: merge {report['timing']['merge_seconds']:.3f} (in memory, "
+        f"{report['timing']['remerged_groups']:.2f} groups merged on average), score {report['timing']['score_seconds']:.3f}; "
+        f"merging the winner to disk and loading it took {report['reproduction']['merge_to_disk_and_load_seconds']:.2f}",
+        "", f"## Test split (`{report['test_split']}`)", "", table(report["test"], terms), "",
+    ]
+    (out_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
+

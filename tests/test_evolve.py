@@ -1,0 +1,315 @@
+"""``mergeforge evolve`` on the tiny zoo: the search file's refusals, the in-memory group merge
+against the engine's whole-model merge, the partial re-merge cache, resume, the exported recipe
+through the real CLI, and a failing candidate."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_cli
+
+from mergeforge.errors import MergeforgeError, RecipeError
+
+pytest.importorskip("cma")
+
+
+@pytest.fixture(scope="module")
+def zoo_dir() -> Path:
+    from mergeforge.zoo import build_zoo
+    from mergeforge.zoo.build import default_zoo_dir
+
+    build_zoo(None, size="tiny", seed=0)  # cached by content hash, shared with the zoo and bench tests
+    return default_zoo_dir("tiny", 0)
+
+
+def search(zoo: Path, **changes) -> dict:
+    """A small search over two of the tiny zoo's experts (a few seconds)."""
+    config = {
+        "merge_method": "dare_ties",  # random masks: the seed has to reach every merge
+        "base_model": str(zoo / "models" / "base"),
+        "models": [str(zoo / "models" / "expert_shift"), str(zoo / "models" / "expert_reverse")],
+        "search": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.2, "high": 1.0}},
+        "fitness": [{"task": str(zoo / "tasks" / "shift")}, {"task": str(zoo / "tasks" / "reverse")}],
+        "splits": {"search_examples": 12, "test_examples": 12},
+        "budget": {"evaluations": 8},
+        "optimizer": {"popsize": 4},
+        "baselines": [],
+        "seed": 3,
+    }
+    config.update(changes)
+    return config
+
+
+def write_search(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def deterministic(entries: list[dict]) -> list[dict]:
+    """Journal lines without their timings: what must not depend on being resumed."""
+    return [{key: value for key, value in entry.items() if key != "timing"} for entry in entries]
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- the search file ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"serach": {}}, r"unknown field 'serach'; did you mean 'search'\?"),
+    ({"search": {"wieght": {"low": 0, "high": 1}}}, r"field 'search.wieght': 'dare_ties' has no parameter 'wieght'; did you mean 'weight'\?"),
+    ({"search": {"normalize": {"low": 0, "high": 1}}}, r"field 'search.normalize': 'normalize' is a bool parameter"),
+    ({"search": {"density": {"low": 0.5, "high": 1.5}}}, r"field 'search.density': \[0.5, 1.5\] leaves the parameter's range \(0, 1\]"),
+    ({"search": {"weight": {"low": 1, "high": 0}}}, r"field 'search.weight': low \(1.0\) must be below high \(0.0\)"),
+    ({"search": {"weight": {"low": 0, "high": 1, "start": 2}}}, r"field 'search.weight': start \(2.0\) must lie in \[0.0, 1.0\]"),
+    ({"splits": {"search": "test"}}, r"field 'splits': the search split and the test split are both 'test'"),
+    ({"budget": {}}, r"field 'budget': give 'evaluations' or 'seconds'"),
+    ({"budget": {"evaluations": 0}}, r"field 'budget.evaluations': Input should be greater than 0"),
+    ({"fitness": [{"task": "t", "metric": "bleu"}]}, r"field 'fitness.0.metric'"),
+    ({"merge_method": "tiez"}, r"field 'merge_method': unknown method 'tiez'. Did you mean 'ties'\?"),
+    ({"parameters": {"lamda": 1.0}}, r"field 'parameters.lamda': 'dare_ties' has no parameter 'lamda'"),
+    ({"models": [{"model": "a", "parameters": {"wieght": 1.0}}]},
+     r"field 'models.0.parameters.wieght': 'dare_ties' has no per-model parameter 'wieght'"),
+    ({"baselines": [{"merge_method": "tiez"}]}, r"field 'baselines.0.merge_method': unknown method 'tiez'"),
+])
+def test_a_bad_search_file_is_refused_naming_the_file_and_field(tmp_path, change, message):
+    from mergeforge.evolve.config import load_search_config
+
+    path = write_search(tmp_path / "search.yml", search(tmp_path, **change))
+    with pytest.raises(RecipeError, match=message) as caught:
+        load_search_config(path)
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_the_cli_refuses_a_bad_search_in_one_line_before_reading_a_model(tmp_path):
+    path = write_search(tmp_path / "search.yml", search(tmp_path, budget={"evaluations": 4, "evals": 2}))
+    result = run_cli("evolve", path, tmp_path / "out")
+    assert result.returncode == 2
+    assert "unknown field 'budget.evals'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_many_layer_groups_is_refused(zoo_dir, tmp_path):
+    from mergeforge.evolve.api import run_search
+
+    path = write_search(tmp_path / "search.yml", search(zoo_dir, layer_groups=5))
+    with pytest.raises(RecipeError, match=r"search.yml: field 'layer_groups': 5 groups for a model of 2 layers"):
+        run_search(path, tmp_path / "out")
+
+
+# -- in-memory merging ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grouped_pool(zoo_dir):
+    """Candidates with genes per layer (2 layers: groups 'layer 0', 'layer 1', 'outside the layers')."""
+    from mergeforge.evolve.candidates import CandidatePool
+    from mergeforge.evolve.config import load_search_config
+
+    config, folder = load_search_config(search(zoo_dir, layer_groups=2))
+    return CandidatePool(config, folder)
+
+
+def engine_merge(pool, values):
+    """The genome's whole-model recipe merged by the engine, in one merge_state_dicts call."""
+    from mergeforge.engine.api import merge_state_dicts
+
+    recipe = pool.space.recipe(values, ["a", "b"], "base")
+    return merge_state_dicts(recipe["merge_method"], pool.model_states, pool.base_state, parameters=recipe.get("parameters"),
+                             model_parameters=[m.get("parameters") for m in recipe["models"]], seed=pool.config.seed)
+
+
+def resident_weights(pool):
+    return {name: tensor.clone() for name, tensor in pool.pool.skeleton.state_dict().items()}
+
+
+def assert_same_weights(left, right):
+    assert left.keys() == right.keys()
+    different = [name for name in left if not torch.equal(left[name], right[name])]
+    assert not different, different
+
+
+def test_a_genome_merged_group_by_group_equals_the_engines_merge_of_its_recipe(grouped_pool):
+    pool = grouped_pool
+    assert pool.space.labels == ["layer 0", "layer 1", "outside the layers"]
+    assert pool.space.dimensions == 3 * 2 * 2  # groups x parameters x models
+    rng = random.Random(0)
+    values = pool.space.values([rng.random() for _ in range(pool.space.dimensions)])
+    recipe = pool.space.recipe(values, ["a", "b"], "base")
+    weight = recipe["models"][0]["parameters"]["weight"]
+    assert [entry.get("filter") for entry in weight] == ["model.layers.0.", "model.layers.1.", None]  # a plain mergekit filter list
+    pool.forget()
+    assert pool.load(values) == 3
+    assert_same_weights(resident_weights(pool), engine_merge(pool, values))
+
+
+def test_the_partial_re_merge_gives_the_weights_of_a_full_one(grouped_pool):
+    pool = grouped_pool
+    space = pool.space
+    first = space.values([0.3] * space.dimensions)
+    changed = list(first)
+    for index, gene in enumerate(space.genes):
+        if gene.group == 1:
+            changed[index] = gene.low + 0.9 * (gene.high - gene.low)
+    pool.forget()
+    pool.load(first)
+    assert pool.load(changed) == 1  # only the changed group is merged
+    assert_same_weights(resident_weights(pool), engine_merge(pool, changed))
+    assert pool.load(first) == 0  # back to the first: every group from the cache
+    assert_same_weights(resident_weights(pool), engine_merge(pool, first))
+
+
+# -- the search -----------------------------------------------------------------------------------
+
+
+def test_an_int_parameter_is_searched_as_rounded_values():
+    from mergeforge.evolve.config import load_search_config
+    from mergeforge.evolve.space import SearchSpace
+    from mergeforge.methods.registry import get_method
+
+    config, _ = load_search_config(search(Path("."), merge_method="consensus", search={"k": {"low": 1, "high": 4}},
+                                          layer_groups=1))
+    space = SearchSpace(config, get_method("consensus"), ["model.layers.0.mlp.weight", "lm_head.weight"])
+    assert [gene.integer for gene in space.genes] == [True]
+    assert space.values([0.0]) == [1] and space.values([0.6]) == [3] and space.values([1.0]) == [4]
+
+
+def test_a_resumed_search_writes_the_journal_of_an_uninterrupted_one(zoo_dir, tmp_path):
+    from mergeforge.evolve.api import run_search
+
+    whole = run_search(search(zoo_dir, budget={"evaluations": 10}), tmp_path / "whole")
+    # Stopped by its budget in the middle of the second generation (popsize 4), then continued.
+    run_search(search(zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed")
+    assert len(read_lines(tmp_path / "resumed" / "journal.jsonl")) == 6
+    resumed = run_search(search(zoo_dir, budget={"evaluations": 10}), tmp_path / "resumed", resume=True)
+    assert deterministic(read_lines(tmp_path / "resumed" / "journal.jsonl")) == deterministic(read_lines(tmp_path / "whole" / "journal.jsonl"))
+    assert resumed["best"] == whole["best"]
+    assert (tmp_path / "resumed" / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()
+    with pytest.raises(MergeforgeError, match="only 'budget' may change"):
+        run_search(search(zoo_dir, seed=4), tmp_path / "resumed", resume=True)
+    with pytest.raises(MergeforgeError, match="not empty; pass --resume"):
+        run_search(search(zoo_dir), tmp_path / "whole")
+
+
+def register_fragile_method() -> None:
+    """A method that raises when the first model's weight is above 1."""
+    from mergeforge import Param, register_method
+    from mergeforge.methods.registry import BaseUse
+
+    @register_method("fragile_sum_for_test", params=[Param("weight", 1.0, per_model=True, low=0.0, high=2.0)],
+                     base=BaseUse.REQUIRED, math="θ_base + Σ wᵢ(θᵢ − θ_base), failing for w₀ > 1", citation="test")
+    def fragile_sum(tensors, base, *, weight):
+        if weight[0] > 1.0:
+            raise RuntimeError(f"weight {weight[0]:.3f} is too large for this test method")
+        return base + sum(w * (t - base) for w, t in zip(weight, tensors, strict=True))
+
+
+def test_a_failing_candidate_is_journalled_and_the_search_goes_on(zoo_dir, tmp_path, scratch_methods):
+    from mergeforge.evolve.api import run_search
+
+    register_fragile_method()
+    config = search(zoo_dir, merge_method="fragile_sum_for_test", search={"weight": {"low": 0.0, "high": 2.0}},
+                    budget={"evaluations": 12}, optimizer={"popsize": 6, "sigma0": 0.5})
+    report = run_search(config, tmp_path / "out")
+    entries = read_lines(tmp_path / "out" / "journal.jsonl")
+    failed = [e for e in entries if e["fitness"] is None]
+    assert len(entries) == 12 and failed and len(failed) < 12
+    assert all("RuntimeError" in e["error"] and "too large for this test method" in e["error"] for e in failed)
+    assert report["failed"] == len(failed) and report["best"]["fitness"] is not None
+    assert report["best"]["parameters"]["weight [model 0, group 0]"] <= 1.0
+
+
+def test_a_search_where_every_candidate_fails_says_so(zoo_dir, tmp_path, scratch_methods):
+    from mergeforge.evolve.api import run_search
+
+    register_fragile_method()
+    config = search(zoo_dir, merge_method="fragile_sum_for_test", search={"weight": {"low": 1.1, "high": 2.0}},
+                    budget={"evaluations": 4})
+    with pytest.raises(MergeforgeError, match="every candidate failed .RuntimeError: weight .* is too large"):
+        run_search(config, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["failed"] == 4
+
+
+def test_the_exported_recipe_reproduces_the_fitness_through_the_cli(zoo_dir, tmp_path):
+    from mergeforge.evaluate.api import evaluate_model
+
+    path = write_search(tmp_path / "search.yml", search(zoo_dir, baselines=None))
+    result = run_cli("evolve", path, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "generation   0" in result.stderr and "| evolved (winner) |" in result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["reproduction"]["difference"] == 0.0
+    names = [row["name"] for row in report["test"]]
+    assert names[0] == "base" and "ties (density 0.5)" in names and names[-1] == "evolved (winner)"
+    assert (tmp_path / "out" / "convergence.png").stat().st_size > 5_000
+    winner = (tmp_path / "out" / "winner.yml").read_text()
+    assert "seed: 3" in winner and "--seed 3" in winner
+    merged = run_cli("merge", tmp_path / "out" / "winner.yml", tmp_path / "again", "--seed", "3", "--quiet")
+    assert merged.returncode == 0, merged.stderr
+    tasks = [zoo_dir / "tasks" / "shift", zoo_dir / "tasks" / "reverse"]
+    scores = evaluate_model(tmp_path / "again", tasks, split="val", max_examples=12, scoring="forced", with_loss=False)
+    assert sum(entry["score"] for entry in scores["tasks"].values()) == report["best"]["fitness"]
+
+
+def test_a_journal_line_cut_short_by_a_kill_is_dropped(tmp_path):
+    from mergeforge.evolve.journal import JOURNAL, append_entry, read_journal
+
+    append_entry(tmp_path, {"generation": 0, "candidate": 0})
+    with (tmp_path / JOURNAL).open("a") as handle:
+        handle.write('{"generation": 0, "cand')
+    assert read_journal(tmp_path) == [{"generation": 0, "candidate": 0}]
+    append_entry(tmp_path, {"generation": 0, "candidate": 1})
+    assert [e["candidate"] for e in read_journal(tmp_path)] == [0, 1]
+
+
+def test_help_imports_neither_torch_nor_cma():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from mergeforge.cli import main\n"
+        "for args in (['--help'], ['evolve', '--help']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'cma', 'transformers', 'numpy') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "evolve" in result.stdout and "--resume" in result.stdout and "HEAVY []" in result.stdout
+
+
+@pytest.mark.slow  # three CLI runs of a 40-candidate search: about 40 s on 2 cores
+def test_a_search_killed_with_sigkill_resumes_to_the_uninterrupted_result(zoo_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = search(zoo_dir, budget={"evaluations": 40}, splits={"search_examples": 48, "test_examples": 12})
+    path = write_search(tmp_path / "search.yml", config)
+    assert run_cli("evolve", path, tmp_path / "whole", "--quiet").returncode == 0
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "mergeforge", "evolve", str(path), str(killed), "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = killed / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while (not journal.is_file() or len(journal.read_bytes().splitlines()) < 6) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(journal.read_bytes().splitlines())
+    assert 6 <= done < 40, "the run was not killed in the middle"
+    result = run_cli("evolve", path, killed, "--resume", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert deterministic(read_lines(journal)) == deterministic(read_lines(tmp_path / "whole" / "journal.jsonl"))
+    assert (killed / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()
