@@ -26,6 +26,7 @@ _FEATURE_COMMANDS = {
     "lmc": "mergeforge.analysis.cli:lmc_command",
     "align": "mergeforge.analysis.align_cli:align_command",
     "lora": "mergeforge.lora.cli:lora_group",
+    "federated": "mergeforge.federated.cli:federated_command",
 }
 
 
@@ -41,7 +42,7 @@ def _feature_available(target: str) -> bool:
 
 # Optional dependencies (imported where they are used) and the extra that installs each.
 OPTIONAL_PACKAGES = {"transformers": "hf", "tokenizers": "hf", "peft": "zoo", "matplotlib": "zoo", "lm_eval": "lmeval", "gguf": "gguf",
-                     "scipy": "align"}
+                     "scipy": "align", "flwr": "federated"}
 
 
 class _Group(click.Group):
