@@ -196,3 +196,18 @@ def test_a_two_round_simulation_on_the_tiny_zoo_runs_through_the_cli(tiny_zoo, t
         assert all(r["bytes_down"] == r["bytes_up"] == 2 * model_bytes for r in run["rounds"][1:])
         assert run["rounds"][-1]["accuracy"] >= run["rounds"][0]["accuracy"]
     assert "| fedavg |" in result.stdout
+
+
+def test_the_example_scenario_and_the_docs_scenario_are_valid():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    example = load_scenario(root / "examples" / "federated_scenario.yml")
+    assert [a.label for a in example.aggregators] == ["fedavg", "task_arithmetic", "ties", "median", "trimmed_mean"]
+    docs = (root / "docs" / "federated.md").read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(zoo: null.*?)```", docs, flags=re.DOTALL)
+    assert block is not None
+    import yaml
+
+    assert load_scenario(yaml.safe_load(block.group(1))).clients == 6
