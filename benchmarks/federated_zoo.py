@@ -3,6 +3,7 @@ against merge methods (task arithmetic, TIES, DARE-TIES) and robust statistics (
 mean), round by round, on the tiny zoo.
 
     python benchmarks/federated_zoo.py [--clients 6] [--rounds 5] [--local-steps 30] [--out DIR]
+    python benchmarks/federated_zoo.py --malicious 1 --scale -10    # one client poisons its update
 
 Every aggregator runs the same federation (``mergeforge.federated.simulation.run_scenario``): the
 same non-IID shards (each client holds ``--skills-per-client`` of the zoo's skills, disjoint
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=30)
     parser.add_argument("--examples-per-client", type=int, default=200)
     parser.add_argument("--eval-examples", type=int, default=64)
+    parser.add_argument("--malicious", type=int, default=0, help="the first N clients send global + scale·update")
+    parser.add_argument("--scale", type=float, default=-10.0, help="the malicious clients' update scale")
     parser.add_argument("--methods", default=None, help="comma-separated labels of AGGREGATORS to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path("federated-results"))
     args = parser.parse_args()
@@ -50,6 +53,7 @@ def main() -> None:
         "zoo": args.zoo, "clients": args.clients, "skills_per_client": args.skills_per_client,
         "fraction_train": args.fraction_train, "rounds": args.rounds, "local_steps": args.local_steps,
         "examples_per_client": args.examples_per_client, "eval_examples": args.eval_examples, "aggregators": chosen,
+        "malicious": {"clients": args.malicious, "scale": args.scale} if args.malicious else None,
     })
     logging.getLogger("flwr").setLevel(logging.WARNING)
     result = run_scenario(scenario, progress=print)

@@ -19,7 +19,7 @@ from mergeforge import merge_state_dicts  # noqa: E402
 from mergeforge.errors import RecipeError  # noqa: E402
 from mergeforge.federated import MergeStrategy  # noqa: E402
 from mergeforge.federated.scenario import load_scenario  # noqa: E402
-from mergeforge.federated.simulation import LocalGrid, client_skills, shard_pairs  # noqa: E402
+from mergeforge.federated.simulation import LocalGrid, client_skills, scaled_update, shard_pairs  # noqa: E402
 
 SHAPES = {"layer.weight": (6, 4), "layer.bias": (6,), "head.weight": (3, 6)}
 
@@ -141,6 +141,21 @@ def test_non_iid_shards_give_each_client_its_skills_and_disjoint_examples():
     assert [len(s) for s in slices] == [10, 10, 10] and len({p for s in slices for p in s}) == 30
 
 
+def test_a_malicious_client_scales_its_update_and_the_median_bounds_it():
+    global_state = random_state(0)
+    honest = [{name: global_state[name] + update for name, update in random_state(seed, 0.1).items()} for seed in (1, 2, 3, 4)]
+    attacker = scaled_update(global_state, honest[0], -10.0)
+    for name in SHAPES:
+        torch.testing.assert_close(attacker[name] - global_state[name], -10 * (honest[0][name] - global_state[name]))
+    clients = [fixed_client(state, 10) for state in (attacker, *honest[1:])]
+    averaged = one_round(strategy("linear"), global_state, clients)
+    median = one_round(strategy("median"), global_state, clients)
+    assert averaged is not None and median is not None
+    spread = max(float((state[name] - global_state[name]).abs().max()) for state in honest[1:] for name in SHAPES)
+    assert max(float((median[name] - global_state[name]).abs().max()) for name in SHAPES) <= spread + 1e-6
+    assert max(float((averaged[name] - global_state[name]).abs().max()) for name in SHAPES) > spread
+
+
 # -- the scenario file and the CLI -------------------------------------------------------------
 
 
@@ -151,6 +166,8 @@ def test_non_iid_shards_give_each_client_its_skills_and_disjoint_examples():
     ("aggregators:\n  - method: ties\n    parameters: {trim: 0.1}\n", "field 'aggregators.0': aggregator 'ties' has no parameter 'trim'"),
     ("aggregators:\n  - method: ties\n  - method: ties\n", "two aggregators are named 'ties'"),
     ("- 1\n- 2\n", "a scenario must be a mapping"),
+    ("clients: 2\nmalicious: {clients: 3}\n", "malicious.clients is 3, more than the 2 clients"),
+    ("malicious: {clients: 1, factor: 3}\n", "unknown field 'malicious.factor'"),
 ])
 def test_bad_scenarios_are_one_recipe_error_naming_the_file_and_field(tmp_path, text, message):
     path = tmp_path / "scenario.yml"

@@ -29,6 +29,16 @@ class Aggregator(BaseModel):
         return self.name or self.method
 
 
+class Malicious(BaseModel):
+    """Clients that send a scaled update, global + scale·(trained − global): the model-poisoning
+    attack that a weighted average passes on in full and robust statistics bound."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clients: int = Field(1, ge=0)  # the first N clients (node 101, 102, ...) attack
+    scale: float = -10.0  # negative: pushes the global model away from what the clients learn
+
+
 class Scenario(BaseModel):
     """A simulated federation on the zoo's tasks (defaults: a run of about a minute on a CPU)."""
 
@@ -46,6 +56,7 @@ class Scenario(BaseModel):
     batch_size: int = Field(16, ge=1)
     eval_examples: int = Field(64, ge=1)  # test examples per skill scored after each round
     seed: int = 0
+    malicious: Malicious | None = None
     aggregators: list[Aggregator] = Field(default_factory=lambda: [Aggregator(method="linear", name="fedavg")], min_length=1)
 
     @model_validator(mode="after")
@@ -54,6 +65,8 @@ class Scenario(BaseModel):
         duplicate = next((label for label in labels if labels.count(label) > 1), None)
         if duplicate is not None:
             raise ValueError(f"two aggregators are named '{duplicate}'; give one a 'name'")
+        if self.malicious is not None and self.malicious.clients > self.clients:
+            raise ValueError(f"malicious.clients is {self.malicious.clients}, more than the {self.clients} clients")
         return self
 
 
@@ -62,7 +75,7 @@ def _message(error: ValidationError, source: str) -> str:
     location = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
         field = str(first["loc"][-1])
-        close = closest(field, [*Scenario.model_fields, *Aggregator.model_fields])
+        close = closest(field, [*Scenario.model_fields, *Aggregator.model_fields, *Malicious.model_fields])
         return f"{source}: unknown field '{location}'" + (f"; did you mean '{close}'?" if close else "")
     message = first["msg"].removeprefix("Value error, ")
     return f"{source}: field '{location}': {message}" if location else f"{source}: {message}"

@@ -111,6 +111,12 @@ def shard_pairs(pairs: list[tuple[str, str]], holders: list[int], client: int, s
     return pairs[position * width: (position + 1) * width]
 
 
+def scaled_update(global_state: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor],
+                  scale: float) -> dict[str, torch.Tensor]:
+    """global + scale·(trained − global): a malicious client's model (scale 1 is an honest one)."""
+    return {name: global_state[name] + scale * (tensor - global_state[name]) for name, tensor in trained.items()}
+
+
 @dataclass
 class ZooClient:
     """One client: its skills' training data; trains a shared work model from the global arrays."""
@@ -120,19 +126,24 @@ class ZooClient:
     data: Any  # zoo.train.EncodedData
     scenario: Scenario
     work_model: torch.nn.Module
+    update_scale: float = 1.0  # not 1: a malicious client (scenario `malicious`)
 
     def __call__(self, message: Message) -> Message:
         from mergeforge.zoo.train import TrainingSchedule, train
 
         global_arrays = next(iter(message.content.array_records.values()))
-        self.work_model.load_state_dict(state_of(global_arrays))
+        global_state = state_of(global_arrays)
+        self.work_model.load_state_dict(global_state)
         server_round = message.content.config_records["config"]["server-round"]  # FedAvg sets it each round
         if not isinstance(server_round, int):
             raise TypeError(f"config 'server-round' is {server_round!r}, not a round number")
         schedule = TrainingSchedule(steps=self.scenario.local_steps, learning_rate=self.scenario.learning_rate,
                                     batch_size=self.scenario.batch_size, warmup_fraction=0.0, final_lr_fraction=1.0)
         loss = train(self.work_model, self.data, schedule, seed=self.scenario.seed * 100_003 + server_round * 1009 + self.node)
-        content = RecordDict({"arrays": ArrayRecord(self.work_model.state_dict()),
+        trained = self.work_model.state_dict()
+        if self.update_scale != 1.0:
+            trained = scaled_update(global_state, trained, self.update_scale)
+        content = RecordDict({"arrays": ArrayRecord(dict(trained)),
                               "metrics": MetricRecord({EXAMPLES_KEY: len(self.data), "train-loss": loss})})
         return Message(content, reply_to=message)
 
@@ -177,7 +188,9 @@ def build_federation(scenario: Scenario) -> Federation:
             holders = [k for k, other in enumerate(shards) if skill in other]
             pairs += shard_pairs(examples, holders, client, scenario.examples_per_client)
         data = encode_training_data(tokenizer, pairs, loss_on_prompt=False)
-        clients[FIRST_NODE + client] = ZooClient(FIRST_NODE + client, held, data, scenario, work_model)
+        attacks = scenario.malicious is not None and client < scenario.malicious.clients
+        scale = scenario.malicious.scale if scenario.malicious is not None and attacks else 1.0
+        clients[FIRST_NODE + client] = ZooClient(FIRST_NODE + client, held, data, scenario, work_model, scale)
     base_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     return Federation(base_state, model, tokenizer, clients, list(tasks.values()))
 
@@ -230,7 +243,9 @@ def run_scenario(scenario: Scenario, progress: Callable[[str], None] | None = No
     federation = build_federation(scenario)
     results = {aggregator.label: run_aggregator(federation, scenario, aggregator, progress)
                for aggregator in scenario.aggregators}
-    return {"scenario": scenario.model_dump(mode="json"), "shards": federation.shards, "aggregators": results}
+    malicious = [f"node {node}" for node, client in federation.clients.items() if client.update_scale != 1.0]
+    return {"scenario": scenario.model_dump(mode="json"), "shards": federation.shards, "malicious": malicious,
+            "aggregators": results}
 
 
 def write_report(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
