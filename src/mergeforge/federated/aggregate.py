@@ -76,9 +76,10 @@ def check_method(method: str, parameters: Mapping[str, Any] | None) -> None:
 
     spec = get_method(method)  # raises RecipeError naming the closest method
     for name in parameters or {}:
-        if spec.param(name) is None or (name == "weight" and takes_weights(method)):
-            raise RecipeError(f"aggregator '{method}': no parameter '{name}' (the weights come from example counts)"
-                              if name == "weight" else f"aggregator '{method}' has no parameter '{name}'")
+        if name == "weight" and takes_weights(method):
+            raise RecipeError(f"aggregator '{method}': 'weight' cannot be set; the weights come from example counts")
+        if spec.param(name) is None:
+            raise RecipeError(f"aggregator '{method}' has no parameter '{name}'")
     if spec.calibrate is not None:
         raise RecipeError(f"aggregator '{method}' is data-aware; the server holds no data to calibrate it on")
 
