@@ -94,7 +94,7 @@ def broken_clients(good: dict[str, torch.Tensor]):
     def crash(message: Message) -> Message:
         raise ConnectionError("client dropped out")
 
-    return [fixed_client(nan, 5), fixed_client(wrong_shape, 5), fixed_client(missing, 5), crash]
+    return [fixed_client(nan, 5), fixed_client(wrong_shape, 5), fixed_client(missing, 5), crash, fixed_client(good, 0)]
 
 
 def test_nan_wrong_shape_and_missing_updates_are_rejected_with_a_reason_and_the_round_completes(caplog):
@@ -111,6 +111,7 @@ def test_nan_wrong_shape_and_missing_updates_are_rejected_with_a_reason_and_the_
         "node 102": "tensor 'layer.bias' holds NaN or infinite values",
         "node 103": "tensor 'head.weight' has shape (3, 7), the global model's is (3, 6)",
         "node 104": "missing tensor 'layer.bias'",
+        "node 106": "metric 'num-examples' is 0, not a positive number of examples",
     }  # node 105 dropped out: an error reply, logged by FedAvg and left out
     assert "update from node 103 rejected: tensor 'head.weight' has shape (3, 7)" in caplog.text
 

@@ -110,7 +110,7 @@ class MergeStrategy(FedAvg):
             return f"expected one MetricRecord, got {len(content.metric_records)}", {}, 0.0
         metrics = next(iter(content.metric_records.values()))
         count = metrics.get(self.weighted_by_key)
-        if not isinstance(count, (int, float)) or count < 0:
-            return f"metric '{self.weighted_by_key}' is missing or negative", {}, 0.0
+        if not isinstance(count, (int, float)) or not count > 0:  # a client with no examples has nothing to add
+            return f"metric '{self.weighted_by_key}' is {count!r}, not a positive number of examples", {}, 0.0
         state = state_of(next(iter(content.array_records.values())))
         return update_problem(state, global_state), state, float(count)
