@@ -200,7 +200,7 @@ def test_a_two_round_simulation_on_the_tiny_zoo_runs_through_the_cli(tiny_zoo, t
     path = tmp_path / "scenario.yml"
     path.write_text(f"zoo: {tiny_zoo}\nskills: [count, sort, reverse]\nclients: 3\nskills_per_client: 1\n"
                     "rounds: 2\nlocal_steps: 8\nexamples_per_client: 64\neval_examples: 16\nfraction_train: 0.67\n"
-                    "aggregators:\n  - {method: linear, name: fedavg}\n  - {method: median}\n")
+                    "references: true\naggregators:\n  - {method: linear, name: fedavg}\n  - {method: median}\n")
     out = tmp_path / "out"
     result = run_cli("federated", path, out, "--quiet")
     assert result.returncode == 0, result.stderr
@@ -213,7 +213,10 @@ def test_a_two_round_simulation_on_the_tiny_zoo_runs_through_the_cli(tiny_zoo, t
         model_bytes = run["rounds"][1]["bytes_down"] / 2  # 2 of the 3 clients sampled per round
         assert all(r["bytes_down"] == r["bytes_up"] == 2 * model_bytes for r in run["rounds"][1:])
         assert run["rounds"][-1]["accuracy"] >= run["rounds"][0]["accuracy"]
-    assert "| fedavg |" in result.stdout
+    references = payload["references"]
+    assert [r["round"] for r in references["centralised"]["rounds"]] == [0, 1, 2]
+    assert set(references["one_shot"]["accuracy"]) == {"fedavg", "median"}
+    assert "| fedavg |" in result.stdout and "| centralised (same steps) |" in result.stdout
 
 
 def test_the_example_scenario_and_the_docs_scenario_are_valid():

@@ -117,6 +117,11 @@ def scaled_update(global_state: Mapping[str, torch.Tensor], trained: Mapping[str
     return {name: global_state[name] + scale * (tensor - global_state[name]) for name, tensor in trained.items()}
 
 
+def local_seed(scenario: Scenario, server_round: int, node: int) -> int:
+    """The batch order of one client's round: the same for every aggregator."""
+    return scenario.seed * 100_003 + server_round * 1009 + node
+
+
 @dataclass
 class ZooClient:
     """One client: its skills' training data; trains a shared work model from the global arrays."""
@@ -128,22 +133,27 @@ class ZooClient:
     work_model: torch.nn.Module
     update_scale: float = 1.0  # not 1: a malicious client (scenario `malicious`)
 
-    def __call__(self, message: Message) -> Message:
+    def train_from(self, global_state: Mapping[str, torch.Tensor], steps: int, seed: int) -> tuple[dict[str, torch.Tensor], float]:
+        """(the model after ``steps`` local AdamW steps from ``global_state``, the final loss);
+        a malicious client's model is scaled from ``global_state``."""
         from mergeforge.zoo.train import TrainingSchedule, train
 
-        global_arrays = next(iter(message.content.array_records.values()))
-        global_state = state_of(global_arrays)
-        self.work_model.load_state_dict(global_state)
+        self.work_model.load_state_dict(dict(global_state))
+        schedule = TrainingSchedule(steps=steps, learning_rate=self.scenario.learning_rate, batch_size=self.scenario.batch_size,
+                                    warmup_fraction=0.0, final_lr_fraction=1.0)  # a constant rate: rounds continue one run
+        loss = train(self.work_model, self.data, schedule, seed=seed)
+        trained = {name: tensor.detach().clone() for name, tensor in self.work_model.state_dict().items()}
+        if self.update_scale != 1.0:
+            trained = scaled_update(global_state, trained, self.update_scale)
+        return trained, loss
+
+    def __call__(self, message: Message) -> Message:
+        global_state = state_of(next(iter(message.content.array_records.values())))
         server_round = message.content.config_records["config"]["server-round"]  # FedAvg sets it each round
         if not isinstance(server_round, int):
             raise TypeError(f"config 'server-round' is {server_round!r}, not a round number")
-        schedule = TrainingSchedule(steps=self.scenario.local_steps, learning_rate=self.scenario.learning_rate,
-                                    batch_size=self.scenario.batch_size, warmup_fraction=0.0, final_lr_fraction=1.0)
-        loss = train(self.work_model, self.data, schedule, seed=self.scenario.seed * 100_003 + server_round * 1009 + self.node)
-        trained = self.work_model.state_dict()
-        if self.update_scale != 1.0:
-            trained = scaled_update(global_state, trained, self.update_scale)
-        content = RecordDict({"arrays": ArrayRecord(dict(trained)),
+        trained, loss = self.train_from(global_state, self.scenario.local_steps, local_seed(self.scenario, server_round, self.node))
+        content = RecordDict({"arrays": ArrayRecord(trained),
                               "metrics": MetricRecord({EXAMPLES_KEY: len(self.data), "train-loss": loss})})
         return Message(content, reply_to=message)
 
@@ -244,8 +254,14 @@ def run_scenario(scenario: Scenario, progress: Callable[[str], None] | None = No
     results = {aggregator.label: run_aggregator(federation, scenario, aggregator, progress)
                for aggregator in scenario.aggregators}
     malicious = [f"node {node}" for node, client in federation.clients.items() if client.update_scale != 1.0]
-    return {"scenario": scenario.model_dump(mode="json"), "shards": federation.shards, "malicious": malicious,
-            "aggregators": results}
+    report = {"scenario": scenario.model_dump(mode="json"), "shards": federation.shards, "malicious": malicious,
+              "aggregators": results}
+    if scenario.references:
+        from mergeforge.federated.references import centralised, one_shot
+
+        report["references"] = {"centralised": centralised(federation, scenario, progress),
+                                "one_shot": one_shot(federation, scenario, progress)}
+    return report
 
 
 def write_report(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
@@ -263,6 +279,9 @@ def write_report(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, run in result["aggregators"].items():
         axes.plot([r["round"] for r in run["rounds"]], [r["accuracy"] for r in run["rounds"]], marker="o", label=label)
+    if "references" in result:
+        central = result["references"]["centralised"]["rounds"]
+        axes.plot([r["round"] for r in central], [r["accuracy"] for r in central], "k--", label="centralised")
     axes.set_xlabel("round")
     axes.set_ylabel("mean exact-match accuracy")
     axes.set_title("federated training on the zoo")
@@ -282,4 +301,10 @@ def summary(result: dict[str, Any]) -> str:
     for label, run in runs.items():
         accuracies = " | ".join(f"{r['accuracy']:.3f}" for r in run["rounds"])
         lines.append(f"| {label} | {accuracies} | {run['bytes_total'] / 1e6:.2f} | {run['wall_seconds']:.1f} |")
+    if "references" in result:
+        central = result["references"]["centralised"]
+        accuracies = " | ".join(f"{r['accuracy']:.3f}" for r in central["rounds"])
+        lines.append(f"| centralised (same steps) | {accuracies} | - | {central['wall_seconds']:.1f} |")
+        lines += ["", "| one-shot merge of clients trained alone | accuracy |", "|---|---|"]
+        lines += [f"| {label} | {accuracy:.3f} |" for label, accuracy in result["references"]["one_shot"]["accuracy"].items()]
     return "\n".join(lines)
