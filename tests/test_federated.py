@@ -196,6 +196,14 @@ def tiny_zoo():
     return default_zoo_dir("tiny", 0)
 
 
+def test_a_skill_the_zoo_lacks_is_named_with_the_file(tiny_zoo, tmp_path):
+    path = tmp_path / "scenario.yml"
+    path.write_text(f"zoo: {tiny_zoo}\nskills: [count, sorting]\n")
+    result = run_cli("federated", path, tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {path}: field 'skills': the zoo has no skill 'sorting'; skills: ")
+
+
 def test_a_two_round_simulation_on_the_tiny_zoo_runs_through_the_cli(tiny_zoo, tmp_path):
     path = tmp_path / "scenario.yml"
     path.write_text(f"zoo: {tiny_zoo}\nskills: [count, sort, reverse]\nclients: 3\nskills_per_client: 1\n"

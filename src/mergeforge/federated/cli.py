@@ -26,7 +26,8 @@ def federated_command(scenario_file: Path, out_dir: Path, quiet: bool) -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
-    result = run_scenario(scenario, progress=None if quiet else (lambda line: click.echo(line, err=True)))
+    result = run_scenario(scenario, progress=None if quiet else (lambda line: click.echo(line, err=True)),
+                          source=str(scenario_file))
     paths = write_report(result, out_dir)
     click.echo(summary(result))
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())}", err=True)

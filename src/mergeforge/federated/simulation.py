@@ -173,8 +173,9 @@ class Federation:
         return {f"node {node}": client.skills for node, client in self.clients.items()}
 
 
-def build_federation(scenario: Scenario) -> Federation:
-    """Load the zoo's base model and share its skills' training data out to the clients."""
+def build_federation(scenario: Scenario, source: str = "scenario") -> Federation:
+    """Load the zoo's base model and share its skills' training data out to the clients
+    (``source`` names the scenario in errors)."""
     from mergeforge.errors import RecipeError
     from mergeforge.evaluate.api import load_model_and_tokenizer
     from mergeforge.tasks.folders import load_task
@@ -185,7 +186,7 @@ def build_federation(scenario: Scenario) -> Federation:
     skills = scenario.skills or zoo.skills
     unknown = [skill for skill in skills if skill not in zoo.skills]
     if unknown:
-        raise RecipeError(f"scenario: field 'skills': the zoo has no skill '{unknown[0]}'; skills: {', '.join(zoo.skills)}")
+        raise RecipeError(f"{source}: field 'skills': the zoo has no skill '{unknown[0]}'; skills: {', '.join(zoo.skills)}")
     model, tokenizer = load_model_and_tokenizer(zoo.base.path)
     tasks = {skill: load_task(zoo.task_dir(skill)) for skill in skills}
     shards = client_skills(skills, scenario.clients, scenario.skills_per_client)
@@ -247,10 +248,10 @@ def run_aggregator(federation: Federation, scenario: Scenario, aggregator: Aggre
             "bytes_total": sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rounds)}
 
 
-def run_scenario(scenario: Scenario, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_scenario(scenario: Scenario, progress: Callable[[str], None] | None = None, source: str = "scenario") -> dict[str, Any]:
     """Every aggregator of the scenario over the same federation and client draws."""
     torch.manual_seed(scenario.seed)
-    federation = build_federation(scenario)
+    federation = build_federation(scenario, source)
     results = {aggregator.label: run_aggregator(federation, scenario, aggregator, progress)
                for aggregator in scenario.aggregators}
     malicious = [f"node {node}" for node, client in federation.clients.items() if client.update_scale != 1.0]
