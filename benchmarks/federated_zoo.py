@@ -4,6 +4,7 @@ mean), round by round, on the tiny zoo.
 
     python benchmarks/federated_zoo.py [--clients 6] [--rounds 5] [--local-steps 30] [--out DIR]
     python benchmarks/federated_zoo.py --malicious 1 --scale -10    # one client poisons its update
+    python benchmarks/federated_zoo.py --upload topk --density 0.1  # clients send 10% of their update
 
 Every aggregator runs the same federation (``mergeforge.federated.simulation.run_scenario``): the
 same non-IID shards (each client holds ``--skills-per-client`` of the zoo's skills, disjoint
@@ -43,6 +44,8 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=64)
     parser.add_argument("--malicious", type=int, default=0, help="the first N clients send global + scale·update")
     parser.add_argument("--scale", type=float, default=-10.0, help="the malicious clients' update scale")
+    parser.add_argument("--upload", choices=["dense", "topk", "dare"], default="dense", help="what clients send")
+    parser.add_argument("--density", type=float, default=0.1, help="share of each update sent (topk, dare)")
     parser.add_argument("--methods", default=None, help="comma-separated labels of AGGREGATORS to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path("federated-results"))
     args = parser.parse_args()
@@ -56,6 +59,7 @@ def main() -> None:
         "fraction_train": args.fraction_train, "rounds": args.rounds, "local_steps": args.local_steps,
         "examples_per_client": args.examples_per_client, "eval_examples": args.eval_examples, "aggregators": chosen,
         "malicious": {"clients": args.malicious, "scale": args.scale} if args.malicious else None, "references": True,
+        "upload": {"kind": args.upload, "density": args.density},
     })
     logging.getLogger("flwr").setLevel(logging.WARNING)
     result = run_scenario(scenario, progress=print)

@@ -157,6 +157,72 @@ def test_a_malicious_client_scales_its_update_and_the_median_bounds_it():
     assert max(float((averaged[name] - global_state[name]).abs().max()) for name in SHAPES) > spread
 
 
+def sparse_client(global_state, trained, kind: str, density: float, examples: int = 10, tamper=None):
+    from mergeforge.federated.sparse import encode_update
+
+    upload = encode_update(global_state, trained, kind, density, seed=3)
+    if tamper is not None:
+        tamper(upload)
+    return fixed_client(upload, examples)
+
+
+@pytest.mark.parametrize("kind", ["topk", "dare"])
+def test_sparse_uploads_are_rebuilt_on_the_global_model_before_merging(kind):
+    from mergeforge.federated.sparse import decode_update, encode_update
+
+    global_state = random_state(0)
+    clients = [{name: global_state[name] + update for name, update in random_state(seed, 0.1).items()} for seed in (1, 2, 3)]
+    merging = strategy("ties", {"density": 0.5})
+    grid = LocalGrid({101 + i: sparse_client(global_state, state, kind, 0.25) for i, state in enumerate(clients)})
+    result = merging.start(grid, ArrayRecord(global_state), num_rounds=1, train_config=ConfigRecord())
+    rebuilt = [decode_update(global_state, encode_update(global_state, state, kind, 0.25, seed=3))[0] for state in clients]
+    expected = merge_state_dicts("ties", rebuilt, base=global_state, parameters={"density": 0.5},
+                                 model_parameters=[{"weight": 1 / 3}] * 3)
+    for name, tensor in result.arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-7)
+    if kind == "topk":  # exactly the largest quarter of each update, the rest of the global model unchanged
+        update = clients[0]["layer.weight"] - global_state["layer.weight"]
+        sent = rebuilt[0]["layer.weight"] - global_state["layer.weight"]
+        assert int((sent != 0).sum()) == 6 and float(sent.abs().min()) == 0.0
+        assert set(sent.reshape(-1).nonzero().reshape(-1).tolist()) == set(update.abs().reshape(-1).topk(6).indices.tolist())
+
+
+@pytest.mark.parametrize("kind", ["topk", "dare"])
+def test_a_sparse_upload_sends_fewer_bytes(kind):
+    # Large enough that each array's serialisation header (about 128 bytes) does not dominate.
+    generator = torch.Generator().manual_seed(0)
+    global_state = {"w": torch.randn(128, 128, generator=generator)}
+    trained = {"w": global_state["w"] + 0.1 * torch.randn(128, 128, generator=generator)}
+    grid = LocalGrid({101: sparse_client(global_state, trained, kind, 0.1)})
+    strategy("linear").start(grid, ArrayRecord(global_state), num_rounds=1, train_config=ConfigRecord())
+    dense = grid.bytes_down[0]  # the global model went down whole
+    assert 0.15 * dense < grid.bytes_up[0] < 0.25 * dense  # 10% of the entries, 4 bytes of index + 4 of value each
+
+
+def test_malformed_sparse_uploads_are_rejected_with_a_reason():
+    global_state = random_state(0)
+    good = {name: global_state[name] + update for name, update in random_state(1, 0.1).items()}
+
+    def out_of_range(upload):
+        upload["layer.bias::indices"][0] = 99
+
+    def repeated(upload):
+        upload["head.weight::indices"][1] = upload["head.weight::indices"][0]
+
+    def dropped(upload):
+        del upload["layer.weight::values"]
+
+    merging = strategy("linear")
+    clients = [sparse_client(global_state, good, "topk", 0.5, tamper=t) for t in (None, out_of_range, repeated, dropped)]
+    merged = one_round(merging, global_state, clients)
+    assert merged is not None
+    assert {r.client: r.reason for r in merging.rejections[1]} == {
+        "node 102": "sparse upload of 'layer.bias': an index outside [0, 6)",
+        "node 103": "sparse upload of 'head.weight': repeated indices",
+        "node 104": "sparse upload lacks 'layer.weight::values'",
+    }
+
+
 # -- the scenario file and the CLI -------------------------------------------------------------
 
 
@@ -169,6 +235,8 @@ def test_a_malicious_client_scales_its_update_and_the_median_bounds_it():
     ("- 1\n- 2\n", "a scenario must be a mapping"),
     ("clients: 2\nmalicious: {clients: 3}\n", "malicious.clients is 3, more than the 2 clients"),
     ("malicious: {clients: 1, factor: 3}\n", "unknown field 'malicious.factor'"),
+    ("upload: {kind: top_k}\n", "field 'upload.kind': Input should be 'dense', 'topk' or 'dare'"),
+    ("upload: {kind: topk, density: 0}\n", "field 'upload.density': Input should be greater than 0"),
 ])
 def test_bad_scenarios_are_one_recipe_error_naming_the_file_and_field(tmp_path, text, message):
     path = tmp_path / "scenario.yml"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -39,6 +39,15 @@ class Malicious(BaseModel):
     scale: float = -10.0  # negative: pushes the global model away from what the clients learn
 
 
+class Upload(BaseModel):
+    """What clients send: their whole model, or a sparsified update (mergeforge.federated.sparse)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["dense", "topk", "dare"] = "dense"
+    density: float = Field(0.1, gt=0.0, le=1.0)  # share of each tensor's update entries sent (topk, dare)
+
+
 class Scenario(BaseModel):
     """A simulated federation on the zoo's tasks (defaults: a run of about a minute on a CPU)."""
 
@@ -57,6 +66,7 @@ class Scenario(BaseModel):
     eval_examples: int = Field(64, ge=1)  # test examples per skill scored after each round
     seed: int = 0
     malicious: Malicious | None = None
+    upload: Upload = Field(default_factory=Upload)
     references: bool = False  # also centralised training with the same steps and a one-shot merge of lone clients
     aggregators: list[Aggregator] = Field(default_factory=lambda: [Aggregator(method="linear", name="fedavg")], min_length=1)
 
@@ -76,7 +86,8 @@ def _message(error: ValidationError, source: str) -> str:
     location = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
         field = str(first["loc"][-1])
-        close = closest(field, [*Scenario.model_fields, *Aggregator.model_fields, *Malicious.model_fields])
+        close = closest(field, [*Scenario.model_fields, *Aggregator.model_fields, *Malicious.model_fields,
+                                 *Upload.model_fields])
         return f"{source}: unknown field '{location}'" + (f"; did you mean '{close}'?" if close else "")
     message = first["msg"].removeprefix("Value error, ")
     return f"{source}: field '{location}': {message}" if location else f"{source}: {message}"

@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 
 from mergeforge.federated.scenario import Aggregator, Scenario
+from mergeforge.federated.sparse import encode_update
 from mergeforge.federated.strategy import MergeStrategy, state_of
 
 ClientFn = Callable[[Message], Message]
@@ -152,7 +153,11 @@ class ZooClient:
         server_round = message.content.config_records["config"]["server-round"]  # FedAvg sets it each round
         if not isinstance(server_round, int):
             raise TypeError(f"config 'server-round' is {server_round!r}, not a round number")
-        trained, loss = self.train_from(global_state, self.scenario.local_steps, local_seed(self.scenario, server_round, self.node))
+        seed = local_seed(self.scenario, server_round, self.node)
+        trained, loss = self.train_from(global_state, self.scenario.local_steps, seed)
+        upload = self.scenario.upload
+        if upload.kind != "dense":
+            trained = encode_update(global_state, trained, upload.kind, upload.density, seed=seed)
         content = RecordDict({"arrays": ArrayRecord(trained),
                               "metrics": MetricRecord({EXAMPLES_KEY: len(self.data), "train-loss": loss})})
         return Message(content, reply_to=message)

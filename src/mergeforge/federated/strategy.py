@@ -6,6 +6,7 @@ metric aggregation are kept; only the aggregation of the arrays changes, to
 :func:`mergeforge.federated.aggregate.merge_updates` over the replies that pass
 :func:`~mergeforge.federated.aggregate.update_problem`. A bad reply is logged with its reason and
 left out, so the round completes with the rest (FedAvg's own consistency check would abort it).
+Sparsified uploads (:mod:`mergeforge.federated.sparse`) are rebuilt on the global model first.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mergeforge.federated.aggregate import (
     merge_updates,
     update_problem,
 )
+from mergeforge.federated.sparse import decode_update, is_sparse
 
 
 def state_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -113,4 +115,9 @@ class MergeStrategy(FedAvg):
         if not isinstance(count, (int, float)) or not count > 0:  # a client with no examples has nothing to add
             return f"metric '{self.weighted_by_key}' is {count!r}, not a positive number of examples", {}, 0.0
         state = state_of(next(iter(content.array_records.values())))
+        if is_sparse(state):  # a top-k or DARE upload: only part of the update was sent
+            decoded, problem = decode_update(global_state, state)
+            if decoded is None:
+                return problem, {}, 0.0
+            state = decoded
         return update_problem(state, global_state), state, float(count)
