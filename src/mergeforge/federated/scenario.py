@@ -66,7 +66,7 @@ class Scenario(BaseModel):
     eval_examples: int = Field(64, ge=1)  # test examples per skill scored after each round
     seed: int = 0
     malicious: Malicious | None = None
-    upload: Upload = Field(default_factory=lambda: Upload())
+    upload: Upload = Field(default_factory=lambda: Upload.model_validate({}))
     references: bool = False  # also centralised training with the same steps and a one-shot merge of lone clients
     aggregators: list[Aggregator] = Field(default_factory=lambda: [Aggregator(method="linear", name="fedavg")], min_length=1)
 
