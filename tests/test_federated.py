@@ -1,6 +1,8 @@
 """mergeforge.federated: MergeStrategy's aggregation is merge_state_dicts over the client models,
-FedAvg weights by example counts, bad updates are rejected with a reason while the round
-completes, and ``mergeforge federated`` runs end to end on the tiny zoo through the real CLI."""
+FedAvg weights by example counts, bad updates (NaN, shapes, missing tensors, no examples,
+malformed sparse uploads) are rejected with a reason while the round completes, sparse uploads
+are rebuilt and cost fewer bytes, the median bounds a scaled malicious update, and
+``mergeforge federated`` runs end to end on the tiny zoo through the real CLI."""
 
 from __future__ import annotations
 
