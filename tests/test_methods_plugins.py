@@ -61,13 +61,13 @@ def write_broken_plugin(root: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory) -> Path:
     site = tmp_path_factory.mktemp("site")
-    install_without_pip(site, EXAMPLE / "mergeforge_trimmed_mean", EXAMPLE / "pyproject.toml")
+    install_without_pip(site, EXAMPLE / "mergeforge_winsorized_mean", EXAMPLE / "pyproject.toml")
     return site
 
 
 def test_the_example_declares_its_module_in_the_mergeforge_methods_group():
     project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
-    assert project["entry-points"]["mergeforge.methods"] == {"trimmed_mean": "mergeforge_trimmed_mean"}
+    assert project["entry-points"]["mergeforge.methods"] == {"winsorized_mean": "mergeforge_winsorized_mean"}
 
 
 def test_the_cli_lists_the_plugin_with_its_parameters_and_survives_a_broken_one(plugin_site, tmp_path):
@@ -77,9 +77,9 @@ def test_the_cli_lists_the_plugin_with_its_parameters_and_survives_a_broken_one(
     install_without_pip(site, *write_broken_plugin(tmp_path / "broken_src"))
     listing = run_with_site(site, "-m", "mergeforge", "methods")
     assert listing.returncode == 0, listing.stderr
-    assert "trimmed_mean  (plugin: mergeforge_trimmed_mean)" in listing.stdout
-    assert "- trim (global, default 0.2, range [0, 0.5)): fraction of models dropped at each end" in listing.stdout
-    assert "ref: Yin et al. 2018, coordinate-wise trimmed mean (arXiv:1803.01498)" in listing.stdout
+    assert "winsorized_mean  (plugin: mergeforge_winsorized_mean)" in listing.stdout
+    assert "- trim (global, default 0.2, range [0, 0.5)): fraction of models clamped at each end" in listing.stdout
+    assert "ref: Tukey 1962, winsorized mean (Ann. Math. Statist. 33(1))" in listing.stdout
     assert "ties  [needs base_model]" in listing.stdout  # built-ins are still there
     assert "plugin 'broken' (broken_plugin) failed to load: missing dependency xyz" in listing.stderr
 
@@ -89,17 +89,17 @@ def plugin_on_path(plugin_site, scratch_methods, monkeypatch):
     """The example plugin discoverable in this process, as if pip-installed; undone afterwards."""
     monkeypatch.syspath_prepend(str(plugin_site))
     yield
-    sys.modules.pop("mergeforge_trimmed_mean", None)
+    sys.modules.pop("mergeforge_winsorized_mean", None)
 
 
-def test_the_plugin_is_found_by_name_and_computes_a_trimmed_mean(plugin_on_path):
-    method = get_method("trimmed_mean")  # an unknown name triggers the entry-point scan
-    assert method.plugin == "mergeforge_trimmed_mean" and method.elementwise
+def test_the_plugin_is_found_by_name_and_computes_a_winsorized_mean(plugin_on_path):
+    method = get_method("winsorized_mean")  # an unknown name triggers the entry-point scan
+    assert method.plugin == "mergeforge_winsorized_mean" and method.elementwise
     assert method.base is BaseUse.NONE
     values = [[1.0, 10.0], [2.0, -50.0], [3.0, 11.0], [100.0, 12.0], [4.0, 13.0]]
     params = resolve_params(method, 5, {"trim": 0.2})
     out = method.run([torch.tensor(v) for v in values], None, params)
-    # 5 models, trim 0.2: drop one value at each end -> means of [2, 3, 4] and [10, 11, 12].
+    # 5 models, trim 0.2: clamp one value at each end -> means of [2, 2, 3, 4, 4] and [10, 10, 11, 12, 12].
     torch.testing.assert_close(out, torch.tensor([3.0, 11.0]))
     with pytest.raises(RecipeError, match=r"'trim' = 0.5 is outside its valid range \[0, 0.5\)"):
         resolve_params(method, 5, {"trim": 0.5})
@@ -110,7 +110,7 @@ def test_a_merge_uses_the_plugin_with_the_engines_validation(plugin_on_path, lla
 
     models = [llama_family[name] for name in ("base", "ft1", "ft2", "ft3")]
     recipe = {
-        "merge_method": "trimmed_mean",
+        "merge_method": "winsorized_mean",
         "models": [{"model": str(path)} for path in models],
         "parameters": {"trim": 0.25},
         "dtype": "float32",
@@ -122,7 +122,7 @@ def test_a_merge_uses_the_plugin_with_the_engines_validation(plugin_on_path, lla
     states = [load_state(path) for path in models]
     assert merged.keys() == states[0].keys()
     for name, tensor in merged.items():
-        # 4 models, trim 0.25: drop the smallest and the largest, average the middle two.
+        # 4 models, trim 0.25: clamp the smallest and the largest to the middle two, whose mean it is.
         ordered = torch.stack([state[name] for state in states]).sort(dim=0).values
         torch.testing.assert_close(tensor, (ordered[1] + ordered[2]) / 2)
 

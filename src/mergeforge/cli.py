@@ -27,6 +27,7 @@ _FEATURE_COMMANDS = {
     "align": "mergeforge.analysis.align_cli:align_command",
     "lora": "mergeforge.lora.cli:lora_group",
     "evolve": "mergeforge.evolve.cli:evolve_command",
+    "federated": "mergeforge.federated.cli:federated_command",
 }
 
 
@@ -42,7 +43,7 @@ def _feature_available(target: str) -> bool:
 
 # Optional dependencies (imported where they are used) and the extra that installs each.
 OPTIONAL_PACKAGES = {"transformers": "hf", "tokenizers": "hf", "peft": "zoo", "matplotlib": "zoo", "lm_eval": "lmeval", "gguf": "gguf",
-                     "scipy": "align", "cma": "evolve"}
+                     "scipy": "align", "cma": "evolve", "flwr": "federated"}
 
 
 class _Group(click.Group):

@@ -1,0 +1,1 @@
+"""A minimal Flower app with mergeforge's MergeStrategy as the server's aggregation."""

@@ -1,0 +1,316 @@
+"""An in-process federation: Flower's own round loop (``Strategy.start``) over clients that are
+plain functions, so a laptop without Ray or a SuperLink runs the same :class:`MergeStrategy`.
+
+:class:`LocalGrid` is a Flower ``Grid`` whose nodes are callables ``Message -> Message``; it
+counts the bytes of the arrays each round sends down and receives back. :func:`run_scenario`
+trains zoo clients on non-IID shards of the zoo's skills (local AdamW with the zoo's own training
+loop, loss on answers only) and scores the global model on the clients' skills after every round.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from mergeforge.federated.scenario import Aggregator, Scenario
+from mergeforge.federated.sparse import encode_update
+from mergeforge.federated.strategy import MergeStrategy, state_of
+
+ClientFn = Callable[[Message], Message]
+EXAMPLES_KEY = "num-examples"  # FedAvg's weighted_by_key
+FIRST_NODE = 101  # client node ids; 1 is the SuperLink's
+
+
+def record_bytes(record: RecordDict) -> int:
+    """Bytes of the arrays a message carries (what dominates communication)."""
+    return sum(len(array.data) for arrays in record.array_records.values() for array in arrays.values())
+
+
+@dataclass
+class LocalGrid(Grid):
+    """A Flower ``Grid`` that delivers each message to an in-process client function.
+
+    A client that raises is answered with an error reply, as a node that failed mid-round is,
+    so the strategy sees a dropout the way a deployment shows it.
+    """
+
+    clients: Mapping[int, ClientFn]
+    bytes_down: list[int] = field(default_factory=list)  # per send_and_receive call (one per round phase)
+    bytes_up: list[int] = field(default_factory=list)
+    _run: Any = None
+
+    def __post_init__(self) -> None:
+        # Flower stamps every message with the identity of the task that creates it; its runtimes
+        # set it when they start a ServerApp, and this grid is the runtime here.
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.task_id = TaskIdentity.run_id = 0
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.clients)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("LocalGrid delivers messages synchronously; use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("LocalGrid delivers messages synchronously; use send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies, down, up = [], 0, 0
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do on push
+            down += record_bytes(message.content)
+            try:
+                reply = self.clients[message.metadata.dst_node_id](message)
+            except Exception as exc:  # a failing client must not fail the round
+                reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            if not reply.has_error():
+                up += record_bytes(reply.content)
+            replies.append(reply)
+        if down or up:
+            self.bytes_down.append(down)
+            self.bytes_up.append(up)
+        return replies
+
+
+# -- the zoo federation ------------------------------------------------------------------------
+
+
+def client_skills(skills: list[str], clients: int, per_client: int) -> list[list[str]]:
+    """Non-IID shards: client k holds skills k, k+1, ..., k+per_client-1 (cyclically)."""
+    per_client = min(per_client, len(skills))
+    return [[skills[(k + j) % len(skills)] for j in range(per_client)] for k in range(clients)]
+
+
+def shard_pairs(pairs: list[tuple[str, str]], holders: list[int], client: int, size: int) -> list[tuple[str, str]]:
+    """Client ``client``'s disjoint slice of one skill's training pairs among the clients that hold it."""
+    position = holders.index(client)
+    width = min(size, len(pairs) // len(holders))
+    return pairs[position * width: (position + 1) * width]
+
+
+def scaled_update(global_state: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor],
+                  scale: float) -> dict[str, torch.Tensor]:
+    """global + scale·(trained − global): a malicious client's model (scale 1 is an honest one)."""
+    return {name: global_state[name] + scale * (tensor - global_state[name]) for name, tensor in trained.items()}
+
+
+def local_seed(scenario: Scenario, server_round: int, node: int) -> int:
+    """The batch order of one client's round: the same for every aggregator."""
+    return scenario.seed * 100_003 + server_round * 1009 + node
+
+
+@dataclass
+class ZooClient:
+    """One client: its skills' training data; trains a shared work model from the global arrays."""
+
+    node: int
+    skills: list[str]
+    data: Any  # zoo.train.EncodedData
+    scenario: Scenario
+    work_model: torch.nn.Module
+    update_scale: float = 1.0  # not 1: a malicious client (scenario `malicious`)
+
+    def train_from(self, global_state: Mapping[str, torch.Tensor], steps: int, seed: int) -> tuple[dict[str, torch.Tensor], float]:
+        """(the model after ``steps`` local AdamW steps from ``global_state``, the final loss);
+        a malicious client's model is scaled from ``global_state``."""
+        from mergeforge.zoo.train import TrainingSchedule, train
+
+        self.work_model.load_state_dict(dict(global_state))
+        schedule = TrainingSchedule(steps=steps, learning_rate=self.scenario.learning_rate, batch_size=self.scenario.batch_size,
+                                    warmup_fraction=0.0, final_lr_fraction=1.0)  # a constant rate: rounds continue one run
+        loss = train(self.work_model, self.data, schedule, seed=seed)
+        trained = {name: tensor.detach().clone() for name, tensor in self.work_model.state_dict().items()}
+        if self.update_scale != 1.0:
+            trained = scaled_update(global_state, trained, self.update_scale)
+        return trained, loss
+
+    def __call__(self, message: Message) -> Message:
+        global_state = state_of(next(iter(message.content.array_records.values())))
+        server_round = message.content.config_records["config"]["server-round"]  # FedAvg sets it each round
+        if not isinstance(server_round, int):
+            raise TypeError(f"config 'server-round' is {server_round!r}, not a round number")
+        seed = local_seed(self.scenario, server_round, self.node)
+        trained, loss = self.train_from(global_state, self.scenario.local_steps, seed)
+        upload = self.scenario.upload
+        if upload.kind != "dense":
+            trained = encode_update(global_state, trained, upload.kind, upload.density, seed=seed)
+        content = RecordDict({"arrays": ArrayRecord(trained),
+                              "metrics": MetricRecord({EXAMPLES_KEY: len(self.data), "train-loss": loss})})
+        return Message(content, reply_to=message)
+
+
+@dataclass
+class Federation:
+    """What every aggregator's run shares: the zoo's base model, tokenizer, clients and test tasks."""
+
+    base_state: dict[str, torch.Tensor]
+    eval_model: torch.nn.Module
+    tokenizer: Any
+    clients: dict[int, ZooClient]
+    tasks: list[Any]  # mergeforge.tasks.folders.Task
+
+    @property
+    def shards(self) -> dict[str, list[str]]:
+        return {f"node {node}": client.skills for node, client in self.clients.items()}
+
+
+def build_federation(scenario: Scenario, source: str = "scenario") -> Federation:
+    """Load the zoo's base model and share its skills' training data out to the clients
+    (``source`` names the scenario in errors)."""
+    from mergeforge.errors import RecipeError
+    from mergeforge.evaluate.api import load_model_and_tokenizer
+    from mergeforge.tasks.folders import load_task
+    from mergeforge.zoo import build_zoo, load_zoo
+    from mergeforge.zoo.train import encode_training_data
+
+    zoo = load_zoo(scenario.zoo) if scenario.zoo else build_zoo(None, size="tiny", seed=0)
+    skills = scenario.skills or zoo.skills
+    unknown = [skill for skill in skills if skill not in zoo.skills]
+    if unknown:
+        raise RecipeError(f"{source}: field 'skills': the zoo has no skill '{unknown[0]}'; skills: {', '.join(zoo.skills)}")
+    model, tokenizer = load_model_and_tokenizer(zoo.base.path)
+    tasks = {skill: load_task(zoo.task_dir(skill)) for skill in skills}
+    shards = client_skills(skills, scenario.clients, scenario.skills_per_client)
+    work_model = copy.deepcopy(model)
+    clients = {}
+    for client, held in enumerate(shards):
+        pairs = []
+        for skill in held:
+            examples = [(e.prompt, e.answer) for e in tasks[skill].examples("train")]
+            holders = [k for k, other in enumerate(shards) if skill in other]
+            pairs += shard_pairs(examples, holders, client, scenario.examples_per_client)
+        data = encode_training_data(tokenizer, pairs, loss_on_prompt=False)
+        attacks = scenario.malicious is not None and client < scenario.malicious.clients
+        scale = scenario.malicious.scale if scenario.malicious is not None and attacks else 1.0
+        clients[FIRST_NODE + client] = ZooClient(FIRST_NODE + client, held, data, scenario, work_model, scale)
+    base_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return Federation(base_state, model, tokenizer, clients, list(tasks.values()))
+
+
+def score(federation: Federation, state: Mapping[str, torch.Tensor], eval_examples: int) -> dict[str, Any]:
+    """Exact-match accuracy of a global model on every skill's test split."""
+    from mergeforge.evaluate.api import evaluate_model
+
+    federation.eval_model.load_state_dict(dict(state))
+    result = evaluate_model(federation.eval_model, federation.tasks, tokenizer=federation.tokenizer,
+                            max_examples=eval_examples, with_loss=False, scoring="forced")
+    return {"accuracy": result["mean_score"], "tasks": {name: r["score"] for name, r in result["tasks"].items()}}
+
+
+def run_aggregator(federation: Federation, scenario: Scenario, aggregator: Aggregator,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """R rounds of the federation with one aggregator; per round accuracy, bytes, rejections, time."""
+    random.seed(scenario.seed)  # Flower samples clients with `random`: every aggregator sees the same draws
+    strategy = MergeStrategy(aggregator.method, aggregator.parameters, seed=scenario.seed,
+                             fraction_train=scenario.fraction_train, min_train_nodes=1, min_available_nodes=1,
+                             fraction_evaluate=0.0, weighted_by_key=EXAMPLES_KEY)
+    grid = LocalGrid(federation.clients)
+    rounds: list[dict[str, Any]] = []
+    clock = [time.perf_counter()]
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        scores = score(federation, state_of(arrays), scenario.eval_examples)
+        now = time.perf_counter()
+        entry: dict[str, Any] = {"round": server_round, **scores, "seconds": now - clock[0]}
+        if server_round > 0:
+            entry.update(bytes_down=grid.bytes_down[-1], bytes_up=grid.bytes_up[-1],
+                         rejected=[vars(r) for r in strategy.rejections.get(server_round, [])])
+        rounds.append(entry)
+        clock[0] = time.perf_counter()
+        if progress is not None:
+            progress(f"{aggregator.label}: round {server_round}/{scenario.rounds} accuracy {scores['accuracy']:.3f}")
+        return MetricRecord({"accuracy": scores["accuracy"]})
+
+    started = time.perf_counter()
+    strategy.start(grid, ArrayRecord(federation.base_state), num_rounds=scenario.rounds, train_config=ConfigRecord(),
+                   evaluate_fn=evaluate)
+    return {"method": aggregator.method, "parameters": aggregator.parameters, "rounds": rounds,
+            "wall_seconds": time.perf_counter() - started,
+            "bytes_total": sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rounds)}
+
+
+def run_scenario(scenario: Scenario, progress: Callable[[str], None] | None = None, source: str = "scenario") -> dict[str, Any]:
+    """Every aggregator of the scenario over the same federation and client draws."""
+    torch.manual_seed(scenario.seed)
+    federation = build_federation(scenario, source)
+    results = {aggregator.label: run_aggregator(federation, scenario, aggregator, progress)
+               for aggregator in scenario.aggregators}
+    malicious = [f"node {node}" for node, client in federation.clients.items() if client.update_scale != 1.0]
+    report = {"scenario": scenario.model_dump(mode="json"), "shards": federation.shards, "malicious": malicious,
+              "aggregators": results}
+    if scenario.references:
+        from mergeforge.federated.references import centralised, one_shot
+
+        report["references"] = {"centralised": centralised(federation, scenario, progress),
+                                "one_shot": one_shot(federation, scenario, progress)}
+    return report
+
+
+def write_report(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """``results.json`` and ``accuracy.png`` (mean accuracy per round, one line per aggregator)."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "png": out_dir / "accuracy.png"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, run in result["aggregators"].items():
+        axes.plot([r["round"] for r in run["rounds"]], [r["accuracy"] for r in run["rounds"]], marker="o", label=label)
+    if "references" in result:
+        central = result["references"]["centralised"]["rounds"]
+        axes.plot([r["round"] for r in central], [r["accuracy"] for r in central], "k--", label="centralised")
+    axes.set_xlabel("round")
+    axes.set_ylabel("mean exact-match accuracy")
+    axes.set_title("federated training on the zoo")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(paths["png"], dpi=100)
+    plt.close(figure)
+    return paths
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One markdown table: accuracy per round, bytes and wall time per aggregator."""
+    runs = result["aggregators"]
+    rounds = max(len(run["rounds"]) for run in runs.values())
+    header = "| aggregator | " + " | ".join(f"round {r}" for r in range(rounds)) + " | MB sent | seconds |"
+    lines = [header, "|" + "---|" * (rounds + 3)]
+    for label, run in runs.items():
+        accuracies = " | ".join(f"{r['accuracy']:.3f}" for r in run["rounds"])
+        lines.append(f"| {label} | {accuracies} | {run['bytes_total'] / 1e6:.2f} | {run['wall_seconds']:.1f} |")
+    if "references" in result:
+        central = result["references"]["centralised"]
+        accuracies = " | ".join(f"{r['accuracy']:.3f}" for r in central["rounds"])
+        lines.append(f"| centralised (same steps) | {accuracies} | - | {central['wall_seconds']:.1f} |")
+        lines += ["", "| one-shot merge of clients trained alone | accuracy |", "|---|---|"]
+        lines += [f"| {label} | {accuracy:.3f} |" for label, accuracy in result["references"]["one_shot"]["accuracy"].items()]
+    return "\n".join(lines)
