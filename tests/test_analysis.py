@@ -11,7 +11,7 @@ import torch
 import yaml
 from conftest import load_state, run_cli
 
-from mergeforge.analysis.stats import SAR_ENERGY, effective_rank
+from mergeforge.analysis.stats import SAR_ENERGY, effective_rank, tensor_sums
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,31 @@ def test_the_statistics_match_a_direct_computation(llama_family, analysis):
     # DARE's measured noise is close to its expectation sqrt(p / (1 - p)) ||tau|| / ||base||.
     for expected, measured in zip(overall["dare_noise_expected"], overall["dare_noise_measured"]):
         assert measured == pytest.approx(expected, rel=0.05)
+
+
+def test_tensor_sums_match_float64_on_a_tensor_of_several_blocks():
+    """bf16 inputs across several of the kernels' blocks (1 << 20 entries): the Gram matrix in
+    float64, the sign conflicts of exact top-k masks, and DARE's measured noise from the very mask
+    and rescale a DARE merge draws."""
+    from mergeforge.methods.sparsify import apply_mask, bernoulli_mask, magnitude_mask
+
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(1100, 2000, generator=generator).bfloat16()
+    models = [(base.float() + 0.004 * torch.randn(1100, 2000, generator=generator)).bfloat16() for _ in range(3)]
+    sums = tensor_sums(base, models, 0.25, 9)
+    taus = [(m.float() - base.float()).flatten() for m in models]
+    wide = torch.stack(taus).double()
+    exact = wide @ wide.T  # float32 products within spans: within 1e-7 of the squared norms
+    assert float((sums.gram - exact).abs().max()) < 1e-7 * float(exact.diagonal().max())
+    assert sums.base_sq == pytest.approx(float(base.double().pow(2).sum()), rel=1e-9)
+    kept = [magnitude_mask(t, 0.25) for t in taus]
+    positive = sum((k & (t > 0)).int() for k, t in zip(kept, taus))
+    negative = sum((k & (t < 0)).int() for k, t in zip(kept, taus))
+    assert sums.kept_by_two == int(((positive + negative) >= 2).sum())
+    assert sums.conflicts == int(((positive > 0) & (negative > 0)).sum())
+    for index, tau in enumerate(taus):
+        dropped = apply_mask(tau, bernoulli_mask(tau, 0.25, 9 + index), rescale=True)
+        assert float(sums.dare_sq[index]) == pytest.approx(float((dropped - tau).double().pow(2).sum()), rel=1e-5)
 
 
 def test_the_report_is_one_self_contained_page(analysis):

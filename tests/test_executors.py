@@ -17,7 +17,7 @@ import mergeforge
 from mergeforge.engine.api import choose_executor, plan_merge
 from mergeforge.engine.options import MergeOptions
 from mergeforge.methods import kernels
-from mergeforge.methods._task_vector_kernels import TopK
+from mergeforge.methods._task_vector_kernels import SAMPLE, TopK, select
 from mergeforge.methods.sparsify import topk_mask
 
 # ---------------------------------------------------------------- exact top-k
@@ -36,6 +36,27 @@ def test_topk_keeps_exactly_k_with_ties_in_position_order():
             mask, ties = selector.mask(keys[i:i + 333], ties)
             blocks.append(mask)
         np.testing.assert_array_equal(np.concatenate(blocks), expected, err_msg=f"k={k}")
+
+
+def test_selection_is_exact_on_large_arrays_of_every_kind():
+    """The sampling selection (above 4 x SAMPLE entries) against a sort: distinct values, long runs
+    of one value (bf16 task vectors), mostly zeros, and sorted orders that a strided sample would
+    misjudge; every position kind, including the ends."""
+    rng = np.random.default_rng(3)
+    n = 4 * SAMPLE + 12345
+    arrays = {
+        "distinct": rng.random(n, dtype=np.float32),
+        "runs": rng.integers(0, 40, n).astype(np.float32),
+        "mostly zero": np.where(rng.random(n) < 0.8, 0, rng.random(n)).astype(np.float32),
+        "ascending": np.arange(n, dtype=np.float32),
+        "descending": np.arange(n, dtype=np.float32)[::-1].copy(),
+        "one value": np.full(n, 7, dtype=np.float32),
+    }
+    for kind, values in arrays.items():
+        bits = values.view(np.uint32)
+        ordered = np.sort(bits)
+        for position in (0, 1, n // 5, n // 2, 4 * n // 5, n - 2, n - 1):
+            assert select(bits.copy(), position) == ordered[position], (kind, position)
 
 
 def test_topk_mask_is_the_same_on_the_torch_path():

@@ -31,13 +31,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergeforge.errors import CheckpointError
 
 SAR_ENERGY = 0.95
 SPECTRUM_KEEP = 32  # leading singular values stored per tensor and model (normalised by the largest)
-CHUNK = 1 << 22  # entries per float64 Gram update, to bound the float64 copies
 
 
 @dataclass
@@ -96,27 +96,126 @@ class Sums:
         return out
 
 
-def tensor_sums(base: torch.Tensor, models: Sequence[torch.Tensor], density: float, seed: int) -> Sums:
-    """The sums of one tensor (everything but the spectra)."""
-    from mergeforge.methods.sparsify import apply_mask, bernoulli_mask, magnitude_mask
+def tensor_sums(base: torch.Tensor, models: Sequence[torch.Tensor], density: float, seed: int,
+                scratch: Scratch | None = None) -> Sums:
+    """The sums of one tensor (everything but the spectra).
 
-    b = base.float()
-    vectors = torch.stack([m.float() - b for m in models]).reshape(len(models), -1)
-    sums = Sums(len(models), entries=b.numel(), base_sq=float(b.double().pow(2).sum()))
-    for start in range(0, vectors.shape[1], CHUNK):
-        part = vectors[:, start:start + CHUNK].double()
-        sums.gram += part @ part.T
-    positive = torch.zeros(vectors.shape[1], dtype=torch.int16)
-    negative = torch.zeros_like(positive)
-    for index, tau in enumerate(vectors):
-        kept = magnitude_mask(tau, density)
-        positive += (kept & (tau > 0)).to(torch.int16)
-        negative += (kept & (tau < 0)).to(torch.int16)
-        dropped = apply_mask(tau, bernoulli_mask(tau, density, seed + index), rescale=True)
-        sums.dare_sq[index] = float((dropped - tau).double().pow(2).sum())
-    sums.kept_by_two = int(((positive + negative) >= 2).sum())
-    sums.conflicts = int(((positive > 0) & (negative > 0)).sum())
+    One pass per model finds TIES' exact threshold and, per block of
+    :func:`mergeforge.methods.kernels.ranges`, adds its kept signs to per-entry counts and DARE's
+    sums; then the Gram matrix comes from one pass over the blocks. Products are summed in float32
+    within :data:`GRAM_SPAN` entries (each ⟨τᵢ, τⱼ⟩ within about 1e-8 of ‖τᵢ‖‖τⱼ‖, so cosines to
+    1e-8), and every sum across spans, blocks and tensors is float64. ``scratch`` (reused from
+    tensor to tensor) spares the page faults of fresh memory."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # memory-bound work: a second thread gains little, and stalls under load
+    try:
+        return _tensor_sums(base, models, density, seed, scratch or Scratch())
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Scratch:
+    """Buffers reused from tensor to tensor, grown to the largest (one per role)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: type[np.generic]) -> np.ndarray:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        buffer = self._buffers.get(role)
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[role] = np.empty(size, dtype=np.uint8)
+        return buffer[:size].view(dtype).reshape(shape)
+
+
+def _tensor_sums(base: torch.Tensor, models: Sequence[torch.Tensor], density: float, seed: int, scratch: Scratch) -> Sums:
+    from mergeforge.methods.kernels import ranges
+
+    b = base.reshape(-1).float()
+    n = b.numel()
+    vectors = torch.from_numpy(scratch.get("vectors", (len(models), n), np.float32))
+    for row, model in zip(vectors, models, strict=True):
+        row.copy_(model.reshape(-1))  # widened in place: several times faster than .float() then sub
+        row.sub_(b)
+    sums = Sums(len(models), entries=n, base_sq=_sum_of_squares(b))
+    count = np.int8 if len(models) < 128 else np.int32
+    kept = scratch.get("kept", (n,), count)  # per entry: how many models keep it, non-zero
+    sign_sum = scratch.get("sign_sum", (n,), count)  # ... and the sum of their signs
+    kept[:] = 0
+    sign_sum[:] = 0
+    magnitude = scratch.get("magnitude", (n,), np.float32)
+    for index, row in enumerate(vectors):
+        tau = row.numpy()
+        np.abs(tau, out=magnitude)
+        p = _model_pass(tau, magnitude, density, seed + index, kept, sign_sum)
+        # DARE with mergekit's L1 rescale c = ‖τ‖₁ / ‖kept‖₁: ‖dare(τ) − τ‖² = (c − 1)²‖kept‖² + ‖dropped‖²,
+        # with ‖τ‖² from the Gram matrix below.
+        scale = p.l1 / p.kept_l1 if p.l1 >= 1e-7 and p.kept_l1 >= 1e-7 else 1.0
+        sums.dare_sq[index] = (scale - 1.0) ** 2 * p.kept_sq - p.kept_sq
+    for start, stop in ranges(n):
+        sums.gram += _gram(vectors[:, start:stop])
+    sums.dare_sq += sums.gram.diagonal()
+    sums.kept_by_two = int(np.count_nonzero(kept >= 2))
+    sums.conflicts = int(np.count_nonzero(np.abs(sign_sum) < kept))  # both signs among the kept
     return sums
+
+
+GRAM_SPAN = 1 << 12  # entries per float32 product block of the Gram matrix
+
+
+@dataclass
+class _ModelPass:
+    l1: float = 0.0  # ‖τ‖₁
+    kept_l1: float = 0.0  # ‖τ ⊙ DARE's keep mask‖₁
+    kept_sq: float = 0.0  # ‖τ ⊙ DARE's keep mask‖²
+
+
+def _model_pass(tau: np.ndarray, magnitude: np.ndarray, density: float, seed: int, kept: np.ndarray,
+                sign_sum: np.ndarray) -> _ModelPass:
+    """Adds one task vector's (flat float32, and its magnitudes) TIES-kept non-zero entries to
+    ``kept`` and their signs to ``sign_sum``, and sums DARE's draw, block by block, with the masks of
+    :func:`mergeforge.methods.sparsify.magnitude_mask` and ``bernoulli_mask``."""
+    from mergeforge.methods._task_vector_kernels import TopK, bernoulli_keep
+    from mergeforge.methods.kernels import block_index, ranges
+
+    selector = TopK(magnitude, int(density * tau.size))
+    ties = selector.ties
+    out = _ModelPass()
+    for start, stop in ranges(tau.size):
+        part, size = tau[start:stop], magnitude[start:stop]
+        keep, ties = selector.mask(size, ties)
+        positive = (part > 0) & keep
+        negative = (part < 0) & keep
+        kept[start:stop] += positive
+        kept[start:stop] += negative
+        sign_sum[start:stop] += positive
+        sign_sum[start:stop] -= negative
+        dropped = np.where(bernoulli_keep(seed, block_index(start), stop - start, density), size, np.float32(0))
+        out.l1 += float(size.sum())  # NumPy's pairwise float32 sums (about 1e-7 relative), added in float64
+        out.kept_l1 += float(dropped.sum())
+        out.kept_sq += float(np.square(dropped, out=dropped).sum())
+    return out
+
+
+def _gram(part: torch.Tensor) -> torch.Tensor:
+    """⟨τᵢ, τⱼ⟩ over a block ([models, entries], float32): float32 products within spans of
+    :data:`GRAM_SPAN` entries, summed in float64."""
+    models, entries = part.shape
+    whole = entries - entries % GRAM_SPAN
+    gram = torch.zeros(models, models, dtype=torch.float64)
+    if whole:
+        spans = part[:, :whole].reshape(models, -1, GRAM_SPAN).transpose(0, 1)  # [spans, models, span]
+        gram += torch.bmm(spans, spans.transpose(1, 2)).double().sum(0)
+    if whole < entries:
+        tail = part[:, whole:].double()
+        gram += tail @ tail.T
+    return gram
+
+
+def _sum_of_squares(values: torch.Tensor) -> float:
+    from mergeforge.methods.kernels import ranges
+
+    return sum(float(values[start:stop].double().square().sum()) for start, stop in ranges(values.numel()))
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -184,6 +283,7 @@ def analyze_checkpoints(base: Any, models: Sequence[Any], names: Sequence[str], 
     layers: dict[int, Sums] = {}
     tensors: list[dict[str, Any]] = []
     skipped: list[str] = []
+    scratch = Scratch()
     timings = {"read": 0.0, "statistics": 0.0, "spectra": 0.0}
     for count, name in enumerate(_shared_tensors(base, models, skipped)):
         started = time.perf_counter()
@@ -191,7 +291,7 @@ def analyze_checkpoints(base: Any, models: Sequence[Any], names: Sequence[str], 
         tensors_in = [m.read(name) for m in models]
         timings["read"] += time.perf_counter() - started
         started = time.perf_counter()
-        sums = tensor_sums(base_tensor, tensors_in, density, job_seed(seed, name))
+        sums = tensor_sums(base_tensor, tensors_in, density, job_seed(seed, name), scratch)
         timings["statistics"] += time.perf_counter() - started
         layer = layer_index(name)
         row: dict[str, Any] = {"name": name, "layer": layer, "shape": list(base_tensor.shape)}
