@@ -36,7 +36,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     Example:
         >>> run_search("search.yml", "runs/ties", progress=print)["best"]["fitness"]
     """
-    from mergeforge.evolve.candidates import CandidatePool, term_key
+    from mergeforge.evolve.candidates import term_key
     from mergeforge.evolve.report import (
         WINNER,
         baseline_rows,
@@ -56,7 +56,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     prepare_out_dir(out, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True), resume)
     started = time.perf_counter()
     try:
-        pool = CandidatePool(config, folder)
+        pool = new_pool(config, folder, out)
     except RecipeError as exc:
         if not str(exc).startswith("field '"):
             raise
@@ -89,14 +89,31 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     return report
 
 
+def new_pool(config: SearchConfig, folder: Path, out: Path) -> Any:
+    """The candidates' pool: merged in memory (parameter space) or routed (``layer_path``)."""
+    if config.layer_path is not None:
+        from mergeforge.evolve.routing import PathPool
+
+        return PathPool(config, folder, out)
+    from mergeforge.evolve.candidates import CandidatePool
+
+    return CandidatePool(config, folder)
+
+
 def absolute_paths(config: SearchConfig, folder: Path) -> SearchConfig:
     """The search with its model and task paths resolved against the search file's folder, so the
     saved copy (and a resume) means the same from any working directory."""
-    return config.model_copy(update={
-        "base_model": str(resolve_path(config.base_model, folder)),
-        "models": [m.model_copy(update={"model": str(resolve_path(m.model, folder))}) for m in config.models],
+    update: dict[str, Any] = {
         "fitness": [t.model_copy(update={"task": str(resolve_path(t.task, folder))}) for t in config.fitness],
-    })
+    }
+    if config.base_model is not None:
+        update["base_model"] = str(resolve_path(config.base_model, folder))
+    if config.models is not None:
+        update["models"] = [m.model_copy(update={"model": str(resolve_path(m.model, folder))}) for m in config.models]
+    if config.layer_path is not None:
+        models = [str(resolve_path(m, folder)) for m in config.layer_path.models]
+        update["layer_path"] = config.layer_path.model_copy(update={"models": models})
+    return config.model_copy(update=update)
 
 
 def mean_timing(entries: list[dict[str, Any]]) -> dict[str, float]:
@@ -111,7 +128,7 @@ def summary(pool: Any, entries: list[dict[str, Any]], stopped: str) -> dict[str,
     config = pool.config
     seconds = sum(e["timing"]["seconds"] for e in entries)
     return {
-        "method": config.merge_method, "seed": config.seed, "dimensions": pool.space.dimensions, "groups": pool.space.labels,
+        "method": config.method_name, "seed": config.seed, "dimensions": pool.space.dimensions, "groups": pool.space.labels,
         "search_split": config.splits.search, "test_split": config.splits.test, "evaluations": len(entries), "stopped": stopped,
         "failed": sum(e["fitness"] is None for e in entries), "seconds": seconds,
         "candidates_per_minute": 60 * len(entries) / seconds if seconds > 0 else 0.0, "timing": mean_timing(entries),

@@ -15,24 +15,23 @@ from typing import Any
 
 import yaml
 
-from mergeforge.evolve.candidates import CandidatePool, fitness_of
+from mergeforge.evolve.candidates import fitness_of
 from mergeforge.evolve.config import DEFAULT_BASELINES
 
 WINNER = "winner.yml"
 
 
-def winner_recipe_text(pool: CandidatePool, values: list[float]) -> str:
+def winner_recipe_text(pool: Any, values: list[float]) -> str:
     """The winner as mergekit YAML. mergekit recipes have no seed field, so the seed (it fixes
     DARE/DELLA masks) is written as the header comment and the ``--seed`` of the command line."""
-    base = str(pool.base_dir)
-    recipe = pool.space.recipe(values, [str(path) for path in pool.model_dirs], base)
+    recipe = pool.winner_recipe(values)
     seed = pool.config.seed
     header = (f"# mergeforge evolve winner; seed: {seed}\n"
               f"# reproduce: mergeforge merge {WINNER} OUT_DIR --seed {seed}\n")
     return header + yaml.safe_dump(recipe, sort_keys=False)
 
 
-def remerge_winner(pool: CandidatePool, out_dir: Path) -> dict[str, Any]:
+def remerge_winner(pool: Any, out_dir: Path) -> dict[str, Any]:
     """Re-merge ``winner.yml`` from disk with the engine and score it on the search split."""
     from mergeforge.engine.api import merge
     from mergeforge.engine.options import MergeOptions
@@ -40,8 +39,7 @@ def remerge_winner(pool: CandidatePool, out_dir: Path) -> dict[str, Any]:
     model_dir = out_dir / "model"
     started = time.perf_counter()
     merge(out_dir / WINNER, model_dir, MergeOptions(seed=pool.config.seed, quiet=True, overwrite=True, device=pool.config.device))
-    state = pool.pool.state(model_dir)
-    pool.load_state(state)
+    pool.load_folder(model_dir)
     # What each candidate would cost if it were written and read back instead of merged in memory.
     disk_seconds = time.perf_counter() - started
     scores = pool.score(pool.config.splits.search)
@@ -49,7 +47,7 @@ def remerge_winner(pool: CandidatePool, out_dir: Path) -> dict[str, Any]:
             "merge_to_disk_and_load_seconds": disk_seconds}
 
 
-def baseline_rows(pool: CandidatePool, winner_values: list[float]) -> list[dict[str, Any]]:
+def baseline_rows(pool: Any, winner_values: list[float]) -> list[dict[str, Any]]:
     """Test-split scores of the base, each source, the hand-set merges and the winner."""
     config = pool.config
     test = config.splits.test
@@ -63,10 +61,16 @@ def baseline_rows(pool: CandidatePool, winner_values: list[float]) -> list[dict[
         scores = pool.score(test)
         rows.append({"name": name, "scores": scores, "fitness": fitness_of(config, scores)})
 
-    row("base", pool.base_state)
-    for path, state in zip(pool.model_dirs, pool.model_states, strict=True):
-        row(f"source: {path.name}", state)
-    for baseline in config.baselines if config.baselines is not None else DEFAULT_BASELINES:
+    def source_row(index: int, path: Path) -> None:
+        pool.load_source(index)
+        scores = pool.score(test)
+        rows.append({"name": f"source: {path.name}", "scores": scores, "fitness": fitness_of(config, scores)})
+
+    if pool.base_dir is not None:
+        row("base", pool.base_state)
+    for index, path in enumerate(pool.model_dirs):
+        source_row(index, path)
+    for baseline in config.baselines if config.baselines is not None else default_baselines(config):
         name = baseline.name or baseline.merge_method
         try:
             state = pool.full_merge(baseline.merge_method, baseline.parameters,
@@ -80,6 +84,15 @@ def baseline_rows(pool: CandidatePool, winner_values: list[float]) -> list[dict[
     scores = pool.score(test)
     rows.append({"name": "evolved (winner)", "scores": scores, "fitness": fitness_of(config, scores)})
     return rows
+
+
+def default_baselines(config: Any) -> tuple[Any, ...]:
+    """The untuned merges of the test table; those that need a base only when the search has one."""
+    from mergeforge.methods.registry import BaseUse, get_method
+
+    if config.base_model is not None:
+        return DEFAULT_BASELINES
+    return tuple(b for b in DEFAULT_BASELINES if get_method(b.merge_method).base != BaseUse.REQUIRED)
 
 
 def table(rows: list[dict[str, Any]], terms: list[str]) -> str:
@@ -154,7 +167,10 @@ def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> Non
         f"- seconds per candidate: merge {report['timing']['merge_seconds']:.3f} (in memory, "
         f"{report['timing']['remerged_groups']:.2f} groups merged on average), score {report['timing']['score_seconds']:.3f}; "
         f"merging the winner to disk and loading it took {report['reproduction']['merge_to_disk_and_load_seconds']:.2f}",
-        "", f"## Test split (`{report['test_split']}`)", "", table(report["test"], terms), "",
     ]
+    steps = report["best"]["parameters"].get("steps")
+    if steps is not None:
+        lines.append(f"- the winner's path ({len(steps)} steps, `model.layer×scale`): {' → '.join(steps)}")
+    lines += ["", f"## Test split (`{report['test_split']}`)", "", table(report["test"], terms), ""]
     (out_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
