@@ -310,3 +310,19 @@ def test_a_path_source_can_be_a_merge_recipe(zoo_dir, tmp_path):
     assert [row["name"] for row in report["test"]][:2] == ["source: ta", "source: expert_reverse"]
     again = run_search(config | {"budget": {"evaluations": 8}}, tmp_path / "out", resume=True)  # the merged source is reused
     assert again["evaluations"] == 8
+
+
+def test_separable_cma_is_the_default_for_a_long_genome(zoo_dir):
+    import pickle
+
+    from mergeforge.evolve.config import DIAGONAL_FROM, load_search_config
+    from mergeforge.evolve.search import new_optimizer, uses_diagonal
+
+    config, _ = load_search_config(path_search(zoo_dir))
+    assert not uses_diagonal(config, DIAGONAL_FROM - 1) and uses_diagonal(config, DIAGONAL_FROM)
+    separable = new_optimizer(config, [0.5] * DIAGONAL_FROM)
+    assert separable.opts["CMA_diagonal"] is True
+    forced, _ = load_search_config(path_search(zoo_dir, optimizer={"diagonal": False}))
+    assert not uses_diagonal(forced, 5000)
+    full = new_optimizer(forced, [0.5] * DIAGONAL_FROM)
+    assert len(pickle.dumps(separable)) * 20 < len(pickle.dumps(full))  # no d x d covariance in the state

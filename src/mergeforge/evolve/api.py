@@ -62,8 +62,8 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
             raise
         source = str(search) if isinstance(search, (str, os.PathLike)) else "search config"
         raise RecipeError(f"{source}: {exc}") from None  # a field that needed the models to check (layer_groups)
-    say(f"{pool.space.dimensions} genes over {len(pool.space.labels)} group(s); sources loaded in "
-        f"{time.perf_counter() - started:.1f} s")
+    where = pool.space.labels[0] if config.is_layer_path else f"{len(pool.space.labels)} group(s)"
+    say(f"{pool.space.dimensions} genes over {where}; sources loaded in {time.perf_counter() - started:.1f} s")
     entries, stopped = search_loop(pool, out, say)
     say(f"search ended: {stopped}")
     best = best_entry(entries)
@@ -125,10 +125,13 @@ def mean_timing(entries: list[dict[str, Any]]) -> dict[str, float]:
 
 def summary(pool: Any, entries: list[dict[str, Any]], stopped: str) -> dict[str, Any]:
     """The report's account of the search itself (before the winner's export and the test table)."""
+    from mergeforge.evolve.search import uses_diagonal
+
     config = pool.config
     seconds = sum(e["timing"]["seconds"] for e in entries)
     return {
         "method": config.method_name, "seed": config.seed, "dimensions": pool.space.dimensions, "groups": pool.space.labels,
+        "separable_cma": uses_diagonal(config, pool.space.dimensions),
         "search_split": config.splits.search, "test_split": config.splits.test, "evaluations": len(entries), "stopped": stopped,
         "failed": sum(e["fitness"] is None for e in entries), "seconds": seconds,
         "candidates_per_minute": 60 * len(entries) / seconds if seconds > 0 else 0.0, "timing": mean_timing(entries),

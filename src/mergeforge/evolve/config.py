@@ -90,11 +90,18 @@ class Budget(_Strict):
         return self
 
 
+# The genome length from which ``optimizer.diagonal`` defaults to on: cma's full covariance at
+# about 4300 genes holds about 294 MB and takes 1.6 s per generation (REFERENCE.md).
+DIAGONAL_FROM = 1000
+
+
 class Optimizer(_Strict):
     name: Literal["cma"] = "cma"
     sigma0: float = Field(default=1 / 6, gt=0, le=1)  # in the unit cube; Sakana's evolutionary merge used 1/6
     popsize: int | None = Field(default=None, ge=2)  # default: cma's 4 + 3·ln(dimensions)
-    diagonal: bool = False  # separable CMA (cheaper state) for long genomes
+    # Separable CMA (a diagonal covariance: linear, not quadratic, state and time per generation);
+    # default: on from DIAGONAL_FROM genes (a layer path over a deep model runs to thousands).
+    diagonal: bool | None = None
 
 
 class Baseline(_Strict):
