@@ -184,6 +184,17 @@ def test_consecutive_layers_of_one_model_with_one_scale_are_one_slice(path_pool)
     assert [(s.model, s.layer, s.scale) for s in start] == [(0, 0, 1.0), (0, 1, 1.0)]  # the first model, as it is
 
 
+def test_without_searched_scales_the_genome_is_the_indicators_alone(zoo_dir):
+    from mergeforge.evolve.config import load_search_config
+    from mergeforge.evolve.path_space import PathSpace
+
+    config, _ = load_search_config(path_search(zoo_dir, layer_path={"search_scales": False}))
+    space = PathSpace(config, [2, 2], ["a", "b"])
+    assert space.dimensions == 8 and len(space.start()) == 8
+    steps = space.steps(space.values([0.9, 0.1, 0.2, 0.7, 0.6, 0.0, 0.0, 0.3]))
+    assert [(s.model, s.layer, s.scale) for s in steps] == [(0, 0, 1.0), (1, 1, 1.0), (0, 0, 1.0)]
+
+
 def test_max_steps_keeps_the_first_taken_slots(zoo_dir):
     from mergeforge.evolve.config import load_search_config
     from mergeforge.evolve.path_space import PathSpace

@@ -122,6 +122,7 @@ class LayerPath(_Strict):
     repeats: int = Field(2, ge=1, le=64)  # r: the slots are r copies of all the models' layers
     max_steps: int | None = Field(default=None, ge=1)  # a path keeps its first max_steps taken slots (default: no cap)
     scale: Bounds = Bounds(low=0.5, high=1.5, start=1.0)  # each step's scale on its attention and MLP updates
+    search_scales: bool = True  # false: every scale is 1, and the genome is the T indicators alone
     start: int = Field(0, ge=0)  # the path starts as this model's layers in order (an index into models)
 
     @model_validator(mode="after")

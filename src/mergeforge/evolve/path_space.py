@@ -7,7 +7,8 @@ the second, ...), the whole repeated ``repeats`` times: T = r · Σ layers slots
 subset of the slots and keeps their order, so the same layer can appear up to r times and the
 models' layers interleave in any pattern the slot order allows.
 
-**Genes.** T indicator genes, then T scale genes. CMA-ES is continuous, so an indicator is a
+**Genes.** T indicator genes, then T scale genes (none with ``search_scales: false``: every
+scale is then 1). CMA-ES is continuous, so an indicator is a
 number in [0, 1] and its slot is taken when it is above 0.5; a scale gene maps the unit interval
 onto the scale bounds and matters only when its slot is taken. With ``max_steps`` a path keeps its
 first ``max_steps`` taken slots.
@@ -67,7 +68,7 @@ class PathSpace:
 
     @property
     def dimensions(self) -> int:
-        return 2 * len(self.slots)
+        return (2 if self.path.search_scales else 1) * len(self.slots)
 
     def start(self) -> list[float]:
         """The start model's layers in order (its slots of the first repeat on), every scale at its start."""
@@ -76,7 +77,7 @@ class PathSpace:
         first_repeat = len(self.slots) // self.path.repeats
         on = [START_ON if slot < first_repeat and model == self.path.start else START_OFF
               for slot, (model, _) in enumerate(self.slots)]
-        return on + [scale] * len(self.slots)
+        return on + [scale] * (self.dimensions - len(self.slots))
 
     def values(self, unit: Sequence[float]) -> list[float]:
         """The genome clipped to the cube, scales mapped onto their bounds (indicators stay in [0, 1])."""
@@ -85,6 +86,8 @@ class PathSpace:
         clipped = [min(1.0, max(0.0, float(x))) for x in unit]
         bounds = self.path.scale
         half = len(self.slots)
+        if not self.path.search_scales:
+            return clipped + [1.0] * half
         return clipped[:half] + [bounds.low + x * (bounds.high - bounds.low) for x in clipped[half:]]
 
     def steps(self, values: Sequence[float]) -> list[Step]:

@@ -155,6 +155,14 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def built(report: dict[str, Any]) -> str:
+    """How a candidate's model was made, and in how many seconds."""
+    timing = report["timing"]
+    if report["method"] == "layer_path":
+        return f"route {timing['merge_seconds']:.4f} (the sources' own layers, nothing copied)"
+    return f"merge {timing['merge_seconds']:.3f} (in memory, {timing['remerged_groups']:.2f} groups merged on average)"
+
+
 def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> None:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     lines = [
@@ -164,8 +172,7 @@ def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> Non
         f"{report['candidates_per_minute']:.1f} candidates/minute; {report['stopped']}",
         f"- best fitness on `{report['search_split']}`: {report['best']['fitness']:.4f} (evaluation {report['best']['evaluation']})",
         f"- re-merged from `{WINNER}`: {report['reproduction']['fitness']:.4f} (difference {report['reproduction']['difference']:.2e})",
-        f"- seconds per candidate: merge {report['timing']['merge_seconds']:.3f} (in memory, "
-        f"{report['timing']['remerged_groups']:.2f} groups merged on average), score {report['timing']['score_seconds']:.3f}; "
+        f"- seconds per candidate: {built(report)}, score {report['timing']['score_seconds']:.3f}; "
         f"merging the winner to disk and loading it took {report['reproduction']['merge_to_disk_and_load_seconds']:.2f}",
     ]
     steps = report["best"]["parameters"].get("steps")

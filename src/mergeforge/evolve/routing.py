@@ -159,7 +159,6 @@ class PathPool:
         names = unique_names(self.model_dirs)
         self.space = PathSpace(config, [len(m.model.layers) for m in sources], names)
         self.current: Any = None
-        self._states: dict[str, Any] = {}
 
     def evaluate(self, values: Sequence[float]) -> Scored:
         started = time.perf_counter()
