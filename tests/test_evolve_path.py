@@ -337,3 +337,31 @@ def test_separable_cma_is_the_default_for_a_long_genome(zoo_dir):
     assert not uses_diagonal(forced, 5000)
     full = new_optimizer(forced, [0.5] * DIAGONAL_FROM)
     assert len(pickle.dumps(separable)) * 20 < len(pickle.dumps(full))  # no d x d covariance in the state
+
+
+@pytest.mark.slow  # three CLI runs of a 40-candidate layer-path search: about 40 s on 2 cores
+def test_a_layer_path_search_killed_with_sigkill_resumes_to_the_uninterrupted_result(zoo_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = path_search(zoo_dir, budget={"evaluations": 40}, splits={"search_examples": 48, "test_examples": 12})
+    path = write(tmp_path / "search.yml", config)
+    assert run_cli("evolve", path, tmp_path / "whole", "--quiet").returncode == 0
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "mergeforge", "evolve", str(path), str(killed), "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = killed / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while (not journal.is_file() or len(journal.read_bytes().splitlines()) < 6) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(journal.read_bytes().splitlines())
+    assert 6 <= done < 40, "the run was not killed in the middle"
+    result = run_cli("evolve", path, killed, "--resume", "--quiet")
+    assert result.returncode == 0, result.stderr
+    strip = [{k: v for k, v in e.items() if k != "timing"} for e in read_lines(tmp_path / "whole" / "journal.jsonl")]
+    assert [{k: v for k, v in e.items() if k != "timing"} for e in read_lines(journal)] == strip
+    assert (killed / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()
