@@ -296,6 +296,7 @@ def test_the_exported_path_reproduces_the_fitness_through_the_cli(zoo_dir, tmp_p
     assert names == ["base", "source: expert_shift", "source: expert_reverse", "task_arithmetic (weight 1)",
                      "ties (density 0.5)", "dare_ties (density 0.5)", "linear (equal weights)", "evolved (winner)"]
     assert "the winner's path" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "path.png").stat().st_size > 5_000 and report["path_plot_skipped"] is None
     winner = yaml.safe_load((tmp_path / "out" / "winner.yml").read_text())
     assert winner["merge_method"] == "passthrough"
     merge(tmp_path / "out" / "winner.yml", tmp_path / "again", quiet=True)  # what `mergeforge merge` runs

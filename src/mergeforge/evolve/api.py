@@ -41,6 +41,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         WINNER,
         baseline_rows,
         convergence_plot,
+        path_plot,
         remerge_winner,
         table,
         winner_recipe_text,
@@ -84,6 +85,8 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         f"difference {reproduction['difference']:.2e})")
     report["test"] = baseline_rows(pool, values)
     report["plot_skipped"] = convergence_plot(entries, out / "convergence.png")
+    if config.is_layer_path:
+        report["path_plot_skipped"] = path_plot(pool, values, out / "path.png")
     write_report(out, report, terms)
     say(table(report["test"], terms))
     return report

@@ -181,3 +181,30 @@ def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> Non
     lines += ["", f"## Test split (`{report['test_split']}`)", "", table(report["test"], terms), ""]
     (out_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
+
+
+def path_plot(pool: Any, values: list[float], path: Path) -> str | None:
+    """The winner's layer path drawn: one row per source layer, one column per step (a dot where
+    the step takes that layer, its area the step's scale); returns why it was not drawn, else None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return "matplotlib is not installed (pip install 'mergeforge[evolve]')"
+    space = pool.space
+    steps = space.steps(values)
+    rows = [(model, layer) for model, count in enumerate(space.layer_counts) for layer in range(count)]
+    row_of = {key: index for index, key in enumerate(rows)}
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.4 * len(steps) + 2), max(2.5, 0.3 * len(rows) + 1)))
+    xs, ys = list(range(len(steps))), [row_of[(s.model, s.layer)] for s in steps]
+    axes.plot(xs, ys, color="grey", linewidth=0.8, zorder=1)
+    axes.scatter(xs, ys, s=[60 * s.scale for s in steps], c=[s.model for s in steps], cmap="tab10", vmin=0, vmax=9, zorder=2)
+    axes.set_yticks(range(len(rows)), [f"{space.model_names[m]}.{layer}" for m, layer in rows], fontsize=7)
+    axes.set_xlabel("step (dot area: scale)")
+    axes.set_title(f"winner's path: {len(steps)} steps over {len(rows)} source layers", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return None
