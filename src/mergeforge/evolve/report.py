@@ -202,6 +202,7 @@ def path_plot(pool: Any, values: list[float], path: Path) -> str | None:
     axes.plot(xs, ys, color="grey", linewidth=0.8, zorder=1)
     axes.scatter(xs, ys, s=[60 * s.scale for s in steps], c=[s.model for s in steps], cmap="tab10", vmin=0, vmax=9, zorder=2)
     axes.set_yticks(range(len(rows)), [f"{space.model_names[m]}.{layer}" for m, layer in rows], fontsize=7)
+    axes.set_xticks(xs)
     axes.set_xlabel("step (dot area: scale)")
     axes.set_title(f"winner's path: {len(steps)} steps over {len(rows)} source layers", fontsize=9)
     figure.tight_layout()
