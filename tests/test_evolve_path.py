@@ -366,3 +366,29 @@ def test_a_layer_path_search_killed_with_sigkill_resumes_to_the_uninterrupted_re
     strip = [{k: v for k, v in e.items() if k != "timing"} for e in read_lines(tmp_path / "whole" / "journal.jsonl")]
     assert [{k: v for k, v in e.items() if k != "timing"} for e in read_lines(journal)] == strip
     assert (killed / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()
+
+
+# -- the process pool -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # four searches, each starting 2-3 worker processes that load torch and the sources: about 60 s
+def test_a_pooled_search_is_the_same_whatever_the_workers_and_resumes_exactly(zoo_dir, tmp_path):
+    """--workers: the candidates scored, their genomes and scores do not depend on the number of
+    workers or on finishing order, and a run stopped mid-pipeline resumes to the whole run."""
+    from mergeforge.errors import OutputError
+    from mergeforge.evolve.api import run_search
+
+    def journal(folder: Path) -> list[dict]:
+        lines = [{k: v for k, v in e.items() if k != "timing"} for e in read_lines(folder / "journal.jsonl")]
+        return sorted(lines, key=lambda e: (e["generation"], e["candidate"]))
+
+    two = run_search(path_search(zoo_dir, budget={"evaluations": 14}), tmp_path / "two", workers=2)
+    three = run_search(path_search(zoo_dir, budget={"evaluations": 14}), tmp_path / "three", workers=3)
+    assert journal(tmp_path / "two") == journal(tmp_path / "three") and len(journal(tmp_path / "two")) == 14
+    assert {e["generation"] for e in journal(tmp_path / "two")} == {0, 1, 2, 3}  # popsize 4: told generations 0-2
+    assert two["best"] == three["best"] and two["reproduction"]["difference"] == 0.0
+    run_search(path_search(zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed", workers=2)
+    resumed = run_search(path_search(zoo_dir, budget={"evaluations": 14}), tmp_path / "resumed", workers=2, resume=True)
+    assert journal(tmp_path / "resumed") == journal(tmp_path / "two") and resumed["best"] == two["best"]
+    with pytest.raises(OutputError, match="started with --workers; resume it with --workers 2 or more"):
+        run_search(path_search(zoo_dir, budget={"evaluations": 16}), tmp_path / "resumed", resume=True)

@@ -21,7 +21,7 @@ SearchLike = SearchConfig | dict[str, Any] | str | os.PathLike[str]
 
 
 def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: bool = False,
-               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[str], None] | None = None, workers: int = 1) -> dict[str, Any]:
     """Search a merge's parameters with CMA-ES and write the winner and the report to ``out_dir``.
 
     Arguments:
@@ -29,6 +29,8 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         out_dir: an empty or new folder; with ``resume``, the folder of a search to continue
             (the same search; only its ``budget`` may change).
         progress: called with one line per generation and per final step (default: silent).
+        workers: 1 scores candidates in this process; N > 1 in N worker processes, steady-state
+            (:mod:`mergeforge.evolve.pool`: a lag-1 pipeline of generations, not the serial search).
 
     Returns:
         The report (also ``out_dir/report.json``).
@@ -54,6 +56,12 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     config = absolute_paths(config, folder)
     import cma  # noqa: F401 - missing optional package: fail before any model is read
     out = Path(out_dir)
+    if workers < 1:
+        raise RecipeError(f"--workers {workers}: give 1 or more")
+    if resume:
+        from mergeforge.evolve.pool import check_mode
+
+        check_mode(out, workers)
     prepare_out_dir(out, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True), resume)
     started = time.perf_counter()
     try:
@@ -65,7 +73,12 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         raise RecipeError(f"{source}: {exc}") from None  # a field that needed the models to check (layer_groups)
     where = pool.space.labels[0] if config.is_layer_path else f"{len(pool.space.labels)} group(s)"
     say(f"{pool.space.dimensions} genes over {where}; sources loaded in {time.perf_counter() - started:.1f} s")
-    entries, stopped = search_loop(pool, out, say)
+    if workers > 1:
+        from mergeforge.evolve.pool import pooled_loop
+
+        entries, stopped = pooled_loop(pool, out, say, workers, folder)
+    else:
+        entries, stopped = search_loop(pool, out, say)
     say(f"search ended: {stopped}")
     best = best_entry(entries)
     terms = [term_key(t.task, t.metric) for t in config.fitness]
