@@ -30,7 +30,8 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
             (the same search; only its ``budget`` may change).
         progress: called with one line per generation and per final step (default: silent).
         workers: 1 scores candidates in this process; N > 1 in N worker processes, steady-state
-            (:mod:`mergeforge.evolve.pool`: a lag-1 pipeline of generations, not the serial search).
+            (:mod:`mergeforge.evolve.pool`: a lag-1 pipeline of generations, not the serial search;
+            workers are spawned, so a calling script needs ``if __name__ == "__main__":``).
 
     Returns:
         The report (also ``out_dir/report.json``).
