@@ -21,7 +21,7 @@ SearchLike = SearchConfig | dict[str, Any] | str | os.PathLike[str]
 
 
 def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: bool = False,
-               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[str], None] | None = None, workers: int = 1) -> dict[str, Any]:
     """Search a merge's parameters with CMA-ES and write the winner and the report to ``out_dir``.
 
     Arguments:
@@ -29,6 +29,9 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         out_dir: an empty or new folder; with ``resume``, the folder of a search to continue
             (the same search; only its ``budget`` may change).
         progress: called with one line per generation and per final step (default: silent).
+        workers: 1 scores candidates in this process; N > 1 in N worker processes, steady-state
+            (:mod:`mergeforge.evolve.pool`: a lag-1 pipeline of generations, not the serial search;
+            workers are spawned, so a calling script needs ``if __name__ == "__main__":``).
 
     Returns:
         The report (also ``out_dir/report.json``).
@@ -36,11 +39,12 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     Example:
         >>> run_search("search.yml", "runs/ties", progress=print)["best"]["fitness"]
     """
-    from mergeforge.evolve.candidates import CandidatePool, term_key
+    from mergeforge.evolve.candidates import term_key
     from mergeforge.evolve.report import (
         WINNER,
         baseline_rows,
         convergence_plot,
+        path_plot,
         remerge_winner,
         table,
         winner_recipe_text,
@@ -53,18 +57,29 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     config = absolute_paths(config, folder)
     import cma  # noqa: F401 - missing optional package: fail before any model is read
     out = Path(out_dir)
+    if workers < 1:
+        raise RecipeError(f"--workers {workers}: give 1 or more")
+    if resume:
+        from mergeforge.evolve.pool import check_mode
+
+        check_mode(out, workers)
     prepare_out_dir(out, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True), resume)
     started = time.perf_counter()
     try:
-        pool = CandidatePool(config, folder)
+        pool = new_pool(config, folder, out)
     except RecipeError as exc:
         if not str(exc).startswith("field '"):
             raise
         source = str(search) if isinstance(search, (str, os.PathLike)) else "search config"
         raise RecipeError(f"{source}: {exc}") from None  # a field that needed the models to check (layer_groups)
-    say(f"{pool.space.dimensions} genes over {len(pool.space.labels)} group(s); sources loaded in "
-        f"{time.perf_counter() - started:.1f} s")
-    entries, stopped = search_loop(pool, out, say)
+    where = pool.space.labels[0] if config.is_layer_path else f"{len(pool.space.labels)} group(s)"
+    say(f"{pool.space.dimensions} genes over {where}; sources loaded in {time.perf_counter() - started:.1f} s")
+    if workers > 1:
+        from mergeforge.evolve.pool import pooled_loop
+
+        entries, stopped = pooled_loop(pool, out, say, workers, folder)
+    else:
+        entries, stopped = search_loop(pool, out, say)
     say(f"search ended: {stopped}")
     best = best_entry(entries)
     terms = [term_key(t.task, t.metric) for t in config.fitness]
@@ -84,19 +99,38 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         f"difference {reproduction['difference']:.2e})")
     report["test"] = baseline_rows(pool, values)
     report["plot_skipped"] = convergence_plot(entries, out / "convergence.png")
+    if config.is_layer_path:
+        report["path_plot_skipped"] = path_plot(pool, values, out / "path.png")
     write_report(out, report, terms)
     say(table(report["test"], terms))
     return report
 
 
+def new_pool(config: SearchConfig, folder: Path, out: Path) -> Any:
+    """The candidates' pool: merged in memory (parameter space) or routed (``layer_path``)."""
+    if config.layer_path is not None:
+        from mergeforge.evolve.routing import PathPool
+
+        return PathPool(config, folder, out)
+    from mergeforge.evolve.candidates import CandidatePool
+
+    return CandidatePool(config, folder)
+
+
 def absolute_paths(config: SearchConfig, folder: Path) -> SearchConfig:
     """The search with its model and task paths resolved against the search file's folder, so the
     saved copy (and a resume) means the same from any working directory."""
-    return config.model_copy(update={
-        "base_model": str(resolve_path(config.base_model, folder)),
-        "models": [m.model_copy(update={"model": str(resolve_path(m.model, folder))}) for m in config.models],
+    update: dict[str, Any] = {
         "fitness": [t.model_copy(update={"task": str(resolve_path(t.task, folder))}) for t in config.fitness],
-    })
+    }
+    if config.base_model is not None:
+        update["base_model"] = str(resolve_path(config.base_model, folder))
+    if config.models is not None:
+        update["models"] = [m.model_copy(update={"model": str(resolve_path(m.model, folder))}) for m in config.models]
+    if config.layer_path is not None:
+        models = [str(resolve_path(m, folder)) for m in config.layer_path.models]
+        update["layer_path"] = config.layer_path.model_copy(update={"models": models})
+    return config.model_copy(update=update)
 
 
 def mean_timing(entries: list[dict[str, Any]]) -> dict[str, float]:
@@ -108,10 +142,13 @@ def mean_timing(entries: list[dict[str, Any]]) -> dict[str, float]:
 
 def summary(pool: Any, entries: list[dict[str, Any]], stopped: str) -> dict[str, Any]:
     """The report's account of the search itself (before the winner's export and the test table)."""
+    from mergeforge.evolve.search import uses_diagonal
+
     config = pool.config
     seconds = sum(e["timing"]["seconds"] for e in entries)
     return {
-        "method": config.merge_method, "seed": config.seed, "dimensions": pool.space.dimensions, "groups": pool.space.labels,
+        "method": config.method_name, "seed": config.seed, "dimensions": pool.space.dimensions, "groups": pool.space.labels,
+        "separable_cma": uses_diagonal(config, pool.space.dimensions),
         "search_split": config.splits.search, "test_split": config.splits.test, "evaluations": len(entries), "stopped": stopped,
         "failed": sum(e["fitness"] is None for e in entries), "seconds": seconds,
         "candidates_per_minute": 60 * len(entries) / seconds if seconds > 0 else 0.0, "timing": mean_timing(entries),

@@ -46,6 +46,24 @@ def fitness_of(config: SearchConfig, values: Mapping[str, float]) -> float:
     return sum(term.weight * values[term_key(term.task, term.metric)] for term in config.fitness)
 
 
+def score_model(config: SearchConfig, evaluator: Any, model: Any, split: str) -> dict[str, float]:
+    """Each fitness term's metric for ``model`` on ``split`` (the search split's or the test
+    split's number of examples), by the evaluator's forced scoring."""
+    from mergeforge.evaluate.api import evaluate_model
+
+    limit = config.splits.search_examples if split == config.splits.search else config.splits.test_examples
+    names = list(dict.fromkeys(term_key(t.task, "score") for t in config.fitness))
+    tasks = [evaluator.tasks[name] for name in names]
+    with_loss = any(term.metric != "score" for term in config.fitness)
+    result = evaluate_model(model, tasks, split=split, batch_size=config.batch_size, max_examples=limit,
+                            tokenizer=evaluator.tokenizer, with_loss=with_loss, scoring="forced")
+    values: dict[str, float] = {}
+    for term in config.fitness:
+        entry = result["tasks"][evaluator.tasks[term_key(term.task, "score")].name]
+        values[term_key(term.task, term.metric)] = float(entry[term.metric])
+    return values
+
+
 def term_key(task: str, metric: str) -> str:
     """The journal key of one fitness term: the task folder's name, with the metric unless it is the score."""
     name = Path(task).name
@@ -58,6 +76,7 @@ class CandidatePool:
     def __init__(self, config: SearchConfig, folder: Path):
         from mergeforge.bench.runner import BenchSuite, _Evaluator
 
+        assert config.merge_method is not None and config.models is not None and config.base_model is not None
         self.config = config
         self.method = get_method(config.merge_method)
         self.task_dirs = {term_key(t.task, "score"): resolve_path(t.task, folder) for t in config.fitness}
@@ -74,7 +93,6 @@ class CandidatePool:
         self.group_names = tensors_by_group(self.space, self.names)
         self.resident: list[tuple[float, ...] | None] = [None] * len(self.group_names)
         self.cache: list[OrderedDict[tuple[float, ...], dict[str, torch.Tensor]]] = [OrderedDict() for _ in self.group_names]
-        self.with_loss = any(term.metric != "score" for term in config.fitness)
 
     # -- merging ------------------------------------------------------------------------------
 
@@ -114,6 +132,17 @@ class CandidatePool:
         self.resident = [None] * len(self.group_names)
         self._copy_in(state)
 
+    def load_source(self, index: int) -> None:
+        """Source ``index`` into the resident model (for the test table)."""
+        self.load_state(self.model_states[index])
+
+    def load_folder(self, folder: Path) -> None:
+        """A merged model folder (the re-merged winner) into the resident model."""
+        self.load_state(self.pool.state(folder))
+
+    def winner_recipe(self, values: Sequence[float]) -> dict[str, Any]:
+        return self.space.recipe(values, [str(path) for path in self.model_dirs], str(self.base_dir))
+
     def forget(self) -> None:
         """After a failure the resident weights are unknown: every group is copied again next time."""
         self.resident = [None] * len(self.group_names)
@@ -127,17 +156,7 @@ class CandidatePool:
 
     def score(self, split: str) -> dict[str, float]:
         """Each fitness term's metric for the resident model on ``split``."""
-        from mergeforge.evaluate.api import evaluate_model
-
-        limit = self.config.splits.search_examples if split == self.config.splits.search else self.config.splits.test_examples
-        tasks = [self.pool.tasks[name] for name in self.task_dirs]
-        result = evaluate_model(self.pool.skeleton, tasks, split=split, batch_size=self.config.batch_size, max_examples=limit,
-                                tokenizer=self.pool.tokenizer, with_loss=self.with_loss, scoring="forced")
-        values: dict[str, float] = {}
-        for term in self.config.fitness:
-            entry = result["tasks"][self.pool.tasks[term_key(term.task, "score")].name]
-            values[term_key(term.task, term.metric)] = float(entry[term.metric])
-        return values
+        return score_model(self.config, self.pool, self.pool.skeleton, split)
 
     def evaluate(self, values: Sequence[float]) -> Scored:
         """Merge (partially) and score one candidate on the search split."""

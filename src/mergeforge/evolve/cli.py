@@ -11,8 +11,10 @@ import click
 @click.argument("search", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue the search saved in OUT_DIR (the same SEARCH; its budget may grow).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes scoring candidates (N > 1: steady-state, a lag-1 pipeline of generations).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
-def evolve_command(search: Path, out_dir: Path, resume: bool, quiet: bool) -> None:
+def evolve_command(search: Path, out_dir: Path, resume: bool, workers: int, quiet: bool) -> None:
     """Search the parameters of a merge (CMA-ES, candidates merged and scored in memory).
 
     SEARCH names the models, base and method, the searched parameters and their bounds, the
@@ -33,7 +35,8 @@ def evolve_command(search: Path, out_dir: Path, resume: bool, quiet: bool) -> No
     logging.getLogger("mergeforge").setLevel(logging.ERROR)
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
-    report = run_search(search, out_dir, resume=resume, progress=None if quiet else (lambda line: click.echo(line, err=True)))
+    report = run_search(search, out_dir, resume=resume, workers=workers,
+                        progress=None if quiet else (lambda line: click.echo(line, err=True)))
     best = report["best"]
     click.echo(f"best fitness {best['fitness']:.4f} (evaluation {best['evaluation']} of {report['evaluations']}); "
                f"re-merged from {out_dir / 'winner.yml'}: {report['reproduction']['fitness']:.4f}; report in {out_dir / 'report.md'}")

@@ -1,9 +1,11 @@
 """The search YAML of ``mergeforge evolve``: what is merged, which numbers are searched, what is
 scored, and how long the search may run.
 
-A search names the models, the base and one merge method (as a recipe does), the method
-parameters searched with their bounds, their granularity (one value per model, or per model and
-group of layers), the fitness (a weighted sum of task scores on local task folders; a negative
+A parameter-space search names the models, the base and one merge method (as a recipe does), the
+method parameters searched with their bounds, their granularity (one value per model, or per model
+and group of layers). A layer-path search names instead, under ``layer_path``, the models whose
+decoder layers a path may take, the repeats and the bounds of each step's scale. Both give the
+fitness (a weighted sum of task scores on local task folders; a negative
 weight means lower is better, as for a loss), the budget, the seed and the splits. Every field is
 checked here, before any model is read, and an error names the file and the field.
 
@@ -88,11 +90,18 @@ class Budget(_Strict):
         return self
 
 
+# The genome length from which ``optimizer.diagonal`` defaults to on: cma's full covariance at
+# about 4300 genes holds about 294 MB and takes 1.6 s per generation (REFERENCE.md).
+DIAGONAL_FROM = 1000
+
+
 class Optimizer(_Strict):
     name: Literal["cma"] = "cma"
     sigma0: float = Field(default=1 / 6, gt=0, le=1)  # in the unit cube; Sakana's evolutionary merge used 1/6
     popsize: int | None = Field(default=None, ge=2)  # default: cma's 4 + 3·ln(dimensions)
-    diagonal: bool = False  # separable CMA (cheaper state) for long genomes
+    # Separable CMA (a diagonal covariance: linear, not quadratic, state and time per generation);
+    # default: on from DIAGONAL_FROM genes (a layer path over a deep model runs to thousands).
+    diagonal: bool | None = None
 
 
 class Baseline(_Strict):
@@ -104,15 +113,36 @@ class Baseline(_Strict):
     model_parameters: dict[str, Any] = Field(default_factory=dict)  # the same for every model
 
 
-class SearchConfig(_Strict):
-    """``mergeforge evolve`` SEARCH.yml."""
+class LayerPath(_Strict):
+    """Sakana's data-flow search space: the slots are every layer of every model in order (all of
+    the first model's, then the second's, ...), the whole repeated ``repeats`` times; a candidate
+    takes a subset of the slots, in slot order, each with a scale on its residual update."""
 
-    merge_method: str
-    base_model: str
-    models: list[SourceModel] = Field(min_length=1)
+    models: list[str] = Field(min_length=1)  # model folders, or recipe files (merged once, into OUT_DIR/sources)
+    repeats: int = Field(2, ge=1, le=64)  # r: the slots are r copies of all the models' layers
+    max_steps: int | None = Field(default=None, ge=1)  # a path keeps its first max_steps taken slots (default: no cap)
+    scale: Bounds = Bounds(low=0.5, high=1.5, start=1.0)  # each step's scale on its attention and MLP updates
+    search_scales: bool = True  # false: every scale is 1, and the genome is the T indicators alone
+    start: int = Field(0, ge=0)  # the path starts as this model's layers in order (an index into models)
+
+    @model_validator(mode="after")
+    def _start_model(self) -> LayerPath:
+        if self.start >= len(self.models):
+            raise ValueError(f"start ({self.start}) must index one of the {len(self.models)} models")
+        return self
+
+
+class SearchConfig(_Strict):
+    """``mergeforge evolve`` SEARCH.yml: a parameter-space search (``merge_method``, ``models``,
+    ``search``) or a layer-path search (``layer_path``)."""
+
+    merge_method: str | None = None
+    base_model: str | None = None  # required for a parameter-space search; optional with layer_path (baselines)
+    models: list[SourceModel] | None = Field(default=None, min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)  # fixed top-level method parameters
-    search: dict[str, Bounds] = Field(min_length=1)  # parameter name -> bounds
+    search: dict[str, Bounds] | None = Field(default=None, min_length=1)  # parameter name -> bounds
     layer_groups: int = Field(1, ge=1)  # 1: one gene per model; N: per model and per group of layers
+    layer_path: LayerPath | None = None
     fitness: list[FitnessTask] = Field(min_length=1)
     splits: Splits = Splits()
     budget: Budget
@@ -130,6 +160,30 @@ class SearchConfig(_Strict):
             return [{"model": item} if isinstance(item, str) else item for item in value]
         return value
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchConfig:
+        if self.layer_path is not None:
+            for name in ("merge_method", "models", "search"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"'{name}' belongs to a parameter-space search; a layer-path search lists its models "
+                                     "under 'layer_path.models' (to search a merge's parameters, drop 'layer_path')")
+            if self.parameters or self.layer_groups != 1:
+                raise ValueError("'parameters' and 'layer_groups' belong to a parameter-space search, not to 'layer_path'")
+            return self
+        for name in ("merge_method", "base_model", "models", "search"):
+            if getattr(self, name) is None:
+                raise ValueError(f"missing '{name}' (or give 'layer_path' for a layer-path search)")
+        return self
+
+    @property
+    def is_layer_path(self) -> bool:
+        return self.layer_path is not None
+
+    @property
+    def method_name(self) -> str:
+        """The method named in reports: the merge method, or ``layer_path``."""
+        return self.merge_method if self.merge_method is not None else "layer_path"
+
 
 # The bench's untuned settings of the task-vector family (task arithmetic λ = 1, TIES/DARE at
 # density 0.5): what a user would write without a search.
@@ -143,7 +197,7 @@ DEFAULT_BASELINES = (
 
 def _known_fields() -> list[str]:
     names: list[str] = []
-    for model in (SearchConfig, SourceModel, Bounds, FitnessTask, Splits, Budget, Optimizer, Baseline):
+    for model in (SearchConfig, SourceModel, Bounds, FitnessTask, Splits, Budget, Optimizer, Baseline, LayerPath):
         names += list(model.model_fields)
     return names
 
@@ -156,6 +210,8 @@ def _validation_message(error: ValidationError, source: str) -> str:
         match = closest(str(first["loc"][-1]), _known_fields())
         hint = f"; did you mean '{match}'?" if match else ""
         return f"{source}: unknown field '{location}'{hint}"
+    if not location:
+        return f"{source}: {message}"
     return f"{source}: field '{location}': {message}"
 
 
@@ -164,6 +220,10 @@ def check_against_method(config: SearchConfig, source: str) -> None:
     must be a numeric (float or int) parameter of the method, and its bounds inside the parameter's range."""
     from mergeforge.methods.registry import get_method
 
+    _check_baselines(config, source)
+    if config.layer_path is not None:
+        return
+    assert config.merge_method is not None and config.search is not None and config.models is not None
     try:
         spec = get_method(config.merge_method)
     except RecipeError as exc:
@@ -192,13 +252,21 @@ def check_against_method(config: SearchConfig, source: str) -> None:
             if name not in params or not params[name].per_model:
                 raise RecipeError(f"{source}: field 'models.{index}.parameters.{name}': '{config.merge_method}' has no "
                                   f"per-model parameter '{name}'")
-    for index, baseline in enumerate(config.baselines or []):
-        try:
-            get_method(baseline.merge_method)
-        except RecipeError as exc:
-            raise RecipeError(f"{source}: field 'baselines.{index}.merge_method': {str(exc).removeprefix('merge_method: ')}") from None
     if len(config.models) < 2 and spec.base.value == "none":
         raise RecipeError(f"{source}: field 'models': '{config.merge_method}' merges two models or more")
+
+
+def _check_baselines(config: SearchConfig, source: str) -> None:
+    from mergeforge.methods.registry import BaseUse, get_method
+
+    for index, baseline in enumerate(config.baselines or []):
+        try:
+            spec = get_method(baseline.merge_method)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: field 'baselines.{index}.merge_method': {str(exc).removeprefix('merge_method: ')}") from None
+        if config.base_model is None and spec.base == BaseUse.REQUIRED:
+            raise RecipeError(f"{source}: field 'baselines.{index}.merge_method': '{baseline.merge_method}' needs a base; "
+                              "set 'base_model'")
 
 
 def load_search_config(config: SearchConfig | dict[str, Any] | str | os.PathLike[str]) -> tuple[SearchConfig, Path]:

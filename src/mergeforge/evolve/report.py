@@ -15,24 +15,23 @@ from typing import Any
 
 import yaml
 
-from mergeforge.evolve.candidates import CandidatePool, fitness_of
+from mergeforge.evolve.candidates import fitness_of
 from mergeforge.evolve.config import DEFAULT_BASELINES
 
 WINNER = "winner.yml"
 
 
-def winner_recipe_text(pool: CandidatePool, values: list[float]) -> str:
+def winner_recipe_text(pool: Any, values: list[float]) -> str:
     """The winner as mergekit YAML. mergekit recipes have no seed field, so the seed (it fixes
     DARE/DELLA masks) is written as the header comment and the ``--seed`` of the command line."""
-    base = str(pool.base_dir)
-    recipe = pool.space.recipe(values, [str(path) for path in pool.model_dirs], base)
+    recipe = pool.winner_recipe(values)
     seed = pool.config.seed
     header = (f"# mergeforge evolve winner; seed: {seed}\n"
               f"# reproduce: mergeforge merge {WINNER} OUT_DIR --seed {seed}\n")
     return header + yaml.safe_dump(recipe, sort_keys=False)
 
 
-def remerge_winner(pool: CandidatePool, out_dir: Path) -> dict[str, Any]:
+def remerge_winner(pool: Any, out_dir: Path) -> dict[str, Any]:
     """Re-merge ``winner.yml`` from disk with the engine and score it on the search split."""
     from mergeforge.engine.api import merge
     from mergeforge.engine.options import MergeOptions
@@ -40,8 +39,7 @@ def remerge_winner(pool: CandidatePool, out_dir: Path) -> dict[str, Any]:
     model_dir = out_dir / "model"
     started = time.perf_counter()
     merge(out_dir / WINNER, model_dir, MergeOptions(seed=pool.config.seed, quiet=True, overwrite=True, device=pool.config.device))
-    state = pool.pool.state(model_dir)
-    pool.load_state(state)
+    pool.load_folder(model_dir)
     # What each candidate would cost if it were written and read back instead of merged in memory.
     disk_seconds = time.perf_counter() - started
     scores = pool.score(pool.config.splits.search)
@@ -49,7 +47,7 @@ def remerge_winner(pool: CandidatePool, out_dir: Path) -> dict[str, Any]:
             "merge_to_disk_and_load_seconds": disk_seconds}
 
 
-def baseline_rows(pool: CandidatePool, winner_values: list[float]) -> list[dict[str, Any]]:
+def baseline_rows(pool: Any, winner_values: list[float]) -> list[dict[str, Any]]:
     """Test-split scores of the base, each source, the hand-set merges and the winner."""
     config = pool.config
     test = config.splits.test
@@ -63,10 +61,16 @@ def baseline_rows(pool: CandidatePool, winner_values: list[float]) -> list[dict[
         scores = pool.score(test)
         rows.append({"name": name, "scores": scores, "fitness": fitness_of(config, scores)})
 
-    row("base", pool.base_state)
-    for path, state in zip(pool.model_dirs, pool.model_states, strict=True):
-        row(f"source: {path.name}", state)
-    for baseline in config.baselines if config.baselines is not None else DEFAULT_BASELINES:
+    def source_row(index: int, path: Path) -> None:
+        pool.load_source(index)
+        scores = pool.score(test)
+        rows.append({"name": f"source: {path.name}", "scores": scores, "fitness": fitness_of(config, scores)})
+
+    if pool.base_dir is not None:
+        row("base", pool.base_state)
+    for index, path in enumerate(pool.model_dirs):
+        source_row(index, path)
+    for baseline in config.baselines if config.baselines is not None else default_baselines(config):
         name = baseline.name or baseline.merge_method
         try:
             state = pool.full_merge(baseline.merge_method, baseline.parameters,
@@ -80,6 +84,15 @@ def baseline_rows(pool: CandidatePool, winner_values: list[float]) -> list[dict[
     scores = pool.score(test)
     rows.append({"name": "evolved (winner)", "scores": scores, "fitness": fitness_of(config, scores)})
     return rows
+
+
+def default_baselines(config: Any) -> tuple[Any, ...]:
+    """The untuned merges of the test table; those that need a base only when the search has one."""
+    from mergeforge.methods.registry import BaseUse, get_method
+
+    if config.base_model is not None:
+        return DEFAULT_BASELINES
+    return tuple(b for b in DEFAULT_BASELINES if get_method(b.merge_method).base != BaseUse.REQUIRED)
 
 
 def table(rows: list[dict[str, Any]], terms: list[str]) -> str:
@@ -142,6 +155,14 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def built(report: dict[str, Any]) -> str:
+    """How a candidate's model was made, and in how many seconds."""
+    timing = report["timing"]
+    if report["method"] == "layer_path":
+        return f"route {timing['merge_seconds']:.4f} (the sources' own layers, nothing copied)"
+    return f"merge {timing['merge_seconds']:.3f} (in memory, {timing['remerged_groups']:.2f} groups merged on average)"
+
+
 def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> None:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     lines = [
@@ -151,10 +172,40 @@ def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> Non
         f"{report['candidates_per_minute']:.1f} candidates/minute; {report['stopped']}",
         f"- best fitness on `{report['search_split']}`: {report['best']['fitness']:.4f} (evaluation {report['best']['evaluation']})",
         f"- re-merged from `{WINNER}`: {report['reproduction']['fitness']:.4f} (difference {report['reproduction']['difference']:.2e})",
-        f"- seconds per candidate: merge {report['timing']['merge_seconds']:.3f} (in memory, "
-        f"{report['timing']['remerged_groups']:.2f} groups merged on average), score {report['timing']['score_seconds']:.3f}; "
+        f"- seconds per candidate: {built(report)}, score {report['timing']['score_seconds']:.3f}; "
         f"merging the winner to disk and loading it took {report['reproduction']['merge_to_disk_and_load_seconds']:.2f}",
-        "", f"## Test split (`{report['test_split']}`)", "", table(report["test"], terms), "",
     ]
+    steps = report["best"]["parameters"].get("steps")
+    if steps is not None:
+        lines.append(f"- the winner's path ({len(steps)} steps, `model.layer×scale`): {' → '.join(steps)}")
+    lines += ["", f"## Test split (`{report['test_split']}`)", "", table(report["test"], terms), ""]
     (out_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
+
+
+def path_plot(pool: Any, values: list[float], path: Path) -> str | None:
+    """The winner's layer path drawn: one row per source layer, one column per step (a dot where
+    the step takes that layer, its area the step's scale); returns why it was not drawn, else None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return "matplotlib is not installed (pip install 'mergeforge[evolve]')"
+    space = pool.space
+    steps = space.steps(values)
+    rows = [(model, layer) for model, count in enumerate(space.layer_counts) for layer in range(count)]
+    row_of = {key: index for index, key in enumerate(rows)}
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.4 * len(steps) + 2), max(2.5, 0.3 * len(rows) + 1)))
+    xs, ys = list(range(len(steps))), [row_of[(s.model, s.layer)] for s in steps]
+    axes.plot(xs, ys, color="grey", linewidth=0.8, zorder=1)
+    axes.scatter(xs, ys, s=[60 * s.scale for s in steps], c=[s.model for s in steps], cmap="tab10", vmin=0, vmax=9, zorder=2)
+    axes.set_yticks(range(len(rows)), [f"{space.model_names[m]}.{layer}" for m, layer in rows], fontsize=7)
+    axes.set_xticks(xs)
+    axes.set_xlabel("step (dot area: scale)")
+    axes.set_title(f"winner's path: {len(steps)} steps over {len(rows)} source layers", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return None

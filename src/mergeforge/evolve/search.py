@@ -53,9 +53,16 @@ def new_optimizer(config: SearchConfig, start: list[float]) -> Any:
     }
     if config.optimizer.popsize is not None:
         options["popsize"] = config.optimizer.popsize
-    if config.optimizer.diagonal:
+    if uses_diagonal(config, len(start)):
         options["CMA_diagonal"] = True
     return cma.CMAEvolutionStrategy(start, config.optimizer.sigma0, options)
+
+
+def uses_diagonal(config: SearchConfig, dimensions: int) -> bool:
+    """Separable CMA: as the search file says, else from DIAGONAL_FROM genes on."""
+    from mergeforge.evolve.config import DIAGONAL_FROM
+
+    return config.optimizer.diagonal if config.optimizer.diagonal is not None else dimensions >= DIAGONAL_FROM
 
 
 @dataclass

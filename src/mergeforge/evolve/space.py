@@ -54,7 +54,9 @@ class SearchSpace:
     """Genes, tensor groups and the genome -> parameters -> recipe mappings of one search."""
 
     def __init__(self, config: SearchConfig, method: MethodSpec, tensor_names: Sequence[str]):
+        assert config.models is not None and config.search is not None  # a parameter-space search
         self.config, self.method = config, method
+        self.models, self.search = config.models, config.search
         self.model_count = len(config.models)
         self.layers = count_layers(tensor_names)
         self.group_of, self.labels, self.layer_prefixes = _groups(tensor_names, config.layer_groups, self.layers)
@@ -63,10 +65,10 @@ class SearchSpace:
         self.genes = [
             Gene(name, group, model, bounds.low, bounds.high, integer[name])
             for group in range(len(self.labels))
-            for name, bounds in config.search.items()
+            for name, bounds in self.search.items()
             for model in (range(self.model_count) if per_model[name] else [None])
         ]
-        self._starts = [config.search[gene.param].start for gene in self.genes]
+        self._starts = [self.search[gene.param].start for gene in self.genes]
 
     @property
     def dimensions(self) -> int:
@@ -94,7 +96,7 @@ class SearchSpace:
     def group_parameters(self, values: Sequence[float], group: int) -> GroupParameters:
         """The fixed parameters of the search file with one group's searched values on top."""
         top = dict(self.config.parameters)
-        per_model = [dict(model.parameters) for model in self.config.models]
+        per_model = [dict(model.parameters) for model in self.models]
         for value, gene in zip(values, self.genes, strict=True):
             if gene.group != group:
                 continue
