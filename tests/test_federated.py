@@ -87,6 +87,40 @@ def test_fedavg_weights_the_updates_by_example_counts_and_matches_flowers_fedavg
         torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-6)
 
 
+def stepping_client(target: dict[str, torch.Tensor], examples: int, rate: float = 0.5):
+    """A client whose local training is one gradient step on ||θ − target||²/2 from the model
+    it receives: θ + rate·(target − θ). It answers with what it was sent, so a round that
+    started from a stale model shows in the result."""
+
+    def reply(message: Message) -> Message:
+        received = dict(next(iter(message.content.array_records.values())).to_torch_state_dict())
+        trained = {name: tensor + rate * (target[name] - tensor) for name, tensor in received.items()}
+        content = RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord({"num-examples": examples})})
+        return Message(content, reply_to=message)
+
+    return reply
+
+
+def test_each_round_starts_from_the_last_aggregate_and_adds_the_weighted_mean_update():
+    global_state = random_state(0)
+    targets, counts = [random_state(1), random_state(2)], [1, 3]
+    result = strategy("linear").start(LocalGrid({101: stepping_client(targets[0], 1), 102: stepping_client(targets[1], 3)}),
+                                      ArrayRecord(global_state), num_rounds=3, train_config=ConfigRecord())
+    expected = dict(global_state)
+    for _ in range(3):  # θ ← θ + Σ nᵢ/N · (θᵢ − θ), θᵢ trained from this round's θ
+        updates = [{name: 0.5 * (target[name] - expected[name]) for name in SHAPES} for target in targets]
+        expected = {name: expected[name] + (counts[0] * updates[0][name] + counts[1] * updates[1][name]) / 4 for name in SHAPES}
+    for name, tensor in result.arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-6)
+    # Two clients holding the same data follow the one client's trajectory.
+    twins = strategy("linear").start(LocalGrid({101: stepping_client(targets[0], 5), 102: stepping_client(targets[0], 5)}),
+                                     ArrayRecord(global_state), num_rounds=3, train_config=ConfigRecord())
+    alone = strategy("linear").start(LocalGrid({101: stepping_client(targets[0], 5)}), ArrayRecord(global_state),
+                                     num_rounds=3, train_config=ConfigRecord())
+    for name, tensor in twins.arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(tensor, alone.arrays.to_torch_state_dict()[name], rtol=1e-6, atol=1e-7)
+
+
 def broken_clients(good: dict[str, torch.Tensor]):
     nan = {name: tensor.clone() for name, tensor in good.items()}
     nan["layer.bias"][2] = float("nan")
@@ -272,6 +306,25 @@ def test_a_skill_the_zoo_lacks_is_named_with_the_file(tiny_zoo, tmp_path):
     result = run_cli("federated", path, tmp_path / "out")
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {path}: field 'skills': the zoo has no skill 'sorting'; skills: ")
+
+
+def test_with_one_client_the_rounds_are_that_clients_local_training_and_score_the_new_model(tiny_zoo):
+    from mergeforge.federated.simulation import build_federation, local_seed, run_aggregator, score
+
+    scenario = load_scenario({"zoo": str(tiny_zoo), "skills": ["count", "sort"], "clients": 1, "examples_per_client": 24,
+                              "rounds": 2, "local_steps": 3, "batch_size": 8, "eval_examples": 8})
+    federation = build_federation(scenario)
+    ((node, client),) = federation.clients.items()
+    run = run_aggregator(federation, scenario, scenario.aggregators[0])
+    state = federation.base_state
+    for server_round in (1, 2):  # what the client does alone: train on from where the last round ended
+        state, _ = client.train_from(state, scenario.local_steps, local_seed(scenario, server_round, node))
+        alone = score(federation, state, scenario.eval_examples)
+        # The answer loss moves with every weight, so a round that trained from a stale model or
+        # scored the wrong one would not match.
+        assert run["rounds"][server_round]["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+        assert run["rounds"][server_round]["accuracy"] == alone["accuracy"]
+    assert run["rounds"][2]["loss"] != pytest.approx(run["rounds"][0]["loss"], rel=1e-3)
 
 
 def test_a_two_round_simulation_on_the_tiny_zoo_runs_through_the_cli(tiny_zoo, tmp_path):

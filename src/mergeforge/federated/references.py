@@ -49,11 +49,12 @@ def one_shot(federation: Federation, scenario: Scenario, progress: Callable[[str
     trained = [client.train_from(federation.base_state, steps, local_seed(scenario, 1, node))[0]
                for node, client in federation.clients.items()]
     counts = [len(client.data) for client in federation.clients.values()]
-    accuracy = {}
+    accuracy, loss = {}, {}
     for aggregator in scenario.aggregators:
         merged = merge_updates(aggregator.method, federation.base_state, trained, counts, aggregator.parameters,
                                seed=scenario.seed)
-        accuracy[aggregator.label] = score(federation, merged, scenario.eval_examples)["accuracy"]
+        scores = score(federation, merged, scenario.eval_examples)
+        accuracy[aggregator.label], loss[aggregator.label] = scores["accuracy"], scores["loss"]
         if progress is not None:
             progress(f"one-shot {aggregator.label}: accuracy {accuracy[aggregator.label]:.3f}")
-    return {"accuracy": accuracy, "wall_seconds": time.perf_counter() - started}
+    return {"accuracy": accuracy, "loss": loss, "wall_seconds": time.perf_counter() - started}

@@ -212,13 +212,19 @@ def build_federation(scenario: Scenario, source: str = "scenario") -> Federation
 
 
 def score(federation: Federation, state: Mapping[str, torch.Tensor], eval_examples: int) -> dict[str, Any]:
-    """Exact-match accuracy of a global model on every skill's test split."""
+    """Exact-match accuracy and mean answer loss of a global model on every skill's test split.
+
+    The loss is reported beside the accuracy because it moves before exact match does: early in
+    training a model gets closer to the answers long before it produces one exactly.
+    """
     from mergeforge.evaluate.api import evaluate_model
 
     federation.eval_model.load_state_dict(dict(state))
     result = evaluate_model(federation.eval_model, federation.tasks, tokenizer=federation.tokenizer,
-                            max_examples=eval_examples, with_loss=False, scoring="forced")
-    return {"accuracy": result["mean_score"], "tasks": {name: r["score"] for name, r in result["tasks"].items()}}
+                            max_examples=eval_examples, with_loss=True, scoring="forced")
+    losses = [r["loss"] for r in result["tasks"].values()]
+    return {"accuracy": result["mean_score"], "loss": sum(losses) / len(losses),
+            "tasks": {name: r["score"] for name, r in result["tasks"].items()}}
 
 
 def run_aggregator(federation: Federation, scenario: Scenario, aggregator: Aggregator,
@@ -282,16 +288,19 @@ def write_report(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for label, run in result["aggregators"].items():
-        axes.plot([r["round"] for r in run["rounds"]], [r["accuracy"] for r in run["rounds"]], marker="o", label=label)
+    figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    curves = [(label, run["rounds"], {"marker": "o"}) for label, run in result["aggregators"].items()]
     if "references" in result:
-        central = result["references"]["centralised"]["rounds"]
-        axes.plot([r["round"] for r in central], [r["accuracy"] for r in central], "k--", label="centralised")
-    axes.set_xlabel("round")
-    axes.set_ylabel("mean exact-match accuracy")
-    axes.set_title("federated training on the zoo")
-    axes.legend()
+        curves.append(("centralised", result["references"]["centralised"]["rounds"], {"color": "k", "linestyle": "--"}))
+    for label, rounds, style in curves:
+        steps = [r["round"] for r in rounds]
+        accuracy_axes.plot(steps, [r["accuracy"] for r in rounds], label=label, **style)
+        loss_axes.plot(steps, [r["loss"] for r in rounds], label=label, **style)
+    for axes, name in ((accuracy_axes, "mean exact-match accuracy"), (loss_axes, "mean answer loss")):
+        axes.set_xlabel("round")
+        axes.set_ylabel(name)
+    accuracy_axes.set_title("federated training on the zoo")
+    loss_axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(paths["png"], dpi=100)
     plt.close(figure)
@@ -299,18 +308,24 @@ def write_report(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
 
 def summary(result: dict[str, Any]) -> str:
-    """One markdown table: accuracy per round, bytes and wall time per aggregator."""
+    """One markdown table: accuracy per round, the answer loss before and after, bytes and wall
+    time per aggregator (and the references when the scenario asked for them)."""
     runs = result["aggregators"]
     rounds = max(len(run["rounds"]) for run in runs.values())
-    header = "| aggregator | " + " | ".join(f"round {r}" for r in range(rounds)) + " | MB sent | seconds |"
-    lines = [header, "|" + "---|" * (rounds + 3)]
+    header = ("| aggregator | " + " | ".join(f"round {r}" for r in range(rounds))
+              + " | loss, first → last | MB sent | seconds |")
+    lines = [header, "|" + "---|" * (rounds + 4)]
+
+    def row(label: str, entries: list[dict[str, Any]], sent: str, seconds: float) -> str:
+        accuracies = " | ".join(f"{r['accuracy']:.3f}" for r in entries)
+        return f"| {label} | {accuracies} | {entries[0]['loss']:.3f} → {entries[-1]['loss']:.3f} | {sent} | {seconds:.1f} |"
+
     for label, run in runs.items():
-        accuracies = " | ".join(f"{r['accuracy']:.3f}" for r in run["rounds"])
-        lines.append(f"| {label} | {accuracies} | {run['bytes_total'] / 1e6:.2f} | {run['wall_seconds']:.1f} |")
+        lines.append(row(label, run["rounds"], f"{run['bytes_total'] / 1e6:.2f}", run["wall_seconds"]))
     if "references" in result:
         central = result["references"]["centralised"]
-        accuracies = " | ".join(f"{r['accuracy']:.3f}" for r in central["rounds"])
-        lines.append(f"| centralised (same steps) | {accuracies} | - | {central['wall_seconds']:.1f} |")
-        lines += ["", "| one-shot merge of clients trained alone | accuracy |", "|---|---|"]
-        lines += [f"| {label} | {accuracy:.3f} |" for label, accuracy in result["references"]["one_shot"]["accuracy"].items()]
+        lines.append(row("centralised (same steps)", central["rounds"], "-", central["wall_seconds"]))
+        lines += ["", "| one-shot merge of clients trained alone | accuracy | loss |", "|---|---|---|"]
+        one_shot = result["references"]["one_shot"]
+        lines += [f"| {label} | {accuracy:.3f} | {one_shot['loss'][label]:.3f} |" for label, accuracy in one_shot["accuracy"].items()]
     return "\n".join(lines)
