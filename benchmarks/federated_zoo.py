@@ -2,9 +2,10 @@
 against merge methods (task arithmetic, TIES, DARE-TIES) and robust statistics (median, trimmed
 mean), round by round, on the tiny zoo.
 
-    python benchmarks/federated_zoo.py [--clients 6] [--rounds 5] [--local-steps 30] [--out DIR]
+    python benchmarks/federated_zoo.py [--clients 6] [--rounds 5] [--local-steps 40] [--out DIR]
     python benchmarks/federated_zoo.py --malicious 1 --scale -10    # one client poisons its update
     python benchmarks/federated_zoo.py --upload topk --density 0.1  # clients send 10% of their update
+    python benchmarks/federated_zoo.py --alpha 0.5                  # a Dirichlet(0.5) split of every skill
 
 Every aggregator runs the same federation (``mergeforge.federated.simulation.run_scenario``): the
 same non-IID shards (each client holds ``--skills-per-client`` of the zoo's skills, disjoint
@@ -37,9 +38,11 @@ def main() -> None:
     parser.add_argument("--zoo", default=None, help="a built zoo folder (default: the cached tiny zoo)")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--skills-per-client", type=int, default=2)
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="a Dirichlet(alpha) split of every skill over the clients instead of whole skills")
     parser.add_argument("--fraction-train", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-steps", type=int, default=30)
+    parser.add_argument("--local-steps", type=int, default=40)  # R·E = 200: one zoo expert's steps
     parser.add_argument("--examples-per-client", type=int, default=200)
     parser.add_argument("--eval-examples", type=int, default=64)
     parser.add_argument("--malicious", type=int, default=0, help="the first N clients send global + scale·update")
@@ -60,6 +63,7 @@ def main() -> None:
         "examples_per_client": args.examples_per_client, "eval_examples": args.eval_examples, "aggregators": chosen,
         "malicious": {"clients": args.malicious, "scale": args.scale} if args.malicious else None, "references": True,
         "upload": {"kind": args.upload, "density": args.density},
+        "split": {"kind": "dirichlet", "alpha": args.alpha} if args.alpha is not None else {"kind": "skills"},
     })
     logging.getLogger("flwr").setLevel(logging.WARNING)
     result = run_scenario(scenario, progress=print)

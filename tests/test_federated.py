@@ -178,6 +178,44 @@ def test_non_iid_shards_give_each_client_its_skills_and_disjoint_examples():
     assert [len(s) for s in slices] == [10, 10, 10] and len({p for s in slices for p in s}) == 30
 
 
+def test_a_dirichlet_split_hands_out_each_skills_pool_and_small_alpha_concentrates_it():
+    from mergeforge.federated.simulation import dirichlet_counts
+
+    pools = {f"skill{i}": 100 + i for i in range(40)}
+    for alpha, lowest, highest in ((0.05, 0.8, 1.0), (100.0, 0.0, 0.3)):
+        counts = dirichlet_counts(pools, clients=6, alpha=alpha, seed=0)
+        assert all(sum(client[skill] for client in counts) == pool for skill, pool in pools.items())
+        largest = [max(client[skill] for client in counts) / pool for skill, pool in pools.items()]
+        assert lowest <= sum(largest) / len(largest) <= highest  # an even split gives each client 1/6
+    assert dirichlet_counts(pools, 6, 0.5, seed=1) == dirichlet_counts(pools, 6, 0.5, seed=1)
+
+
+def test_dirichlet_shards_are_disjoint_slices_of_each_skill():
+    from mergeforge.federated.simulation import client_pairs
+
+    scenario = load_scenario({"clients": 4, "skills_per_client": 1, "examples_per_client": 15,
+                              "split": {"kind": "dirichlet", "alpha": 0.3}})
+    train_pairs = {skill: [(f"{skill}{i}", str(i)) for i in range(50)] for skill in ("a", "b", "c")}
+    shards = client_pairs(scenario, train_pairs)
+    for skill in train_pairs:  # pools of 15 · 4 clients · 1 skill ÷ 3 skills = 20 examples
+        held = [pair for client in shards for pair in client[skill]]
+        assert len(held) == len(set(held)) == 20 and set(held) <= set(train_pairs[skill])
+
+
+def test_a_client_the_dirichlet_split_leaves_empty_is_left_out_with_its_reason(tiny_zoo):
+    from mergeforge.federated.simulation import build_federation, run_aggregator
+
+    scenario = load_scenario({"zoo": str(tiny_zoo), "skills": ["count"], "clients": 6, "examples_per_client": 8,
+                              "split": {"kind": "dirichlet", "alpha": 0.05}, "rounds": 1, "local_steps": 2,
+                              "batch_size": 4, "eval_examples": 4})
+    federation = build_federation(scenario)
+    sizes = {node: client.size for node, client in federation.clients.items()}
+    assert sum(sizes.values()) == 8 * 6 and 0 in sizes.values()  # the pool: 8 examples × 6 clients × 1 skill
+    run = run_aggregator(federation, scenario, scenario.aggregators[0])
+    rejected = {r["client"] for r in run["rounds"][1]["rejected"]}
+    assert rejected == {f"node {node}" for node, size in sizes.items() if size == 0}
+
+
 def test_a_malicious_client_scales_its_update_and_the_median_bounds_it():
     global_state = random_state(0)
     honest = [{name: global_state[name] + update for name, update in random_state(seed, 0.1).items()} for seed in (1, 2, 3, 4)]
@@ -273,6 +311,11 @@ def test_malformed_sparse_uploads_are_rejected_with_a_reason():
     ("malicious: {clients: 1, factor: 3}\n", "unknown field 'malicious.factor'"),
     ("upload: {kind: top_k}\n", "field 'upload.kind': Input should be 'dense', 'topk' or 'dare'"),
     ("upload: {kind: topk, density: 0}\n", "field 'upload.density': Input should be greater than 0"),
+    ("split: {kind: dirichlet}\n", "field 'split': the dirichlet split needs 'alpha' (e.g. 0.5)"),
+    ("split: {kind: skills, alpha: 0.5}\n", "field 'split': 'alpha' applies to the dirichlet split, not 'skills'"),
+    ("split: {kind: dirichlet, alpha: 0}\n", "field 'split.alpha': Input should be greater than 0"),
+    ("split: {kind: dirichlet, alfa: 1}\n", "unknown field 'split.alfa'; did you mean 'alpha'?"),
+    ("split: {kind: iid}\n", "field 'split.kind': Input should be 'skills' or 'dirichlet'"),
 ])
 def test_bad_scenarios_are_one_recipe_error_naming_the_file_and_field(tmp_path, text, message):
     path = tmp_path / "scenario.yml"

@@ -112,6 +112,26 @@ def shard_pairs(pairs: list[tuple[str, str]], holders: list[int], client: int, s
     return pairs[position * width: (position + 1) * width]
 
 
+def dirichlet_counts(pool_sizes: Mapping[str, int], clients: int, alpha: float, seed: int) -> list[dict[str, int]]:
+    """How many examples of each skill each client holds under a Dirichlet(α) split.
+
+    For each skill, the clients' shares are one draw from Dirichlet(α, ..., α); the counts are
+    the shares of the skill's pool rounded by largest remainder, so they sum to the pool.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    counts: list[dict[str, int]] = [{} for _ in range(clients)]
+    for skill, pool in pool_sizes.items():
+        shares = rng.dirichlet([alpha] * clients) * pool
+        whole = np.floor(shares).astype(int)
+        for client in np.argsort(whole - shares, kind="stable")[: pool - int(whole.sum())]:
+            whole[client] += 1  # the largest remainders take what flooring left
+        for client in range(clients):
+            counts[client][skill] = int(whole[client])
+    return counts
+
+
 def scaled_update(global_state: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor],
                   scale: float) -> dict[str, torch.Tensor]:
     """global + scale·(trained − global): a malicious client's model (scale 1 is an honest one)."""
@@ -129,10 +149,15 @@ class ZooClient:
 
     node: int
     skills: list[str]
-    data: Any  # zoo.train.EncodedData
+    data: Any  # zoo.train.EncodedData; None for a client the split gave no example
     scenario: Scenario
     work_model: torch.nn.Module
     update_scale: float = 1.0  # not 1: a malicious client (scenario `malicious`)
+    examples: dict[str, int] = field(default_factory=dict)  # per skill
+
+    @property
+    def size(self) -> int:
+        return 0 if self.data is None else len(self.data)
 
     def train_from(self, global_state: Mapping[str, torch.Tensor], steps: int, seed: int) -> tuple[dict[str, torch.Tensor], float]:
         """(the model after ``steps`` local AdamW steps from ``global_state``, the final loss);
@@ -153,13 +178,16 @@ class ZooClient:
         server_round = message.content.config_records["config"]["server-round"]  # FedAvg sets it each round
         if not isinstance(server_round, int):
             raise TypeError(f"config 'server-round' is {server_round!r}, not a round number")
+        if self.data is None:  # nothing to train on: say so, and the strategy leaves this reply out
+            content = RecordDict({"arrays": ArrayRecord(global_state), "metrics": MetricRecord({EXAMPLES_KEY: 0})})
+            return Message(content, reply_to=message)
         seed = local_seed(self.scenario, server_round, self.node)
         trained, loss = self.train_from(global_state, self.scenario.local_steps, seed)
         upload = self.scenario.upload
         if upload.kind != "dense":
             trained = encode_update(global_state, trained, upload.kind, upload.density, seed=seed)
         content = RecordDict({"arrays": ArrayRecord(trained),
-                              "metrics": MetricRecord({EXAMPLES_KEY: len(self.data), "train-loss": loss})})
+                              "metrics": MetricRecord({EXAMPLES_KEY: self.size, "train-loss": loss})})
         return Message(content, reply_to=message)
 
 
@@ -176,6 +204,15 @@ class Federation:
     @property
     def shards(self) -> dict[str, list[str]]:
         return {f"node {node}": client.skills for node, client in self.clients.items()}
+
+    @property
+    def examples(self) -> dict[str, dict[str, int]]:
+        return {f"node {node}": client.examples for node, client in self.clients.items()}
+
+    @property
+    def training(self) -> list[ZooClient]:
+        """The clients that hold at least one example."""
+        return [client for client in self.clients.values() if client.data is not None]
 
 
 def build_federation(scenario: Scenario, source: str = "scenario") -> Federation:
@@ -194,21 +231,41 @@ def build_federation(scenario: Scenario, source: str = "scenario") -> Federation
         raise RecipeError(f"{source}: field 'skills': the zoo has no skill '{unknown[0]}'; skills: {', '.join(zoo.skills)}")
     model, tokenizer = load_model_and_tokenizer(zoo.base.path)
     tasks = {skill: load_task(zoo.task_dir(skill)) for skill in skills}
-    shards = client_skills(skills, scenario.clients, scenario.skills_per_client)
+    train_pairs = {skill: [(e.prompt, e.answer) for e in tasks[skill].examples("train")] for skill in skills}
+    per_client = client_pairs(scenario, train_pairs)
     work_model = copy.deepcopy(model)
     clients = {}
-    for client, held in enumerate(shards):
-        pairs = []
-        for skill in held:
-            examples = [(e.prompt, e.answer) for e in tasks[skill].examples("train")]
-            holders = [k for k, other in enumerate(shards) if skill in other]
-            pairs += shard_pairs(examples, holders, client, scenario.examples_per_client)
-        data = encode_training_data(tokenizer, pairs, loss_on_prompt=False)
+    for client, pairs in enumerate(per_client):
+        examples = {skill: len(held) for skill, held in pairs.items() if held}
+        flat = [pair for held in pairs.values() for pair in held]
+        data = encode_training_data(tokenizer, flat, loss_on_prompt=False) if flat else None
         attacks = scenario.malicious is not None and client < scenario.malicious.clients
         scale = scenario.malicious.scale if scenario.malicious is not None and attacks else 1.0
-        clients[FIRST_NODE + client] = ZooClient(FIRST_NODE + client, held, data, scenario, work_model, scale)
+        clients[FIRST_NODE + client] = ZooClient(FIRST_NODE + client, list(examples), data, scenario, work_model, scale,
+                                                 examples)
     base_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     return Federation(base_state, model, tokenizer, clients, list(tasks.values()))
+
+
+def client_pairs(scenario: Scenario, train_pairs: Mapping[str, list[tuple[str, str]]]) -> list[dict[str, list[tuple[str, str]]]]:
+    """Each client's training pairs, per skill, under the scenario's split (disjoint slices)."""
+    skills = list(train_pairs)
+    if scenario.split.kind == "skills":
+        shards = client_skills(skills, scenario.clients, scenario.skills_per_client)
+        return [{skill: shard_pairs(train_pairs[skill], [k for k, other in enumerate(shards) if skill in other], client,
+                                    scenario.examples_per_client) for skill in held}
+                for client, held in enumerate(shards)]
+    assert scenario.split.alpha is not None  # the schema requires it for dirichlet
+    total = scenario.examples_per_client * scenario.clients * min(scenario.skills_per_client, len(skills))
+    pools = {skill: min(len(pairs), round(total / len(skills))) for skill, pairs in train_pairs.items()}
+    counts = dirichlet_counts(pools, scenario.clients, scenario.split.alpha, scenario.seed)
+    result: list[dict[str, list[tuple[str, str]]]] = [{} for _ in range(scenario.clients)]
+    for skill, pairs in train_pairs.items():
+        start = 0
+        for client in range(scenario.clients):
+            result[client][skill] = pairs[start: start + counts[client][skill]]
+            start += counts[client][skill]
+    return result
 
 
 def score(federation: Federation, state: Mapping[str, torch.Tensor], eval_examples: int) -> dict[str, Any]:
@@ -266,7 +323,8 @@ def run_scenario(scenario: Scenario, progress: Callable[[str], None] | None = No
     results = {aggregator.label: run_aggregator(federation, scenario, aggregator, progress)
                for aggregator in scenario.aggregators}
     malicious = [f"node {node}" for node, client in federation.clients.items() if client.update_scale != 1.0]
-    report = {"scenario": scenario.model_dump(mode="json"), "shards": federation.shards, "malicious": malicious,
+    report = {"scenario": scenario.model_dump(mode="json"), "shards": federation.shards,
+              "examples": federation.examples, "malicious": malicious,
               "aggregators": results}
     if scenario.references:
         from mergeforge.federated.references import centralised, one_shot
