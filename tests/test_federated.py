@@ -126,11 +126,17 @@ def broken_clients(good: dict[str, torch.Tensor]):
     nan["layer.bias"][2] = float("nan")
     wrong_shape = {**good, "head.weight": torch.zeros(3, 7)}
     missing = {name: tensor for name, tensor in good.items() if name != "layer.bias"}
+    infinite = {name: tensor.clone() for name, tensor in good.items()}
+    infinite["head.weight"][0, 0] = float("-inf")
 
     def crash(message: Message) -> Message:
         raise ConnectionError("client dropped out")
 
-    return [fixed_client(nan, 5), fixed_client(wrong_shape, 5), fixed_client(missing, 5), crash, fixed_client(good, 0)]
+    def silent(message: Message) -> None:  # never replies
+        return None
+
+    return [fixed_client(nan, 5), fixed_client(wrong_shape, 5), fixed_client(missing, 5), crash, fixed_client(good, 0),
+            fixed_client(infinite, 5), silent]
 
 
 def test_nan_wrong_shape_and_missing_updates_are_rejected_with_a_reason_and_the_round_completes(caplog):
@@ -148,7 +154,8 @@ def test_nan_wrong_shape_and_missing_updates_are_rejected_with_a_reason_and_the_
         "node 103": "tensor 'head.weight' has shape (3, 7), the global model's is (3, 6)",
         "node 104": "missing tensor 'layer.bias'",
         "node 106": "metric 'num-examples' is 0, not a positive number of examples",
-    }  # node 105 dropped out: an error reply, logged by FedAvg and left out
+        "node 107": "tensor 'head.weight' holds NaN or infinite values",
+    }  # node 105 failed (an error reply, logged by FedAvg) and node 108 never replied: both left out
     assert "update from node 103 rejected: tensor 'head.weight' has shape (3, 7)" in caplog.text
 
 

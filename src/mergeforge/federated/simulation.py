@@ -26,7 +26,7 @@ from mergeforge.federated.scenario import Aggregator, Scenario
 from mergeforge.federated.sparse import encode_update
 from mergeforge.federated.strategy import MergeStrategy, state_of
 
-ClientFn = Callable[[Message], Message]
+ClientFn = Callable[[Message], Message | None]  # None: the node never replies
 EXAMPLES_KEY = "num-examples"  # FedAvg's weighted_by_key
 FIRST_NODE = 101  # client node ids; 1 is the SuperLink's
 
@@ -40,8 +40,9 @@ def record_bytes(record: RecordDict) -> int:
 class LocalGrid(Grid):
     """A Flower ``Grid`` that delivers each message to an in-process client function.
 
-    A client that raises is answered with an error reply, as a node that failed mid-round is,
-    so the strategy sees a dropout the way a deployment shows it.
+    A client that raises is answered with an error reply, as a node that failed mid-round is, and
+    one that returns None sends no reply at all, as a node that vanished before the timeout: the
+    strategy sees both dropouts the way a deployment shows them.
     """
 
     clients: Mapping[int, ClientFn]
@@ -87,6 +88,8 @@ class LocalGrid(Grid):
                 reply = self.clients[message.metadata.dst_node_id](message)
             except Exception as exc:  # a failing client must not fail the round
                 reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            if reply is None:  # a node that never answers: the round goes on without its reply, as after a timeout
+                continue
             if not reply.has_error():
                 up += record_bytes(reply.content)
             replies.append(reply)
