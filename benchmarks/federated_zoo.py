@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=-10.0, help="the malicious clients' update scale")
     parser.add_argument("--upload", choices=["dense", "topk", "dare"], default="dense", help="what clients send")
     parser.add_argument("--density", type=float, default=0.1, help="share of each update sent (topk, dare)")
+    parser.add_argument("--seed", type=int, default=0, help="client draws, local batch orders, DARE's masks")
     parser.add_argument("--methods", default=None, help="comma-separated labels of AGGREGATORS to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path("federated-results"))
     args = parser.parse_args()
@@ -61,7 +62,7 @@ def main() -> None:
         "zoo": args.zoo, "clients": args.clients, "skills_per_client": args.skills_per_client,
         "fraction_train": args.fraction_train, "rounds": args.rounds, "local_steps": args.local_steps,
         "examples_per_client": args.examples_per_client, "eval_examples": args.eval_examples, "aggregators": chosen,
-        "malicious": {"clients": args.malicious, "scale": args.scale} if args.malicious else None, "references": True,
+        "malicious": {"clients": args.malicious, "scale": args.scale} if args.malicious else None, "references": True, "seed": args.seed,
         "upload": {"kind": args.upload, "density": args.density},
         "split": {"kind": "dirichlet", "alpha": args.alpha} if args.alpha is not None else {"kind": "skills"},
     })
