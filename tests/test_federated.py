@@ -377,6 +377,25 @@ def test_with_one_client_the_rounds_are_that_clients_local_training_and_score_th
     assert run["rounds"][2]["loss"] != pytest.approx(run["rounds"][0]["loss"], rel=1e-3)
 
 
+def test_a_tied_output_head_travels_once_and_is_restored_on_loading():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergeforge.federated.simulation import load_model_state, model_state, tied_names
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert tied_names(model) == {"lm_head.weight"}
+    state = model_state(model)
+    assert "lm_head.weight" not in state and "model.embed_tokens.weight" in state
+    state = {name: tensor + 1.0 for name, tensor in state.items()}
+    load_model_state(model, state)
+    assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="missing"):
+        load_model_state(model, {name: t for name, t in state.items() if name != "model.norm.weight"})
+
+
 def test_a_two_round_simulation_on_the_tiny_zoo_runs_through_the_cli(tiny_zoo, tmp_path):
     path = tmp_path / "scenario.yml"
     path.write_text(f"zoo: {tiny_zoo}\nskills: [count, sort, reverse]\nclients: 3\nskills_per_client: 1\n"

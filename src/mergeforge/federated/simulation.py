@@ -141,6 +141,34 @@ def scaled_update(global_state: Mapping[str, torch.Tensor], trained: Mapping[str
     return {name: global_state[name] + scale * (tensor - global_state[name]) for name, tensor in trained.items()}
 
 
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names that alias an earlier entry's storage (an output head tied to the input
+    embeddings, as SmolLM2's is). They are left out of every message: loading the first name
+    sets the shared parameter, so sending both would only send the matrix twice."""
+    seen: set[int] = set()
+    aliases: set[str] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        pointer = tensor.data_ptr()
+        if pointer in seen:
+            aliases.add(name)
+        seen.add(pointer)
+    return aliases
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s weights without the tied aliases: what a client sends."""
+    aliases = tied_names(model)
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items() if name not in aliases}
+
+
+def load_model_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a :func:`model_state` (tied aliases absent, every other weight required)."""
+    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+    absent = set(missing) - tied_names(model)
+    if absent or unexpected:
+        raise ValueError(f"state does not fit the model: missing {sorted(absent)[:3]}, unexpected {sorted(unexpected)[:3]}")
+
+
 def local_seed(scenario: Scenario, server_round: int, node: int) -> int:
     """The batch order of one client's round: the same for every aggregator."""
     return scenario.seed * 100_003 + server_round * 1009 + node
@@ -167,11 +195,11 @@ class ZooClient:
         a malicious client's model is scaled from ``global_state``."""
         from mergeforge.zoo.train import TrainingSchedule, train
 
-        self.work_model.load_state_dict(dict(global_state))
+        load_model_state(self.work_model, global_state)
         schedule = TrainingSchedule(steps=steps, learning_rate=self.scenario.learning_rate, batch_size=self.scenario.batch_size,
                                     warmup_fraction=0.0, final_lr_fraction=1.0)  # a constant rate: rounds continue one run
         loss = train(self.work_model, self.data, schedule, seed=seed)
-        trained = {name: tensor.detach().clone() for name, tensor in self.work_model.state_dict().items()}
+        trained = model_state(self.work_model)
         if self.update_scale != 1.0:
             trained = scaled_update(global_state, trained, self.update_scale)
         return trained, loss
@@ -246,7 +274,7 @@ def build_federation(scenario: Scenario, source: str = "scenario") -> Federation
         scale = scenario.malicious.scale if scenario.malicious is not None and attacks else 1.0
         clients[FIRST_NODE + client] = ZooClient(FIRST_NODE + client, list(examples), data, scenario, work_model, scale,
                                                  examples)
-    base_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    base_state = model_state(model)
     return Federation(base_state, model, tokenizer, clients, list(tasks.values()))
 
 
@@ -279,7 +307,7 @@ def score(federation: Federation, state: Mapping[str, torch.Tensor], eval_exampl
     """
     from mergeforge.evaluate.api import evaluate_model
 
-    federation.eval_model.load_state_dict(dict(state))
+    load_model_state(federation.eval_model, state)
     result = evaluate_model(federation.eval_model, federation.tasks, tokenizer=federation.tokenizer,
                             max_examples=eval_examples, with_loss=True, scoring="forced")
     losses = [r["loss"] for r in result["tasks"].values()]
