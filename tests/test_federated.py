@@ -1,7 +1,10 @@
 """mergeforge.federated: MergeStrategy's aggregation is merge_state_dicts over the client models,
-FedAvg weights by example counts, bad updates (NaN, shapes, missing tensors, no examples,
-malformed sparse uploads) are rejected with a reason while the round completes, sparse uploads
-are rebuilt and cost fewer bytes, the median bounds a scaled malicious update, and
+FedAvg weights by example counts, each round trains from the last aggregate (a closed form over
+3 rounds; a one-client federation on the tiny zoo is that client's own training, scored on the
+new model), bad updates (NaN, infinity, shapes, missing tensors, no examples, a failed or silent
+node, malformed sparse uploads) are rejected with a reason while the round completes, sparse
+uploads are rebuilt and cost fewer bytes, the median bounds a scaled malicious update, the
+Dirichlet split hands out disjoint shares, a tied output head travels once, and
 ``mergeforge federated`` runs end to end on the tiny zoo through the real CLI."""
 
 from __future__ import annotations
