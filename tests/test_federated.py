@@ -1,7 +1,10 @@
 """mergeforge.federated: MergeStrategy's aggregation is merge_state_dicts over the client models,
-FedAvg weights by example counts, bad updates (NaN, shapes, missing tensors, no examples,
-malformed sparse uploads) are rejected with a reason while the round completes, sparse uploads
-are rebuilt and cost fewer bytes, the median bounds a scaled malicious update, and
+FedAvg weights by example counts, each round trains from the last aggregate (a closed form over
+3 rounds; a one-client federation on the tiny zoo is that client's own training, scored on the
+new model), bad updates (NaN, infinity, shapes, missing tensors, no examples, a failed or silent
+node, malformed sparse uploads) are rejected with a reason while the round completes, sparse
+uploads are rebuilt and cost fewer bytes, the median bounds a scaled malicious update, the
+Dirichlet split hands out disjoint shares, a tied output head travels once, and
 ``mergeforge federated`` runs end to end on the tiny zoo through the real CLI."""
 
 from __future__ import annotations
@@ -87,16 +90,56 @@ def test_fedavg_weights_the_updates_by_example_counts_and_matches_flowers_fedavg
         torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-6)
 
 
+def stepping_client(target: dict[str, torch.Tensor], examples: int, rate: float = 0.5):
+    """A client whose local training is one gradient step on ||θ − target||²/2 from the model
+    it receives: θ + rate·(target − θ). It answers with what it was sent, so a round that
+    started from a stale model shows in the result."""
+
+    def reply(message: Message) -> Message:
+        received = dict(next(iter(message.content.array_records.values())).to_torch_state_dict())
+        trained = {name: tensor + rate * (target[name] - tensor) for name, tensor in received.items()}
+        content = RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord({"num-examples": examples})})
+        return Message(content, reply_to=message)
+
+    return reply
+
+
+def test_each_round_starts_from_the_last_aggregate_and_adds_the_weighted_mean_update():
+    global_state = random_state(0)
+    targets, counts = [random_state(1), random_state(2)], [1, 3]
+    result = strategy("linear").start(LocalGrid({101: stepping_client(targets[0], 1), 102: stepping_client(targets[1], 3)}),
+                                      ArrayRecord(global_state), num_rounds=3, train_config=ConfigRecord())
+    expected = dict(global_state)
+    for _ in range(3):  # θ ← θ + Σ nᵢ/N · (θᵢ − θ), θᵢ trained from this round's θ
+        updates = [{name: 0.5 * (target[name] - expected[name]) for name in SHAPES} for target in targets]
+        expected = {name: expected[name] + (counts[0] * updates[0][name] + counts[1] * updates[1][name]) / 4 for name in SHAPES}
+    for name, tensor in result.arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-6)
+    # Two clients holding the same data follow the one client's trajectory.
+    twins = strategy("linear").start(LocalGrid({101: stepping_client(targets[0], 5), 102: stepping_client(targets[0], 5)}),
+                                     ArrayRecord(global_state), num_rounds=3, train_config=ConfigRecord())
+    alone = strategy("linear").start(LocalGrid({101: stepping_client(targets[0], 5)}), ArrayRecord(global_state),
+                                     num_rounds=3, train_config=ConfigRecord())
+    for name, tensor in twins.arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(tensor, alone.arrays.to_torch_state_dict()[name], rtol=1e-6, atol=1e-7)
+
+
 def broken_clients(good: dict[str, torch.Tensor]):
     nan = {name: tensor.clone() for name, tensor in good.items()}
     nan["layer.bias"][2] = float("nan")
     wrong_shape = {**good, "head.weight": torch.zeros(3, 7)}
     missing = {name: tensor for name, tensor in good.items() if name != "layer.bias"}
+    infinite = {name: tensor.clone() for name, tensor in good.items()}
+    infinite["head.weight"][0, 0] = float("-inf")
 
     def crash(message: Message) -> Message:
         raise ConnectionError("client dropped out")
 
-    return [fixed_client(nan, 5), fixed_client(wrong_shape, 5), fixed_client(missing, 5), crash, fixed_client(good, 0)]
+    def silent(message: Message) -> None:  # never replies
+        return None
+
+    return [fixed_client(nan, 5), fixed_client(wrong_shape, 5), fixed_client(missing, 5), crash, fixed_client(good, 0),
+            fixed_client(infinite, 5), silent]
 
 
 def test_nan_wrong_shape_and_missing_updates_are_rejected_with_a_reason_and_the_round_completes(caplog):
@@ -114,7 +157,8 @@ def test_nan_wrong_shape_and_missing_updates_are_rejected_with_a_reason_and_the_
         "node 103": "tensor 'head.weight' has shape (3, 7), the global model's is (3, 6)",
         "node 104": "missing tensor 'layer.bias'",
         "node 106": "metric 'num-examples' is 0, not a positive number of examples",
-    }  # node 105 dropped out: an error reply, logged by FedAvg and left out
+        "node 107": "tensor 'head.weight' holds NaN or infinite values",
+    }  # node 105 failed (an error reply, logged by FedAvg) and node 108 never replied: both left out
     assert "update from node 103 rejected: tensor 'head.weight' has shape (3, 7)" in caplog.text
 
 
@@ -142,6 +186,44 @@ def test_non_iid_shards_give_each_client_its_skills_and_disjoint_examples():
     holders = [k for k, held in enumerate(shards) if "a" in held]  # clients 0, 2, 3
     slices = [shard_pairs(pairs, holders, client, size=100) for client in holders]
     assert [len(s) for s in slices] == [10, 10, 10] and len({p for s in slices for p in s}) == 30
+
+
+def test_a_dirichlet_split_hands_out_each_skills_pool_and_small_alpha_concentrates_it():
+    from mergeforge.federated.simulation import dirichlet_counts
+
+    pools = {f"skill{i}": 100 + i for i in range(40)}
+    for alpha, lowest, highest in ((0.05, 0.8, 1.0), (100.0, 0.0, 0.3)):
+        counts = dirichlet_counts(pools, clients=6, alpha=alpha, seed=0)
+        assert all(sum(client[skill] for client in counts) == pool for skill, pool in pools.items())
+        largest = [max(client[skill] for client in counts) / pool for skill, pool in pools.items()]
+        assert lowest <= sum(largest) / len(largest) <= highest  # an even split gives each client 1/6
+    assert dirichlet_counts(pools, 6, 0.5, seed=1) == dirichlet_counts(pools, 6, 0.5, seed=1)
+
+
+def test_dirichlet_shards_are_disjoint_slices_of_each_skill():
+    from mergeforge.federated.simulation import client_pairs
+
+    scenario = load_scenario({"clients": 4, "skills_per_client": 1, "examples_per_client": 15,
+                              "split": {"kind": "dirichlet", "alpha": 0.3}})
+    train_pairs = {skill: [(f"{skill}{i}", str(i)) for i in range(50)] for skill in ("a", "b", "c")}
+    shards = client_pairs(scenario, train_pairs)
+    for skill in train_pairs:  # pools of 15 · 4 clients · 1 skill ÷ 3 skills = 20 examples
+        held = [pair for client in shards for pair in client[skill]]
+        assert len(held) == len(set(held)) == 20 and set(held) <= set(train_pairs[skill])
+
+
+def test_a_client_the_dirichlet_split_leaves_empty_is_left_out_with_its_reason(tiny_zoo):
+    from mergeforge.federated.simulation import build_federation, run_aggregator
+
+    scenario = load_scenario({"zoo": str(tiny_zoo), "skills": ["count"], "clients": 6, "examples_per_client": 8,
+                              "split": {"kind": "dirichlet", "alpha": 0.05}, "rounds": 1, "local_steps": 2,
+                              "batch_size": 4, "eval_examples": 4})
+    federation = build_federation(scenario)
+    sizes = {node: client.size for node, client in federation.clients.items()}
+    assert sum(sizes.values()) == 8 * 6 and 0 in sizes.values()  # the pool: 8 examples × 6 clients × 1 skill
+    run = run_aggregator(federation, scenario, scenario.aggregators[0])
+    rejected = {r["client"] for r in run["rounds"][1]["rejected"]}
+    assert rejected == {f"node {node}" for node, size in sizes.items() if size == 0}
 
 
 def test_a_malicious_client_scales_its_update_and_the_median_bounds_it():
@@ -239,6 +321,11 @@ def test_malformed_sparse_uploads_are_rejected_with_a_reason():
     ("malicious: {clients: 1, factor: 3}\n", "unknown field 'malicious.factor'"),
     ("upload: {kind: top_k}\n", "field 'upload.kind': Input should be 'dense', 'topk' or 'dare'"),
     ("upload: {kind: topk, density: 0}\n", "field 'upload.density': Input should be greater than 0"),
+    ("split: {kind: dirichlet}\n", "field 'split': the dirichlet split needs 'alpha' (e.g. 0.5)"),
+    ("split: {kind: skills, alpha: 0.5}\n", "field 'split': 'alpha' applies to the dirichlet split, not 'skills'"),
+    ("split: {kind: dirichlet, alpha: 0}\n", "field 'split.alpha': Input should be greater than 0"),
+    ("split: {kind: dirichlet, alfa: 1}\n", "unknown field 'split.alfa'; did you mean 'alpha'?"),
+    ("split: {kind: iid}\n", "field 'split.kind': Input should be 'skills' or 'dirichlet'"),
 ])
 def test_bad_scenarios_are_one_recipe_error_naming_the_file_and_field(tmp_path, text, message):
     path = tmp_path / "scenario.yml"
@@ -272,6 +359,44 @@ def test_a_skill_the_zoo_lacks_is_named_with_the_file(tiny_zoo, tmp_path):
     result = run_cli("federated", path, tmp_path / "out")
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {path}: field 'skills': the zoo has no skill 'sorting'; skills: ")
+
+
+def test_with_one_client_the_rounds_are_that_clients_local_training_and_score_the_new_model(tiny_zoo):
+    from mergeforge.federated.simulation import build_federation, local_seed, run_aggregator, score
+
+    scenario = load_scenario({"zoo": str(tiny_zoo), "skills": ["count", "sort"], "clients": 1, "examples_per_client": 24,
+                              "rounds": 2, "local_steps": 3, "batch_size": 8, "eval_examples": 8})
+    federation = build_federation(scenario)
+    ((node, client),) = federation.clients.items()
+    run = run_aggregator(federation, scenario, scenario.aggregators[0])
+    state = federation.base_state
+    for server_round in (1, 2):  # what the client does alone: train on from where the last round ended
+        state, _ = client.train_from(state, scenario.local_steps, local_seed(scenario, server_round, node))
+        alone = score(federation, state, scenario.eval_examples)
+        # The answer loss moves with every weight, so a round that trained from a stale model or
+        # scored the wrong one would not match.
+        assert run["rounds"][server_round]["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+        assert run["rounds"][server_round]["accuracy"] == alone["accuracy"]
+    assert run["rounds"][2]["loss"] != pytest.approx(run["rounds"][0]["loss"], rel=1e-3)
+
+
+def test_a_tied_output_head_travels_once_and_is_restored_on_loading():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergeforge.federated.simulation import load_model_state, model_state, tied_names
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert tied_names(model) == {"lm_head.weight"}
+    state = model_state(model)
+    assert "lm_head.weight" not in state and "model.embed_tokens.weight" in state
+    state = {name: tensor + 1.0 for name, tensor in state.items()}
+    load_model_state(model, state)
+    assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="missing"):
+        load_model_state(model, {name: t for name, t in state.items() if name != "model.norm.weight"})
 
 
 def test_a_two_round_simulation_on_the_tiny_zoo_runs_through_the_cli(tiny_zoo, tmp_path):

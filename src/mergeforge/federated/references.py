@@ -28,7 +28,7 @@ def centralised(federation: Federation, scenario: Scenario, progress: Callable[[
 
     started = time.perf_counter()
     first = next(iter(federation.clients.values()))
-    pooled = concat_data([client.data for client in federation.clients.values()], federation.tokenizer.pad_token_id)
+    pooled = concat_data([client.data for client in federation.training], federation.tokenizer.pad_token_id)
     learner = ZooClient(0, sorted({s for c in federation.clients.values() for s in c.skills}), pooled, scenario,
                         first.work_model)
     state = dict(federation.base_state)
@@ -46,14 +46,15 @@ def one_shot(federation: Federation, scenario: Scenario, progress: Callable[[str
     """Each aggregator's single merge of the clients trained alone for R·E steps."""
     started = time.perf_counter()
     steps = scenario.rounds * scenario.local_steps
-    trained = [client.train_from(federation.base_state, steps, local_seed(scenario, 1, node))[0]
-               for node, client in federation.clients.items()]
-    counts = [len(client.data) for client in federation.clients.values()]
-    accuracy = {}
+    trained = [client.train_from(federation.base_state, steps, local_seed(scenario, 1, client.node))[0]
+               for client in federation.training]
+    counts = [client.size for client in federation.training]
+    accuracy, loss = {}, {}
     for aggregator in scenario.aggregators:
         merged = merge_updates(aggregator.method, federation.base_state, trained, counts, aggregator.parameters,
                                seed=scenario.seed)
-        accuracy[aggregator.label] = score(federation, merged, scenario.eval_examples)["accuracy"]
+        scores = score(federation, merged, scenario.eval_examples)
+        accuracy[aggregator.label], loss[aggregator.label] = scores["accuracy"], scores["loss"]
         if progress is not None:
             progress(f"one-shot {aggregator.label}: accuracy {accuracy[aggregator.label]:.3f}")
-    return {"accuracy": accuracy, "wall_seconds": time.perf_counter() - started}
+    return {"accuracy": accuracy, "loss": loss, "wall_seconds": time.perf_counter() - started}

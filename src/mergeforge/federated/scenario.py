@@ -48,6 +48,33 @@ class Upload(BaseModel):
     density: float = Field(0.1, gt=0.0, le=1.0)  # share of each tensor's update entries sent (topk, dare)
 
 
+class Split(BaseModel):
+    """How the skills' training examples are shared out to the clients.
+
+    - ``skills``: client k holds ``skills_per_client`` whole skills, k, k+1, ... (cyclically),
+      ``examples_per_client`` examples of each;
+    - ``dirichlet``: every client may hold every skill; for each skill, the clients' shares of
+      its examples are drawn from Dirichlet(α, ..., α) (as Hsu et al. 2019, arXiv:1909.06335,
+      split classes): small α gives each skill to few clients, large α tends to an even split.
+      Each skill's pool holds as many examples as the ``skills`` split would hand out in all
+      (``examples_per_client`` × clients × ``skills_per_client`` ÷ skills), so the two compare
+      on the same data.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["skills", "dirichlet"] = "skills"
+    alpha: float | None = Field(None, gt=0.0)  # the Dirichlet concentration; dirichlet only, and required there
+
+    @model_validator(mode="after")
+    def _alpha_goes_with_dirichlet(self) -> Split:
+        if self.kind == "dirichlet" and self.alpha is None:
+            raise ValueError("the dirichlet split needs 'alpha' (e.g. 0.5)")
+        if self.kind != "dirichlet" and self.alpha is not None:
+            raise ValueError(f"'alpha' applies to the dirichlet split, not '{self.kind}'")
+        return self
+
+
 class Scenario(BaseModel):
     """A simulated federation on the zoo's tasks (defaults: a run of about a minute on a CPU)."""
 
@@ -58,6 +85,7 @@ class Scenario(BaseModel):
     clients: int = Field(4, ge=1)
     skills_per_client: int = Field(2, ge=1)  # non-IID: client k holds skills k, k+1, ... (cyclically)
     examples_per_client: int = Field(200, ge=1)  # per skill; disjoint slices of the training split
+    split: Split = Field(default_factory=lambda: Split.model_validate({}))  # skills (above) or dirichlet
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)  # clients sampled per round
     rounds: int = Field(3, ge=1)
     local_steps: int = Field(20, ge=1)  # E: AdamW steps per client per round
@@ -87,7 +115,7 @@ def _message(error: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         field = str(first["loc"][-1])
         close = closest(field, [*Scenario.model_fields, *Aggregator.model_fields, *Malicious.model_fields,
-                                 *Upload.model_fields])
+                                 *Upload.model_fields, *Split.model_fields])
         return f"{source}: unknown field '{location}'" + (f"; did you mean '{close}'?" if close else "")
     message = first["msg"].removeprefix("Value error, ")
     return f"{source}: field '{location}': {message}" if location else f"{source}: {message}"

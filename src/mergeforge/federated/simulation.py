@@ -26,7 +26,7 @@ from mergeforge.federated.scenario import Aggregator, Scenario
 from mergeforge.federated.sparse import encode_update
 from mergeforge.federated.strategy import MergeStrategy, state_of
 
-ClientFn = Callable[[Message], Message]
+ClientFn = Callable[[Message], Message | None]  # None: the node never replies
 EXAMPLES_KEY = "num-examples"  # FedAvg's weighted_by_key
 FIRST_NODE = 101  # client node ids; 1 is the SuperLink's
 
@@ -40,8 +40,9 @@ def record_bytes(record: RecordDict) -> int:
 class LocalGrid(Grid):
     """A Flower ``Grid`` that delivers each message to an in-process client function.
 
-    A client that raises is answered with an error reply, as a node that failed mid-round is,
-    so the strategy sees a dropout the way a deployment shows it.
+    A client that raises is answered with an error reply, as a node that failed mid-round is, and
+    one that returns None sends no reply at all, as a node that vanished before the timeout: the
+    strategy sees both dropouts the way a deployment shows them.
     """
 
     clients: Mapping[int, ClientFn]
@@ -87,6 +88,8 @@ class LocalGrid(Grid):
                 reply = self.clients[message.metadata.dst_node_id](message)
             except Exception as exc:  # a failing client must not fail the round
                 reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            if reply is None:  # a node that never answers: the round goes on without its reply, as after a timeout
+                continue
             if not reply.has_error():
                 up += record_bytes(reply.content)
             replies.append(reply)
@@ -112,10 +115,58 @@ def shard_pairs(pairs: list[tuple[str, str]], holders: list[int], client: int, s
     return pairs[position * width: (position + 1) * width]
 
 
+def dirichlet_counts(pool_sizes: Mapping[str, int], clients: int, alpha: float, seed: int) -> list[dict[str, int]]:
+    """How many examples of each skill each client holds under a Dirichlet(α) split.
+
+    For each skill, the clients' shares are one draw from Dirichlet(α, ..., α); the counts are
+    the shares of the skill's pool rounded by largest remainder, so they sum to the pool.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    counts: list[dict[str, int]] = [{} for _ in range(clients)]
+    for skill, pool in pool_sizes.items():
+        shares = rng.dirichlet([alpha] * clients) * pool
+        whole = np.floor(shares).astype(int)
+        for client in np.argsort(whole - shares, kind="stable")[: pool - int(whole.sum())]:
+            whole[client] += 1  # the largest remainders take what flooring left
+        for client in range(clients):
+            counts[client][skill] = int(whole[client])
+    return counts
+
+
 def scaled_update(global_state: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor],
                   scale: float) -> dict[str, torch.Tensor]:
     """global + scale·(trained − global): a malicious client's model (scale 1 is an honest one)."""
     return {name: global_state[name] + scale * (tensor - global_state[name]) for name, tensor in trained.items()}
+
+
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names that alias an earlier entry's storage (an output head tied to the input
+    embeddings, as SmolLM2's is). They are left out of every message: loading the first name
+    sets the shared parameter, so sending both would only send the matrix twice."""
+    seen: set[int] = set()
+    aliases: set[str] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        pointer = tensor.data_ptr()
+        if pointer in seen:
+            aliases.add(name)
+        seen.add(pointer)
+    return aliases
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s weights without the tied aliases: what a client sends."""
+    aliases = tied_names(model)
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items() if name not in aliases}
+
+
+def load_model_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a :func:`model_state` (tied aliases absent, every other weight required)."""
+    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+    absent = set(missing) - tied_names(model)
+    if absent or unexpected:
+        raise ValueError(f"state does not fit the model: missing {sorted(absent)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
 
 def local_seed(scenario: Scenario, server_round: int, node: int) -> int:
@@ -129,21 +180,26 @@ class ZooClient:
 
     node: int
     skills: list[str]
-    data: Any  # zoo.train.EncodedData
+    data: Any  # zoo.train.EncodedData; None for a client the split gave no example
     scenario: Scenario
     work_model: torch.nn.Module
     update_scale: float = 1.0  # not 1: a malicious client (scenario `malicious`)
+    examples: dict[str, int] = field(default_factory=dict)  # per skill
+
+    @property
+    def size(self) -> int:
+        return 0 if self.data is None else len(self.data)
 
     def train_from(self, global_state: Mapping[str, torch.Tensor], steps: int, seed: int) -> tuple[dict[str, torch.Tensor], float]:
         """(the model after ``steps`` local AdamW steps from ``global_state``, the final loss);
         a malicious client's model is scaled from ``global_state``."""
         from mergeforge.zoo.train import TrainingSchedule, train
 
-        self.work_model.load_state_dict(dict(global_state))
+        load_model_state(self.work_model, global_state)
         schedule = TrainingSchedule(steps=steps, learning_rate=self.scenario.learning_rate, batch_size=self.scenario.batch_size,
                                     warmup_fraction=0.0, final_lr_fraction=1.0)  # a constant rate: rounds continue one run
         loss = train(self.work_model, self.data, schedule, seed=seed)
-        trained = {name: tensor.detach().clone() for name, tensor in self.work_model.state_dict().items()}
+        trained = model_state(self.work_model)
         if self.update_scale != 1.0:
             trained = scaled_update(global_state, trained, self.update_scale)
         return trained, loss
@@ -153,13 +209,16 @@ class ZooClient:
         server_round = message.content.config_records["config"]["server-round"]  # FedAvg sets it each round
         if not isinstance(server_round, int):
             raise TypeError(f"config 'server-round' is {server_round!r}, not a round number")
+        if self.data is None:  # nothing to train on: say so, and the strategy leaves this reply out
+            content = RecordDict({"arrays": ArrayRecord(global_state), "metrics": MetricRecord({EXAMPLES_KEY: 0})})
+            return Message(content, reply_to=message)
         seed = local_seed(self.scenario, server_round, self.node)
         trained, loss = self.train_from(global_state, self.scenario.local_steps, seed)
         upload = self.scenario.upload
         if upload.kind != "dense":
             trained = encode_update(global_state, trained, upload.kind, upload.density, seed=seed)
         content = RecordDict({"arrays": ArrayRecord(trained),
-                              "metrics": MetricRecord({EXAMPLES_KEY: len(self.data), "train-loss": loss})})
+                              "metrics": MetricRecord({EXAMPLES_KEY: self.size, "train-loss": loss})})
         return Message(content, reply_to=message)
 
 
@@ -176,6 +235,15 @@ class Federation:
     @property
     def shards(self) -> dict[str, list[str]]:
         return {f"node {node}": client.skills for node, client in self.clients.items()}
+
+    @property
+    def examples(self) -> dict[str, dict[str, int]]:
+        return {f"node {node}": client.examples for node, client in self.clients.items()}
+
+    @property
+    def training(self) -> list[ZooClient]:
+        """The clients that hold at least one example."""
+        return [client for client in self.clients.values() if client.data is not None]
 
 
 def build_federation(scenario: Scenario, source: str = "scenario") -> Federation:
@@ -194,31 +262,57 @@ def build_federation(scenario: Scenario, source: str = "scenario") -> Federation
         raise RecipeError(f"{source}: field 'skills': the zoo has no skill '{unknown[0]}'; skills: {', '.join(zoo.skills)}")
     model, tokenizer = load_model_and_tokenizer(zoo.base.path)
     tasks = {skill: load_task(zoo.task_dir(skill)) for skill in skills}
-    shards = client_skills(skills, scenario.clients, scenario.skills_per_client)
+    train_pairs = {skill: [(e.prompt, e.answer) for e in tasks[skill].examples("train")] for skill in skills}
+    per_client = client_pairs(scenario, train_pairs)
     work_model = copy.deepcopy(model)
     clients = {}
-    for client, held in enumerate(shards):
-        pairs = []
-        for skill in held:
-            examples = [(e.prompt, e.answer) for e in tasks[skill].examples("train")]
-            holders = [k for k, other in enumerate(shards) if skill in other]
-            pairs += shard_pairs(examples, holders, client, scenario.examples_per_client)
-        data = encode_training_data(tokenizer, pairs, loss_on_prompt=False)
+    for client, pairs in enumerate(per_client):
+        examples = {skill: len(held) for skill, held in pairs.items() if held}
+        flat = [pair for held in pairs.values() for pair in held]
+        data = encode_training_data(tokenizer, flat, loss_on_prompt=False) if flat else None
         attacks = scenario.malicious is not None and client < scenario.malicious.clients
         scale = scenario.malicious.scale if scenario.malicious is not None and attacks else 1.0
-        clients[FIRST_NODE + client] = ZooClient(FIRST_NODE + client, held, data, scenario, work_model, scale)
-    base_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        clients[FIRST_NODE + client] = ZooClient(FIRST_NODE + client, list(examples), data, scenario, work_model, scale,
+                                                 examples)
+    base_state = model_state(model)
     return Federation(base_state, model, tokenizer, clients, list(tasks.values()))
 
 
+def client_pairs(scenario: Scenario, train_pairs: Mapping[str, list[tuple[str, str]]]) -> list[dict[str, list[tuple[str, str]]]]:
+    """Each client's training pairs, per skill, under the scenario's split (disjoint slices)."""
+    skills = list(train_pairs)
+    if scenario.split.kind == "skills":
+        shards = client_skills(skills, scenario.clients, scenario.skills_per_client)
+        return [{skill: shard_pairs(train_pairs[skill], [k for k, other in enumerate(shards) if skill in other], client,
+                                    scenario.examples_per_client) for skill in held}
+                for client, held in enumerate(shards)]
+    assert scenario.split.alpha is not None  # the schema requires it for dirichlet
+    total = scenario.examples_per_client * scenario.clients * min(scenario.skills_per_client, len(skills))
+    pools = {skill: min(len(pairs), round(total / len(skills))) for skill, pairs in train_pairs.items()}
+    counts = dirichlet_counts(pools, scenario.clients, scenario.split.alpha, scenario.seed)
+    result: list[dict[str, list[tuple[str, str]]]] = [{} for _ in range(scenario.clients)]
+    for skill, pairs in train_pairs.items():
+        start = 0
+        for client in range(scenario.clients):
+            result[client][skill] = pairs[start: start + counts[client][skill]]
+            start += counts[client][skill]
+    return result
+
+
 def score(federation: Federation, state: Mapping[str, torch.Tensor], eval_examples: int) -> dict[str, Any]:
-    """Exact-match accuracy of a global model on every skill's test split."""
+    """Exact-match accuracy and mean answer loss of a global model on every skill's test split.
+
+    The loss is reported beside the accuracy because it moves before exact match does: early in
+    training a model gets closer to the answers long before it produces one exactly.
+    """
     from mergeforge.evaluate.api import evaluate_model
 
-    federation.eval_model.load_state_dict(dict(state))
+    load_model_state(federation.eval_model, state)
     result = evaluate_model(federation.eval_model, federation.tasks, tokenizer=federation.tokenizer,
-                            max_examples=eval_examples, with_loss=False, scoring="forced")
-    return {"accuracy": result["mean_score"], "tasks": {name: r["score"] for name, r in result["tasks"].items()}}
+                            max_examples=eval_examples, with_loss=True, scoring="forced")
+    losses = [r["loss"] for r in result["tasks"].values()]
+    return {"accuracy": result["mean_score"], "loss": sum(losses) / len(losses),
+            "tasks": {name: r["score"] for name, r in result["tasks"].items()}}
 
 
 def run_aggregator(federation: Federation, scenario: Scenario, aggregator: Aggregator,
@@ -260,7 +354,8 @@ def run_scenario(scenario: Scenario, progress: Callable[[str], None] | None = No
     results = {aggregator.label: run_aggregator(federation, scenario, aggregator, progress)
                for aggregator in scenario.aggregators}
     malicious = [f"node {node}" for node, client in federation.clients.items() if client.update_scale != 1.0]
-    report = {"scenario": scenario.model_dump(mode="json"), "shards": federation.shards, "malicious": malicious,
+    report = {"scenario": scenario.model_dump(mode="json"), "shards": federation.shards,
+              "examples": federation.examples, "malicious": malicious,
               "aggregators": results}
     if scenario.references:
         from mergeforge.federated.references import centralised, one_shot
@@ -282,16 +377,19 @@ def write_report(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for label, run in result["aggregators"].items():
-        axes.plot([r["round"] for r in run["rounds"]], [r["accuracy"] for r in run["rounds"]], marker="o", label=label)
+    figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    curves = [(label, run["rounds"], {"marker": "o"}) for label, run in result["aggregators"].items()]
     if "references" in result:
-        central = result["references"]["centralised"]["rounds"]
-        axes.plot([r["round"] for r in central], [r["accuracy"] for r in central], "k--", label="centralised")
-    axes.set_xlabel("round")
-    axes.set_ylabel("mean exact-match accuracy")
-    axes.set_title("federated training on the zoo")
-    axes.legend()
+        curves.append(("centralised", result["references"]["centralised"]["rounds"], {"color": "k", "linestyle": "--"}))
+    for label, rounds, style in curves:
+        steps = [r["round"] for r in rounds]
+        accuracy_axes.plot(steps, [r["accuracy"] for r in rounds], label=label, **style)
+        loss_axes.plot(steps, [r["loss"] for r in rounds], label=label, **style)
+    for axes, name in ((accuracy_axes, "mean exact-match accuracy"), (loss_axes, "mean answer loss")):
+        axes.set_xlabel("round")
+        axes.set_ylabel(name)
+    accuracy_axes.set_title("federated training on the zoo")
+    loss_axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(paths["png"], dpi=100)
     plt.close(figure)
@@ -299,18 +397,24 @@ def write_report(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
 
 def summary(result: dict[str, Any]) -> str:
-    """One markdown table: accuracy per round, bytes and wall time per aggregator."""
+    """One markdown table: accuracy per round, the answer loss before and after, bytes and wall
+    time per aggregator (and the references when the scenario asked for them)."""
     runs = result["aggregators"]
     rounds = max(len(run["rounds"]) for run in runs.values())
-    header = "| aggregator | " + " | ".join(f"round {r}" for r in range(rounds)) + " | MB sent | seconds |"
-    lines = [header, "|" + "---|" * (rounds + 3)]
+    header = ("| aggregator | " + " | ".join(f"round {r}" for r in range(rounds))
+              + " | loss, first → last | MB sent | seconds |")
+    lines = [header, "|" + "---|" * (rounds + 4)]
+
+    def row(label: str, entries: list[dict[str, Any]], sent: str, seconds: float) -> str:
+        accuracies = " | ".join(f"{r['accuracy']:.3f}" for r in entries)
+        return f"| {label} | {accuracies} | {entries[0]['loss']:.3f} → {entries[-1]['loss']:.3f} | {sent} | {seconds:.1f} |"
+
     for label, run in runs.items():
-        accuracies = " | ".join(f"{r['accuracy']:.3f}" for r in run["rounds"])
-        lines.append(f"| {label} | {accuracies} | {run['bytes_total'] / 1e6:.2f} | {run['wall_seconds']:.1f} |")
+        lines.append(row(label, run["rounds"], f"{run['bytes_total'] / 1e6:.2f}", run["wall_seconds"]))
     if "references" in result:
         central = result["references"]["centralised"]
-        accuracies = " | ".join(f"{r['accuracy']:.3f}" for r in central["rounds"])
-        lines.append(f"| centralised (same steps) | {accuracies} | - | {central['wall_seconds']:.1f} |")
-        lines += ["", "| one-shot merge of clients trained alone | accuracy |", "|---|---|"]
-        lines += [f"| {label} | {accuracy:.3f} |" for label, accuracy in result["references"]["one_shot"]["accuracy"].items()]
+        lines.append(row("centralised (same steps)", central["rounds"], "-", central["wall_seconds"]))
+        lines += ["", "| one-shot merge of clients trained alone | accuracy | loss |", "|---|---|---|"]
+        one_shot = result["references"]["one_shot"]
+        lines += [f"| {label} | {accuracy:.3f} | {one_shot['loss'][label]:.3f} |" for label, accuracy in one_shot["accuracy"].items()]
     return "\n".join(lines)
