@@ -9,7 +9,8 @@ Three timings, each the median of ``--repeats`` runs, in one process:
 - **cached floor**: reading every tensor the analysis reads through mergeforge's reader, from the
   page cache (the inputs are read once before timing);
 - **analyze**: the non-spectral statistics (``analyze(..., spectral=False)``: cosines, norms, TIES
-  conflicts, DARE's noise), and, with ``--spectral``, the whole report.
+  conflicts, DARE's noise) on one thread and on the default threads (one per core, at most 2),
+  and, with ``--spectral``, the whole report.
 
 The ratio of each to the floors is printed with the load average, which on a shared machine moves
 every number.
@@ -68,12 +69,16 @@ def main() -> None:
     size = sum(p.stat().st_size for p in files)
     cached_read(refs)  # into the page cache
     load = [os.getloadavg()[0]]
-    runs: dict[str, list[float]] = {"disk floor": [], "cached floor": [], "analyze (non-spectral)": []}
+    runs: dict[str, list[float]] = {"disk floor": [], "cached floor": [], "analyze (non-spectral, 1 thread)": [],
+                                    "analyze (non-spectral)": []}
     if args.spectral:
         runs["analyze (with spectra)"] = []
     for _ in range(args.repeats):
         runs["disk floor"].append(disk_read(files))
         runs["cached floor"].append(cached_read(refs))
+        started = time.perf_counter()
+        analyze(args.base, args.models, spectral=False, threads=1)
+        runs["analyze (non-spectral, 1 thread)"].append(time.perf_counter() - started)
         started = time.perf_counter()
         report = analyze(args.base, args.models, spectral=False)
         runs["analyze (non-spectral)"].append(time.perf_counter() - started)

@@ -99,6 +99,18 @@ def test_tensor_sums_match_float64_on_a_tensor_of_several_blocks():
         assert float(sums.dare_sq[index]) == pytest.approx(float((dropped - tau).double().pow(2).sum()), rel=1e-5)
 
 
+def test_one_thread_and_several_give_the_same_report(llama_family, analysis):
+    """Tensors are shared out over threads; every number is the same on one thread."""
+    from mergeforge.analysis.analyze import analyze
+
+    report, _, _ = analysis
+    models = [llama_family[f"ft{i}"] for i in (1, 2, 3)]
+    single = analyze(llama_family["base"], models, density=0.3, threads=1)
+    assert report["workers"] >= 1 and single["workers"] == 1
+    for key in ("overall", "layers", "tensors", "skipped"):
+        assert single[key] == report[key], key
+
+
 def test_the_report_is_one_self_contained_page(analysis):
     _, out, result = analysis
     page = (out / "report.html").read_text()

@@ -24,18 +24,23 @@ from mergeforge.methods.sparsify import topk_mask
 
 
 def test_topk_keeps_exactly_k_with_ties_in_position_order():
+    """Exactly k entries, ties kept by position; a block's mask depends only on where it begins, so
+    blocks asked for out of order get the same masks. Small arrays and ones past the sampling
+    selection's size, with many ties at any threshold; the keys are left unchanged."""
     rng = np.random.default_rng(1)
-    keys = rng.integers(0, 20, size=5000).astype(np.float32)  # many ties at any threshold
-    for k in (0, 1, 7, 2500, 4999, 5000):
-        order = np.argsort(-keys, kind="stable")  # largest first, earlier position first among equals
-        expected = np.zeros(keys.size, dtype=bool)
-        expected[order[:k]] = True
-        selector = TopK(keys.copy(), k)
-        ties, blocks = selector.ties, []
-        for i in range(0, keys.size, 333):
-            mask, ties = selector.mask(keys[i:i + 333], ties)
-            blocks.append(mask)
-        np.testing.assert_array_equal(np.concatenate(blocks), expected, err_msg=f"k={k}")
+    for n in (5000, 4 * SAMPLE + 777):
+        keys = rng.integers(0, 20, size=n).astype(np.float32)
+        before = keys.copy()
+        for k in (0, 1, 7, n // 2, n - 1, n):
+            order = np.argsort(-keys, kind="stable")  # largest first, earlier position first among equals
+            expected = np.zeros(keys.size, dtype=bool)
+            expected[order[:k]] = True
+            selector = TopK(keys, k)
+            starts = list(range(0, n, 333))[::-1]
+            blocks = {i: selector.mask(keys[i:i + 333], i) for i in starts}
+            np.testing.assert_array_equal(np.concatenate([blocks[i] for i in sorted(blocks)]), expected,
+                                          err_msg=f"n={n} k={k}")
+        np.testing.assert_array_equal(keys, before)
 
 
 def test_selection_is_exact_on_large_arrays_of_every_kind():

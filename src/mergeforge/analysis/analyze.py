@@ -36,7 +36,7 @@ def models_of_recipe(path: Path) -> tuple[str, list[str]]:
 
 
 def analyze(base: str | os.PathLike[str], models: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None,
-            *, density: float = 0.2, seed: int = 0, spectral: bool = True, overwrite: bool = False,
+            *, density: float = 0.2, seed: int = 0, spectral: bool = True, threads: int | None = None, overwrite: bool = False,
             relative_to: Path | None = None, progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Compute the report of ``models`` against ``base`` (see :mod:`mergeforge.analysis.stats`) and,
     with ``out_dir``, write ``analysis.json`` and ``report.html`` there. Returns the report."""
@@ -54,7 +54,7 @@ def analyze(base: str | os.PathLike[str], models: Sequence[str | os.PathLike[str
             inputs = [Path(c.folder) for c in opened if getattr(c, "folder", None) is not None]
             folder_files.check_output_location(Path(out_dir), inputs, overwrite)
         result = analyze_checkpoints(opened[0], opened[1:], opened[0].names(), density=density, seed=seed, spectral=spectral,
-                                     progress=progress)
+                                     workers=threads, progress=progress)
     finally:
         for checkpoint in opened:
             checkpoint.close()

@@ -15,10 +15,12 @@ import click
 @click.option("--density", type=float, default=0.2, show_default=True, help="TIES' and DARE's kept share, for their statistics.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the measured DARE draw.")
 @click.option("--no-spectral", is_flag=True, help="Skip the singular spectra, effective ranks and SAR (the SVDs).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads for the non-spectral statistics, one tensor each (default: one per core, at most 2).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def analyze_command(inputs: tuple[str, ...], base: str | None, out_dir: Path, density: float, seed: int, no_spectral: bool,
-                    overwrite: bool, quiet: bool) -> None:
+                    threads: int | None, overwrite: bool, quiet: bool) -> None:
     """Task-vector statistics of fine-tunes of one base, before merging them: cosines, relative
     norms, TIES sign conflicts, DARE's noise, spectra and subspace alignment (RECIPE, or --base B MODELS...)."""
     from mergeforge.analysis.analyze import analyze, models_of_recipe
@@ -34,7 +36,8 @@ def analyze_command(inputs: tuple[str, ...], base: str | None, out_dir: Path, de
     else:
         models = list(inputs)
     echo = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    result = analyze(base, models, out_dir, density=density, seed=seed, spectral=not no_spectral, overwrite=overwrite,
+    result = analyze(base, models, out_dir, density=density, seed=seed, spectral=not no_spectral, threads=threads,
+                     overwrite=overwrite,
                      relative_to=relative_to, progress=echo)
     overall = result["overall"]
     cosine = overall["mean_pairwise_cosine"]

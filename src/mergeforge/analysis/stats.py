@@ -26,8 +26,11 @@ and aggregated per layer and overall from the same sums:
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from mergeforge.errors import CheckpointError
+from mergeforge.methods.kernels import BLOCK, block_index, ranges
 
 SAR_ENERGY = 0.95
 SPECTRUM_KEEP = 32  # leading singular values stored per tensor and model (normalised by the largest)
@@ -96,24 +100,6 @@ class Sums:
         return out
 
 
-def tensor_sums(base: torch.Tensor, models: Sequence[torch.Tensor], density: float, seed: int,
-                scratch: Scratch | None = None) -> Sums:
-    """The sums of one tensor (everything but the spectra).
-
-    One pass per model finds TIES' exact threshold and, per block of
-    :func:`mergeforge.methods.kernels.ranges`, adds its kept signs to per-entry counts and DARE's
-    sums; then the Gram matrix comes from one pass over the blocks. Products are summed in float32
-    within :data:`GRAM_SPAN` entries (each ⟨τᵢ, τⱼ⟩ within about 1e-8 of ‖τᵢ‖‖τⱼ‖, so cosines to
-    1e-8), and every sum across spans, blocks and tensors is float64. ``scratch`` (reused from
-    tensor to tensor) spares the page faults of fresh memory."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # memory-bound work: a second thread gains little, and stalls under load
-    try:
-        return _tensor_sums(base, models, density, seed, scratch or Scratch())
-    finally:
-        torch.set_num_threads(threads)
-
-
 class Scratch:
     """Buffers reused from tensor to tensor, grown to the largest (one per role)."""
 
@@ -128,9 +114,17 @@ class Scratch:
         return buffer[:size].view(dtype).reshape(shape)
 
 
-def _tensor_sums(base: torch.Tensor, models: Sequence[torch.Tensor], density: float, seed: int, scratch: Scratch) -> Sums:
-    from mergeforge.methods.kernels import ranges
+def tensor_sums(base: torch.Tensor, models: Sequence[torch.Tensor], density: float, seed: int,
+                scratch: Scratch | None = None) -> Sums:
+    """The sums of one tensor (everything but the spectra).
 
+    One pass per model finds TIES' exact threshold and, per block of
+    :func:`mergeforge.methods.kernels.ranges`, adds its kept signs to per-entry counts and DARE's
+    sums; then the Gram matrix comes from one pass over the blocks. Products are summed in float32
+    within :data:`GRAM_SPAN` entries (each ⟨τᵢ, τⱼ⟩ within about 1e-8 of ‖τᵢ‖‖τⱼ‖, so cosines to
+    1e-8), and every sum across spans, blocks and tensors is float64. ``scratch`` (reused from
+    tensor to tensor by one thread) spares the page faults of fresh memory."""
+    scratch = scratch or Scratch()
     b = base.reshape(-1).float()
     n = b.numel()
     vectors = torch.from_numpy(scratch.get("vectors", (len(models), n), np.float32))
@@ -140,14 +134,15 @@ def _tensor_sums(base: torch.Tensor, models: Sequence[torch.Tensor], density: fl
     sums = Sums(len(models), entries=n, base_sq=_sum_of_squares(b))
     count = np.int8 if len(models) < 128 else np.int32
     kept = scratch.get("kept", (n,), count)  # per entry: how many models keep it, non-zero
-    sign_sum = scratch.get("sign_sum", (n,), count)  # ... and the sum of their signs
+    negative = scratch.get("negative", (n,), count)  # ... and how many of those are negative
     kept[:] = 0
-    sign_sum[:] = 0
+    negative[:] = 0
     magnitude = scratch.get("magnitude", (n,), np.float32)
+    below = scratch.get("below", (min(n, BLOCK),), np.bool_)
     for index, row in enumerate(vectors):
         tau = row.numpy()
         np.abs(tau, out=magnitude)
-        p = _model_pass(tau, magnitude, density, seed + index, kept, sign_sum)
+        p = _model_pass(tau, magnitude, density, seed + index, kept, negative, below)
         # DARE with mergekit's L1 rescale c = ‖τ‖₁ / ‖kept‖₁: ‖dare(τ) − τ‖² = (c − 1)²‖kept‖² + ‖dropped‖²,
         # with ‖τ‖² from the Gram matrix below.
         scale = p.l1 / p.kept_l1 if p.l1 >= 1e-7 and p.kept_l1 >= 1e-7 else 1.0
@@ -156,7 +151,7 @@ def _tensor_sums(base: torch.Tensor, models: Sequence[torch.Tensor], density: fl
         sums.gram += _gram(vectors[:, start:stop])
     sums.dare_sq += sums.gram.diagonal()
     sums.kept_by_two = int(np.count_nonzero(kept >= 2))
-    sums.conflicts = int(np.count_nonzero(np.abs(sign_sum) < kept))  # both signs among the kept
+    sums.conflicts = int(np.count_nonzero((negative > 0) & (negative < kept)))  # both signs among the kept
     return sums
 
 
@@ -171,27 +166,27 @@ class _ModelPass:
 
 
 def _model_pass(tau: np.ndarray, magnitude: np.ndarray, density: float, seed: int, kept: np.ndarray,
-                sign_sum: np.ndarray) -> _ModelPass:
+                negative: np.ndarray, below: np.ndarray) -> _ModelPass:
     """Adds one task vector's (flat float32, and its magnitudes) TIES-kept non-zero entries to
-    ``kept`` and their signs to ``sign_sum``, and sums DARE's draw, block by block, with the masks of
-    :func:`mergeforge.methods.sparsify.magnitude_mask` and ``bernoulli_mask``."""
+    ``kept`` and its kept negative ones to ``negative``, and sums DARE's draw, block by block, with
+    the masks of :func:`mergeforge.methods.sparsify.magnitude_mask` and ``bernoulli_mask``
+    (``below``: a block of scratch)."""
     from mergeforge.methods._task_vector_kernels import TopK, bernoulli_keep
-    from mergeforge.methods.kernels import block_index, ranges
 
     selector = TopK(magnitude, int(density * tau.size))
-    ties = selector.ties
-    out = _ModelPass()
+    zero_ties = selector.threshold == 0  # entries tied at 0 are zeros: kept, but signless
+    same_type = kept.dtype == np.int8
+    out = _ModelPass(l1=float(magnitude.sum()))  # NumPy's pairwise float32 sums (about 1e-7 relative)
     for start, stop in ranges(tau.size):
-        part, size = tau[start:stop], magnitude[start:stop]
-        keep, ties = selector.mask(size, ties)
-        positive = (part > 0) & keep
-        negative = (part < 0) & keep
-        kept[start:stop] += positive
-        kept[start:stop] += negative
-        sign_sum[start:stop] += positive
-        sign_sum[start:stop] -= negative
-        dropped = np.where(bernoulli_keep(seed, block_index(start), stop - start, density), size, np.float32(0))
-        out.l1 += float(size.sum())  # NumPy's pairwise float32 sums (about 1e-7 relative), added in float64
+        size = magnitude[start:stop]
+        keep = selector.mask(size, start)
+        if zero_ties:
+            keep &= size > 0
+        negatives = np.less(tau[start:stop], 0, out=below[:stop - start])
+        negatives &= keep
+        kept[start:stop] += keep.view(np.int8) if same_type else keep
+        negative[start:stop] += negatives.view(np.int8) if same_type else negatives
+        dropped = size * bernoulli_keep(seed, block_index(start), stop - start, density)  # faster than np.where
         out.kept_l1 += float(dropped.sum())
         out.kept_sq += float(np.square(dropped, out=dropped).sum())
     return out
@@ -213,7 +208,6 @@ def _gram(part: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_of_squares(values: torch.Tensor) -> float:
-    from mergeforge.methods.kernels import ranges
 
     return sum(float(values[start:stop].double().square().sum()) for start, stop in ranges(values.numel()))
 
@@ -272,43 +266,65 @@ def spectral_stats(base: torch.Tensor, models: Sequence[torch.Tensor], sums: Sum
 
 
 def analyze_checkpoints(base: Any, models: Sequence[Any], names: Sequence[str], *, density: float = 0.2, seed: int = 0,
-                        spectral: bool = True, progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+                        spectral: bool = True, workers: int | None = None,
+                        progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """The statistics of ``models`` (opened checkpoints) against ``base``: per tensor, per layer and
-    overall (see the module's docstring for each definition)."""
+    overall (see the module's docstring for each definition).
+
+    The non-spectral sums run on ``workers`` threads (default: one per core, at most 2), one tensor
+    each, with one torch thread apiece; memory is then ``workers`` times one tensor of every model.
+    The spectra follow, tensor by tensor, on torch's own threads."""
     from mergeforge.engine.rules import job_seed, layer_index
 
     if not 0.0 < density < 1.0:
         raise CheckpointError(f"--density: give the share of entries TIES and DARE keep, in (0, 1); got {density}")
-    overall = Sums(len(models))
-    layers: dict[int, Sums] = {}
-    tensors: list[dict[str, Any]] = []
     skipped: list[str] = []
-    scratch = Scratch()
+    shared = _shared_tensors(base, models, skipped)
+    if not shared:
+        raise CheckpointError("analyze: the base and the models share no floating tensor of one shape")
     timings = {"read": 0.0, "statistics": 0.0, "spectra": 0.0}
-    for count, name in enumerate(_shared_tensors(base, models, skipped)):
+    local = threading.local()
+
+    def statistics(name: str) -> tuple[list[int], Sums, float, float]:
         started = time.perf_counter()
         base_tensor = base.read(name)
         tensors_in = [m.read(name) for m in models]
-        timings["read"] += time.perf_counter() - started
-        started = time.perf_counter()
-        sums = tensor_sums(base_tensor, tensors_in, density, job_seed(seed, name), scratch)
-        timings["statistics"] += time.perf_counter() - started
+        read = time.perf_counter() - started
+        if not hasattr(local, "scratch"):
+            local.scratch = Scratch()
+        sums = tensor_sums(base_tensor, tensors_in, density, job_seed(seed, name), local.scratch)
+        return list(base_tensor.shape), sums, read, time.perf_counter() - started - read
+
+    count = max(1, min(2, os.cpu_count() or 1) if workers is None else workers)
+    per_tensor: list[tuple[list[int], Sums]] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # memory-bound work: threads over tensors gain more, and OMP stalls under load
+    try:
+        with ThreadPoolExecutor(count) as pool:
+            for index, (shape, sums, read, compute) in enumerate(pool.map(statistics, shared)):
+                per_tensor.append((shape, sums))
+                timings["read"] += read
+                timings["statistics"] += compute
+                if index % 20 == 0:
+                    progress(f"{index + 1} tensors: {shared[index]}")
+    finally:
+        torch.set_num_threads(threads)
+    overall = Sums(len(models))
+    layers: dict[int, Sums] = {}
+    tensors: list[dict[str, Any]] = []
+    for name, (shape, sums) in zip(shared, per_tensor, strict=True):
         layer = layer_index(name)
-        row: dict[str, Any] = {"name": name, "layer": layer, "shape": list(base_tensor.shape)}
-        if spectral and layer is not None and base_tensor.ndim == 2:
+        row: dict[str, Any] = {"name": name, "layer": layer, "shape": shape}
+        if spectral and layer is not None and len(shape) == 2:
             started = time.perf_counter()
-            row["spectral"] = spectral_stats(base_tensor, tensors_in, sums)
+            row["spectral"] = spectral_stats(base.read(name), [m.read(name) for m in models], sums)
             timings["spectra"] += time.perf_counter() - started
         row.update(sums.summary(density))
         tensors.append(row)
         overall.add(sums)
         if layer is not None:
             layers.setdefault(layer, Sums(len(models))).add(sums)
-        if count % 20 == 0:
-            progress(f"{count + 1} tensors: {name}")
-    if not tensors:
-        raise CheckpointError("analyze: the base and the models share no floating tensor of one shape")
-    return {"models": len(models), "density": density, "seed": seed, "overall": overall.summary(density),
+    return {"models": len(models), "density": density, "seed": seed, "workers": count, "overall": overall.summary(density),
             "layers": [{"layer": index, **layers[index].summary(density)} for index in sorted(layers)],
             "tensors": tensors, "skipped": skipped, "seconds": timings}
 

@@ -30,7 +30,12 @@ SAMPLE = 1 << 15  # entries of the random sample that brackets a selection
 
 
 def select(values: np.ndarray, position: int) -> np.generic:
-    """The value at ``position`` of ``values`` sorted ascending (flat; left unchanged).
+    """The value at ``position`` of ``values`` sorted ascending (flat; left unchanged)."""
+    return select_counted(values, position)[0]
+
+
+def select_counted(values: np.ndarray, position: int) -> tuple[np.generic, int, int]:
+    """:func:`select`'s value, with how many entries are below it and how many equal it.
 
     Floyd and Rivest's sampling selection (CACM 1975): a sorted random sample brackets the
     answer within a few standard errors, one pass counts the entries below the bracket and
@@ -40,31 +45,33 @@ def select(values: np.ndarray, position: int) -> np.generic:
     partitioning long runs is slow. Several times faster than ``np.partition`` of everything;
     when the bracket misses (an adversarial order), it partitions everything."""
     n = values.size
-    if n <= 4 * SAMPLE:
-        return np.partition(values, position)[position]
-    sample = np.sort(values[np.random.default_rng(n).integers(0, n, SAMPLE)])  # fixed draws: deterministic
-    at = position / n * sample.size
-    guess = sample[min(sample.size - 1, int(at))]
-    below = int(np.count_nonzero(values < guess))
-    if below <= position < below + int(np.count_nonzero(values == guess)):
-        return guess  # the usual case when values repeat: the answer is a long run of one value
-    margin = 4.0 * np.sqrt(sample.size)
-    low = sample[max(0, int(at - margin))]
-    high = sample[min(sample.size - 1, int(at + margin) + 1)]
-    below = int(np.count_nonzero(values < low))
-    inside = values[(values >= low) & (values <= high)]
-    if below <= position < below + inside.size:
-        inside.partition(position - below)
-        return inside[position - below]
-    return np.partition(values, position)[position]
+    if n > 4 * SAMPLE:
+        sample = np.sort(values[np.random.default_rng(n).integers(0, n, SAMPLE)])  # fixed draws: deterministic
+        at = position / n * sample.size
+        guess = sample[min(sample.size - 1, int(at))]
+        below = int(np.count_nonzero(values < guess))
+        equal = int(np.count_nonzero(values == guess))
+        if below <= position < below + equal:
+            return guess, below, equal  # the usual case when values repeat: a long run of one value
+        margin = 4.0 * np.sqrt(sample.size)
+        low = sample[max(0, int(at - margin))]
+        high = sample[min(sample.size - 1, int(at + margin) + 1)]
+        below = int(np.count_nonzero(values < low))
+        inside = values[(values >= low) & (values <= high)]
+        if below <= position < below + inside.size:
+            inside.partition(position - below)
+            value = inside[position - below]  # every entry equal to it lies inside the bracket
+            return value, below + int(np.count_nonzero(inside < value)), int(np.count_nonzero(inside == value))
+    value = np.partition(values, position)[position]
+    return value, int(np.count_nonzero(values < value)), int(np.count_nonzero(values == value))
 
 
 class TopK:
     """Selects exactly ``k`` entries of largest ``keys`` (ties kept in order of position).
 
     Keys are non-negative float32 (magnitudes), left unchanged. Built from the whole key array once
-    (a linear-time selection, :func:`select`); :meth:`mask` then gives the mask of consecutive blocks, in order, counting down the
-    ties still to keep.
+    (a linear-time selection, :func:`select`, and the position of the last tie kept); :meth:`mask`
+    then gives the mask of any block, from its keys and where it begins.
     """
 
     def __init__(self, keys: np.ndarray, k: int):
@@ -72,30 +79,36 @@ class TopK:
         self.keep_all = k >= n
         self.keep_none = k <= 0
         self.threshold = np.uint32(0)
-        self.ties = 0  # entries equal to the threshold that are kept (the first ones by position)
+        self.last_tie = -1  # position of the last entry equal to the threshold that is kept
         if self.keep_all or self.keep_none:
             return
         # Non-negative float32 values order as their bit patterns, and integer selection is faster.
         bits = keys.view(np.uint32)
-        self.threshold = np.uint32(select(bits, n - k))
-        self.ties = k - int(np.count_nonzero(bits > self.threshold))
+        threshold, below, equal = select_counted(bits, n - k)
+        self.threshold = np.uint32(threshold)
+        ties = k - (n - below - equal)  # in [1, equal]: the first ``ties`` entries equal to the threshold are kept
+        for start, stop in ranges(n):  # find the last of them, reading no further than it
+            equal_here = bits[start:stop] == self.threshold
+            found = int(np.count_nonzero(equal_here))
+            if ties <= found:
+                self.last_tie = start + int(np.flatnonzero(equal_here)[ties - 1])
+                break
+            ties -= found
 
-    def mask(self, keys: np.ndarray, ties_left: int) -> tuple[np.ndarray, int]:
-        """The keep mask of the next block, given its keys, and how many ties are still to keep
-        after it (``ties_left`` before it: :attr:`ties` for the first block)."""
+    def mask(self, keys: np.ndarray, start: int) -> np.ndarray:
+        """The keep mask of the block of keys that begins at element ``start``."""
         if self.keep_all:
-            return np.ones(keys.shape, dtype=bool), 0
+            return np.ones(keys.shape, dtype=bool)
         if self.keep_none:
-            return np.zeros(keys.shape, dtype=bool), 0
+            return np.zeros(keys.shape, dtype=bool)
         keys = keys.view(np.uint32)
+        if start + keys.size <= self.last_tie + 1:  # every tie in this block is kept
+            return keys >= self.threshold
         keep = keys > self.threshold
-        if ties_left:
-            equal = np.flatnonzero(keys == self.threshold)
-            if equal.size:
-                chosen = equal[:ties_left]
-                keep[chosen] = True
-                ties_left -= chosen.size
-        return keep, ties_left
+        if start <= self.last_tie:
+            head = self.last_tie + 1 - start
+            keep[:head] |= keys[:head] == self.threshold
+        return keep
 
 
 class TaskVector:
@@ -188,8 +201,6 @@ class MaskPass:
 
     def __init__(self, sparsifier: Sparsifier):
         self.sparsifier = sparsifier
-        self.bottom_ties = sparsifier.bottom.ties if sparsifier.bottom is not None else 0
-        self.top_ties = sparsifier.top.ties if sparsifier.top is not None else 0
 
     def mask(self, delta: np.ndarray, start: int) -> np.ndarray:
         """The keep mask of the block of ``delta`` that begins at element ``start``."""
@@ -204,10 +215,9 @@ class MaskPass:
             return keep
         keys = np.abs(delta)
         assert sparsifier.bottom is not None
-        keep, self.bottom_ties = sparsifier.bottom.mask(keys, self.bottom_ties)
+        keep = sparsifier.bottom.mask(keys, start)
         if sparsifier.top is not None:
-            top, self.top_ties = sparsifier.top.mask(keys, self.top_ties)
-            keep &= ~top
+            keep &= ~sparsifier.top.mask(keys, start)
         return keep
 
 

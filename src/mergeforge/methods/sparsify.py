@@ -27,8 +27,7 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     if values.device.type == "cpu" and values.dtype == torch.float32:
         keys = values.reshape(-1).numpy()
-        selector = TopK(keys, k)
-        return torch.from_numpy(selector.mask(keys, selector.ties)[0]).view(values.shape)
+        return torch.from_numpy(TopK(keys, k).mask(keys, 0)).view(values.shape)
     flat = values.reshape(-1)
     threshold = torch.kthvalue(flat, n - k + 1).values
     keep = flat > threshold
