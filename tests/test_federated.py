@@ -344,6 +344,16 @@ def test_the_cli_reports_a_bad_scenario_in_one_line_and_exits_non_zero(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_the_references_on_flowers_simulation_runtime_are_one_line_before_anything_starts(tmp_path):
+    path = tmp_path / "scenario.yml"
+    path.write_text("clients: 2\nreferences: true\n")
+    result = run_cli("federated", path, tmp_path / "out", "--runtime", "simulation")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {path}: field 'references': the references need every client's data in one "
+                                     "process; run them with --runtime local")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_zoo():
     from mergeforge.zoo import build_zoo
