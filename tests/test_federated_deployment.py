@@ -97,7 +97,10 @@ def test_merge_strategy_trains_on_a_superlink_and_two_supernodes(federation, tmp
     assert mse[max(mse)] < mse[0], mse
 
 
-def test_merge_strategy_trains_on_flowers_simulation_runtime(tmp_path):
+@pytest.fixture
+def simulation_link(tmp_path):
+    """A SuperLink in simulation mode (its SuperNodes are virtual, on Ray); yields (env,
+    connection name); stops it by pid afterwards."""
     pytest.importorskip("ray")
     link = free_port()
     home = tmp_path / "flwr_home"
@@ -112,16 +115,23 @@ def test_merge_strategy_trains_on_flowers_simulation_runtime(tmp_path):
                                  env=env, stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT)
     try:
         time.sleep(3)
-        # Two virtual SuperNodes, one CPU each: the simulation engine runs their ClientApps on Ray.
-        run = subprocess.run([*flower_command("flwr"), "run", str(APP), "localsim", "--stream", "--federation-config",
-                              "num-supernodes=2 client-resources-num-cpus=1"],
-                             env=env, capture_output=True, text=True, timeout=400)
+        yield env, "localsim"
     finally:
         superlink.send_signal(signal.SIGTERM)
         try:
             superlink.wait(timeout=20)
         except subprocess.TimeoutExpired:
             superlink.kill()
+
+
+# Two virtual SuperNodes, one CPU each: the simulation engine runs their ClientApps on Ray.
+TWO_VIRTUAL_NODES = ["--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+
+
+def test_merge_strategy_trains_on_flowers_simulation_runtime(simulation_link, tmp_path):
+    env, connection = simulation_link
+    run = subprocess.run([*flower_command("flwr"), "run", str(APP), connection, "--stream", *TWO_VIRTUAL_NODES],
+                         env=env, capture_output=True, text=True, timeout=400)
     mse = mse_per_round(run, tmp_path)
     print("simulation mse per round:", mse)
     assert mse[max(mse)] < mse[0], mse
@@ -181,5 +191,20 @@ def test_the_zoo_federation_trains_on_flowers_simulation_runtime_from_the_cli(ti
     rounds = json.loads((out / "results.json").read_text())["aggregators"]["fedavg"]["rounds"]
     print(f"simulation, zoo: {[(r['accuracy'], r['loss']) for r in rounds]} in {time.perf_counter() - started:.0f} s")
     assert "| fedavg |" in run.stdout
+    assert all(r["bytes_up"] == r["bytes_down"] > 0 for r in rounds[1:])
+    assert_improves_every_round(rounds)
+
+
+def test_the_zoo_federation_trains_with_flwr_run_on_a_simulation_superlink(simulation_link, tiny_zoo, tmp_path):
+    env, connection = simulation_link
+    scenario, out = zoo_scenario(tmp_path, tiny_zoo), tmp_path / "out"
+    started = time.perf_counter()
+    run = subprocess.run([*flower_command("flwr"), "run", str(ZOO_APP), connection, "--stream", *TWO_VIRTUAL_NODES,
+                          "--run-config", f"scenario='{scenario}' out-dir='{out}'"],
+                         env=env, capture_output=True, text=True, timeout=400)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("*.log"))
+    assert run.returncode == 0 and (out / "results.json").is_file(), run.stdout + run.stderr + logs
+    rounds = json.loads((out / "results.json").read_text())["aggregators"]["fedavg"]["rounds"]
+    print(f"simulation SuperLink, zoo: {[(r['accuracy'], r['loss']) for r in rounds]} in {time.perf_counter() - started:.0f} s")
     assert all(r["bytes_up"] == r["bytes_down"] > 0 for r in rounds[1:])
     assert_improves_every_round(rounds)
