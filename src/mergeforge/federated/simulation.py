@@ -5,6 +5,10 @@ plain functions, so a laptop without Ray or a SuperLink runs the same :class:`Me
 counts the bytes of the arrays each round sends down and receives back. :func:`run_scenario`
 trains zoo clients on non-IID shards of the zoo's skills (local AdamW with the zoo's own training
 loop, loss on answers only) and scores the global model on the clients' skills after every round.
+
+The zoo clients (:class:`ZooClient`, built by :func:`zoo_client` from :func:`load_zoo_data`) and
+the server's rounds (:func:`run_aggregators`) are also what ``flower_app.py`` runs on Flower's
+simulation and deployment runtimes, whose grids :class:`CountingGrid` wraps to count the bytes.
 """
 
 from __future__ import annotations
