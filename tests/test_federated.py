@@ -344,6 +344,48 @@ def test_the_cli_reports_a_bad_scenario_in_one_line_and_exits_non_zero(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_the_references_on_flowers_simulation_runtime_are_one_line_before_anything_starts(tmp_path):
+    path = tmp_path / "scenario.yml"
+    path.write_text("clients: 2\nreferences: true\n")
+    result = run_cli("federated", path, tmp_path / "out", "--runtime", "simulation")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {path}: field 'references': the references need every client's data in one "
+                                     "process; run them with --runtime local")
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_ray_the_simulation_runtime_is_one_line_naming_the_install(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"  # an interpreter on which `import ray` finds nothing
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['ray'] = None\n")
+    path = tmp_path / "scenario.yml"
+    path.write_text("clients: 2\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
+    result = subprocess.run([sys.executable, "-m", "mergeforge", "federated", str(path), str(tmp_path / "out"),
+                             "--runtime", "simulation"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: this needs ray, which is not installed: pip install 'mergeforge[ray]'"
+
+
+def test_a_flower_run_config_without_a_scenario_and_a_node_without_its_partition_are_named():
+    from mergeforge.errors import RecipeError
+    from mergeforge.federated.flower_app import node_client, scenario_from
+
+    with pytest.raises(RecipeError, match="^Flower run config: 'scenario' must be the path of a scenario file"):
+        scenario_from({"out-dir": "out"})
+    scenario = load_scenario({"clients": 2})
+    with pytest.raises(RecipeError, match="node config 'partition-id' is 2; s.yml has clients 0 to 1"):
+        node_client(scenario, "s.yml", {"partition-id": 2})
+    with pytest.raises(RecipeError, match="node config 'partition-id' is None"):
+        node_client(scenario, "s.yml", {})
+    with pytest.raises(RecipeError, match="the runtime has 3 nodes but s.yml has 2 clients"):
+        node_client(scenario, "s.yml", {"partition-id": 0, "num-partitions": 3})
+
+
 @pytest.fixture(scope="module")
 def tiny_zoo():
     from mergeforge.zoo import build_zoo

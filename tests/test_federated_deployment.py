@@ -1,7 +1,11 @@
-"""MergeStrategy on Flower's two runtimes, with ``flwr run`` of examples/flower_app (slow: about a
-minute each): the deployment runtime (a SuperLink and two SuperNodes started as subprocesses on
-localhost) and the simulation runtime (a SuperLink in simulation mode, whose SuperNodes are
-virtual clients on Ray; skipped where Ray is not installed)."""
+"""MergeStrategy on Flower's two runtimes (slow: about a minute each): the deployment runtime (a
+SuperLink and two SuperNodes started as subprocesses on localhost) and the simulation runtime
+(virtual SuperNodes on Ray; skipped where Ray is not installed).
+
+- ``flwr run`` of examples/flower_app, a small regression, on both;
+- the tiny zoo's federation of ``mergeforge federated`` (examples/zoo_flower_app, whose apps are
+  ``mergeforge.federated.flower_app``) with ``flwr run`` on the SuperLink and SuperNodes, and with
+  ``mergeforge federated --runtime simulation``: its global model must improve every round."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower_app"
+ZOO_APP = ROOT / "examples" / "zoo_flower_app"
 
 
 def free_port() -> int:
@@ -92,7 +97,10 @@ def test_merge_strategy_trains_on_a_superlink_and_two_supernodes(federation, tmp
     assert mse[max(mse)] < mse[0], mse
 
 
-def test_merge_strategy_trains_on_flowers_simulation_runtime(tmp_path):
+@pytest.fixture
+def simulation_link(tmp_path):
+    """A SuperLink in simulation mode (its SuperNodes are virtual, on Ray); yields (env,
+    connection name); stops it by pid afterwards."""
     pytest.importorskip("ray")
     link = free_port()
     home = tmp_path / "flwr_home"
@@ -107,16 +115,96 @@ def test_merge_strategy_trains_on_flowers_simulation_runtime(tmp_path):
                                  env=env, stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT)
     try:
         time.sleep(3)
-        # Two virtual SuperNodes, one CPU each: the simulation engine runs their ClientApps on Ray.
-        run = subprocess.run([*flower_command("flwr"), "run", str(APP), "localsim", "--stream", "--federation-config",
-                              "num-supernodes=2 client-resources-num-cpus=1"],
-                             env=env, capture_output=True, text=True, timeout=400)
+        yield env, "localsim"
     finally:
         superlink.send_signal(signal.SIGTERM)
         try:
             superlink.wait(timeout=20)
         except subprocess.TimeoutExpired:
             superlink.kill()
+
+
+# Two virtual SuperNodes, one CPU each: the simulation engine runs their ClientApps on Ray.
+TWO_VIRTUAL_NODES = ["--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+
+
+def test_merge_strategy_trains_on_flowers_simulation_runtime(simulation_link, tmp_path):
+    env, connection = simulation_link
+    run = subprocess.run([*flower_command("flwr"), "run", str(APP), connection, "--stream", *TWO_VIRTUAL_NODES],
+                         env=env, capture_output=True, text=True, timeout=400)
     mse = mse_per_round(run, tmp_path)
     print("simulation mse per round:", mse)
     assert mse[max(mse)] < mse[0], mse
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo():
+    from mergeforge.zoo import build_zoo
+    from mergeforge.zoo.build import default_zoo_dir
+
+    build_zoo(None, size="tiny", seed=0)  # cached by content hash, shared with the zoo tests
+    return default_zoo_dir("tiny", 0)
+
+
+def zoo_scenario(tmp_path: Path, zoo: Path) -> Path:
+    """Two clients (the fixture's two SuperNodes) sharing three skills, client 0 count and sort,
+    client 1 sort and translate; 3 rounds of 40 local steps: the regime in which the in-process
+    run learns every round (docs/federated.md), small enough for a minute on 2 cores."""
+    path = tmp_path / "zoo_scenario.yml"
+    path.write_text(f"zoo: {zoo}\nskills: [count, sort, translate]\nclients: 2\nskills_per_client: 2\n"
+                    "examples_per_client: 100\nrounds: 3\nlocal_steps: 40\neval_examples: 32\n"
+                    "aggregators:\n  - {method: linear, name: fedavg}\n")
+    return path
+
+
+def assert_improves_every_round(rounds: list[dict]) -> None:
+    losses = [r["loss"] for r in rounds]
+    accuracies = [r["accuracy"] for r in rounds]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses
+    assert accuracies[-1] > accuracies[0], accuracies
+
+
+def test_the_zoo_federation_trains_on_a_superlink_and_two_supernodes(federation, tiny_zoo, tmp_path):
+    env, connection = federation
+    scenario, out = zoo_scenario(tmp_path, tiny_zoo), tmp_path / "out"
+    started = time.perf_counter()
+    run = subprocess.run([*flower_command("flwr"), "run", str(ZOO_APP), connection, "--stream", "--run-config",
+                          f"scenario='{scenario}' out-dir='{out}'"], env=env, capture_output=True, text=True, timeout=400)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("*.log"))
+    assert run.returncode == 0 and (out / "results.json").is_file(), run.stdout + run.stderr + logs
+    result = json.loads((out / "results.json").read_text())
+    rounds = result["aggregators"]["fedavg"]["rounds"]
+    print(f"deployment, zoo: {[(r['accuracy'], r['loss']) for r in rounds]} in {time.perf_counter() - started:.0f} s")
+    assert result["shards"] == {"node 101": ["count", "sort"], "node 102": ["sort", "translate"]}
+    assert all(r["bytes_up"] == r["bytes_down"] > 0 for r in rounds[1:])  # both nodes replied, every round
+    assert_improves_every_round(rounds)
+
+
+def test_the_zoo_federation_trains_on_flowers_simulation_runtime_from_the_cli(tiny_zoo, tmp_path):
+    pytest.importorskip("ray")
+    scenario, out = zoo_scenario(tmp_path, tiny_zoo), tmp_path / "out"
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "mergeforge", "federated", str(scenario), str(out), "--runtime", "simulation"],
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rounds = json.loads((out / "results.json").read_text())["aggregators"]["fedavg"]["rounds"]
+    print(f"simulation, zoo: {[(r['accuracy'], r['loss']) for r in rounds]} in {time.perf_counter() - started:.0f} s")
+    assert "| fedavg |" in run.stdout
+    assert all(r["bytes_up"] == r["bytes_down"] > 0 for r in rounds[1:])
+    assert_improves_every_round(rounds)
+
+
+def test_the_zoo_federation_trains_with_flwr_run_on_a_simulation_superlink(simulation_link, tiny_zoo, tmp_path):
+    env, connection = simulation_link
+    scenario, out = zoo_scenario(tmp_path, tiny_zoo), tmp_path / "out"
+    started = time.perf_counter()
+    run = subprocess.run([*flower_command("flwr"), "run", str(ZOO_APP), connection, "--stream", *TWO_VIRTUAL_NODES,
+                          "--run-config", f"scenario='{scenario}' out-dir='{out}'"],
+                         env=env, capture_output=True, text=True, timeout=400)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("*.log"))
+    assert run.returncode == 0 and (out / "results.json").is_file(), run.stdout + run.stderr + logs
+    rounds = json.loads((out / "results.json").read_text())["aggregators"]["fedavg"]["rounds"]
+    print(f"simulation SuperLink, zoo: {[(r['accuracy'], r['loss']) for r in rounds]} in {time.perf_counter() - started:.0f} s")
+    assert all(r["bytes_up"] == r["bytes_down"] > 0 for r in rounds[1:])
+    assert_improves_every_round(rounds)

@@ -5,6 +5,10 @@ plain functions, so a laptop without Ray or a SuperLink runs the same :class:`Me
 counts the bytes of the arrays each round sends down and receives back. :func:`run_scenario`
 trains zoo clients on non-IID shards of the zoo's skills (local AdamW with the zoo's own training
 loop, loss on answers only) and scores the global model on the clients' skills after every round.
+
+The zoo clients (:class:`ZooClient`, built by :func:`zoo_client` from :func:`load_zoo_data`) and
+the server's rounds (:func:`run_aggregators`) are also what ``flower_app.py`` runs on Flower's
+simulation and deployment runtimes, whose grids :class:`CountingGrid` wraps to count the bytes.
 """
 
 from __future__ import annotations
@@ -80,22 +84,65 @@ class LocalGrid(Grid):
         raise NotImplementedError("LocalGrid delivers messages synchronously; use send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies, down, up = [], 0, 0
-        for message in messages:
+        sent, replies = list(messages), []
+        for message in sent:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do on push
-            down += record_bytes(message.content)
             try:
                 reply = self.clients[message.metadata.dst_node_id](message)
             except Exception as exc:  # a failing client must not fail the round
                 reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-            if reply is None:  # a node that never answers: the round goes on without its reply, as after a timeout
-                continue
-            if not reply.has_error():
-                up += record_bytes(reply.content)
-            replies.append(reply)
-        if down or up:
-            self.bytes_down.append(down)
-            self.bytes_up.append(up)
+            if reply is not None:  # None: a node that never answers; the round goes on without it, as after a timeout
+                replies.append(reply)
+        count_exchange(self.bytes_down, self.bytes_up, sent, replies)
+        return replies
+
+
+def count_exchange(bytes_down: list[int], bytes_up: list[int], sent: list[Message], replies: list[Message]) -> None:
+    """Append the bytes of the arrays one ``send_and_receive`` sent and got back (error replies
+    carry none); an exchange that moved no arrays is not counted."""
+    down = sum(record_bytes(message.content) for message in sent)
+    up = sum(record_bytes(reply.content) for reply in replies if not reply.has_error())
+    if down or up:
+        bytes_down.append(down)
+        bytes_up.append(up)
+
+
+class CountingGrid(Grid):
+    """Any Flower ``Grid`` (a deployment's, the simulation runtime's), counting the bytes of the
+    arrays each ``send_and_receive`` moves, as :class:`LocalGrid` does."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+        self.bytes_down: list[int] = []
+        self.bytes_up: list[int] = []
+
+    def set_run(self, run: Any) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        sent = list(messages)
+        replies = list(self.inner.send_and_receive(sent, timeout=timeout))
+        count_exchange(self.bytes_down, self.bytes_up, sent, replies)
         return replies
 
 
@@ -223,37 +270,27 @@ class ZooClient:
 
 
 @dataclass
-class Federation:
-    """What every aggregator's run shares: the zoo's base model, tokenizer, clients and test tasks."""
+class ZooData:
+    """What every node of a zoo federation derives its part from: the zoo's base model and
+    tokenizer, the test tasks of the skills in play, and each client's training pairs per skill."""
 
-    base_state: dict[str, torch.Tensor]
-    eval_model: torch.nn.Module
+    model: torch.nn.Module
     tokenizer: Any
-    clients: dict[int, ZooClient]
     tasks: list[Any]  # mergeforge.tasks.folders.Task
+    pairs: list[dict[str, list[tuple[str, str]]]]  # per client, per skill (disjoint slices)
 
-    @property
-    def shards(self) -> dict[str, list[str]]:
-        return {f"node {node}": client.skills for node, client in self.clients.items()}
-
-    @property
-    def examples(self) -> dict[str, dict[str, int]]:
-        return {f"node {node}": client.examples for node, client in self.clients.items()}
-
-    @property
-    def training(self) -> list[ZooClient]:
-        """The clients that hold at least one example."""
-        return [client for client in self.clients.values() if client.data is not None]
+    def held(self, client: int) -> dict[str, int]:
+        """Client ``client``'s examples per skill (skills it holds none of left out)."""
+        return {skill: len(held) for skill, held in self.pairs[client].items() if held}
 
 
-def build_federation(scenario: Scenario, source: str = "scenario") -> Federation:
+def load_zoo_data(scenario: Scenario, source: str = "scenario") -> ZooData:
     """Load the zoo's base model and share its skills' training data out to the clients
     (``source`` names the scenario in errors)."""
     from mergeforge.errors import RecipeError
     from mergeforge.evaluate.api import load_model_and_tokenizer
     from mergeforge.tasks.folders import load_task
     from mergeforge.zoo import build_zoo, load_zoo
-    from mergeforge.zoo.train import encode_training_data
 
     zoo = load_zoo(scenario.zoo) if scenario.zoo else build_zoo(None, size="tiny", seed=0)
     skills = scenario.skills or zoo.skills
@@ -263,19 +300,56 @@ def build_federation(scenario: Scenario, source: str = "scenario") -> Federation
     model, tokenizer = load_model_and_tokenizer(zoo.base.path)
     tasks = {skill: load_task(zoo.task_dir(skill)) for skill in skills}
     train_pairs = {skill: [(e.prompt, e.answer) for e in tasks[skill].examples("train")] for skill in skills}
-    per_client = client_pairs(scenario, train_pairs)
-    work_model = copy.deepcopy(model)
-    clients = {}
-    for client, pairs in enumerate(per_client):
-        examples = {skill: len(held) for skill, held in pairs.items() if held}
-        flat = [pair for held in pairs.values() for pair in held]
-        data = encode_training_data(tokenizer, flat, loss_on_prompt=False) if flat else None
-        attacks = scenario.malicious is not None and client < scenario.malicious.clients
-        scale = scenario.malicious.scale if scenario.malicious is not None and attacks else 1.0
-        clients[FIRST_NODE + client] = ZooClient(FIRST_NODE + client, list(examples), data, scenario, work_model, scale,
-                                                 examples)
-    base_state = model_state(model)
-    return Federation(base_state, model, tokenizer, clients, list(tasks.values()))
+    return ZooData(model, tokenizer, list(tasks.values()), client_pairs(scenario, train_pairs))
+
+
+def zoo_client(scenario: Scenario, data: ZooData, client: int, work_model: torch.nn.Module) -> ZooClient:
+    """Client ``client`` (0-based; node ``FIRST_NODE + client``) with its encoded training data,
+    training ``work_model`` (which clients of one process share)."""
+    from mergeforge.zoo.train import encode_training_data
+
+    examples = data.held(client)
+    flat = [pair for held in data.pairs[client].values() for pair in held]
+    encoded = encode_training_data(data.tokenizer, flat, loss_on_prompt=False) if flat else None
+    attacks = scenario.malicious is not None and client < scenario.malicious.clients
+    scale = scenario.malicious.scale if scenario.malicious is not None and attacks else 1.0
+    return ZooClient(FIRST_NODE + client, list(examples), encoded, scenario, work_model, scale, examples)
+
+
+@dataclass
+class Federation:
+    """What every aggregator's run shares: the zoo's base model, tokenizer, clients and test tasks."""
+
+    base_state: dict[str, torch.Tensor]
+    eval_model: torch.nn.Module
+    tokenizer: Any
+    clients: dict[int, ZooClient]  # the clients trained in this process (all of them, in process)
+    tasks: list[Any]  # mergeforge.tasks.folders.Task
+    held: list[dict[str, int]] = field(default_factory=list)  # every client's examples per skill
+
+    @property
+    def shards(self) -> dict[str, list[str]]:
+        return {f"node {FIRST_NODE + client}": list(examples) for client, examples in enumerate(self.held)}
+
+    @property
+    def examples(self) -> dict[str, dict[str, int]]:
+        return {f"node {FIRST_NODE + client}": examples for client, examples in enumerate(self.held)}
+
+    @property
+    def training(self) -> list[ZooClient]:
+        """The clients that hold at least one example."""
+        return [client for client in self.clients.values() if client.data is not None]
+
+
+def build_federation(scenario: Scenario, source: str = "scenario", clients: Iterable[int] | None = None) -> Federation:
+    """The zoo federation of ``scenario`` with the clients ``clients`` (0-based; default: all of
+    them) ready to train; a server on Flower's runtimes, whose clients train elsewhere, asks for none."""
+    data = load_zoo_data(scenario, source)
+    work_model = copy.deepcopy(data.model)
+    chosen = range(scenario.clients) if clients is None else clients
+    trained = {FIRST_NODE + client: zoo_client(scenario, data, client, work_model) for client in chosen}
+    held = [data.held(client) for client in range(scenario.clients)]
+    return Federation(model_state(data.model), data.model, data.tokenizer, trained, data.tasks, held)
 
 
 def client_pairs(scenario: Scenario, train_pairs: Mapping[str, list[tuple[str, str]]]) -> list[dict[str, list[tuple[str, str]]]]:
@@ -316,13 +390,18 @@ def score(federation: Federation, state: Mapping[str, torch.Tensor], eval_exampl
 
 
 def run_aggregator(federation: Federation, scenario: Scenario, aggregator: Aggregator,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """R rounds of the federation with one aggregator; per round accuracy, bytes, rejections, time."""
+                   progress: Callable[[str], None] | None = None, grid: Grid | None = None) -> dict[str, Any]:
+    """R rounds of the federation with one aggregator; per round accuracy, bytes, rejections, time.
+
+    ``grid``: the Flower runtime's grid, whose nodes run :mod:`mergeforge.federated.flower_app`'s
+    ClientApp; default: a :class:`LocalGrid` over ``federation.clients``, in this process.
+    """
     random.seed(scenario.seed)  # Flower samples clients with `random`: every aggregator sees the same draws
+    # Every client must be up before round 1: on a runtime the SuperNodes connect one by one.
     strategy = MergeStrategy(aggregator.method, aggregator.parameters, seed=scenario.seed,
-                             fraction_train=scenario.fraction_train, min_train_nodes=1, min_available_nodes=1,
-                             fraction_evaluate=0.0, weighted_by_key=EXAMPLES_KEY)
-    grid = LocalGrid(federation.clients)
+                             fraction_train=scenario.fraction_train, min_train_nodes=1,
+                             min_available_nodes=scenario.clients, fraction_evaluate=0.0, weighted_by_key=EXAMPLES_KEY)
+    counting: LocalGrid | CountingGrid = LocalGrid(federation.clients) if grid is None else CountingGrid(grid)
     rounds: list[dict[str, Any]] = []
     clock = [time.perf_counter()]
 
@@ -331,32 +410,39 @@ def run_aggregator(federation: Federation, scenario: Scenario, aggregator: Aggre
         now = time.perf_counter()
         entry: dict[str, Any] = {"round": server_round, **scores, "seconds": now - clock[0]}
         if server_round > 0:
-            entry.update(bytes_down=grid.bytes_down[-1], bytes_up=grid.bytes_up[-1],
+            entry.update(bytes_down=counting.bytes_down[-1], bytes_up=counting.bytes_up[-1],
                          rejected=[vars(r) for r in strategy.rejections.get(server_round, [])])
         rounds.append(entry)
         clock[0] = time.perf_counter()
         if progress is not None:
-            progress(f"{aggregator.label}: round {server_round}/{scenario.rounds} accuracy {scores['accuracy']:.3f}")
+            progress(f"{aggregator.label}: round {server_round}/{scenario.rounds} accuracy {scores['accuracy']:.3f}"
+                     f" loss {scores['loss']:.3f}")
         return MetricRecord({"accuracy": scores["accuracy"]})
 
     started = time.perf_counter()
-    strategy.start(grid, ArrayRecord(federation.base_state), num_rounds=scenario.rounds, train_config=ConfigRecord(),
+    strategy.start(counting, ArrayRecord(federation.base_state), num_rounds=scenario.rounds, train_config=ConfigRecord(),
                    evaluate_fn=evaluate)
     return {"method": aggregator.method, "parameters": aggregator.parameters, "rounds": rounds,
             "wall_seconds": time.perf_counter() - started,
             "bytes_total": sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rounds)}
 
 
+def run_aggregators(federation: Federation, scenario: Scenario, progress: Callable[[str], None] | None = None,
+                    grid: Grid | None = None) -> dict[str, Any]:
+    """Every aggregator of the scenario in turn, over the same federation and client draws (on
+    ``grid``, as :func:`run_aggregator`); the report without the references."""
+    results = {aggregator.label: run_aggregator(federation, scenario, aggregator, progress, grid)
+               for aggregator in scenario.aggregators}
+    attackers = scenario.malicious.clients if scenario.malicious is not None and scenario.malicious.scale != 1.0 else 0
+    return {"scenario": scenario.model_dump(mode="json"), "shards": federation.shards, "examples": federation.examples,
+            "malicious": [f"node {FIRST_NODE + client}" for client in range(attackers)], "aggregators": results}
+
+
 def run_scenario(scenario: Scenario, progress: Callable[[str], None] | None = None, source: str = "scenario") -> dict[str, Any]:
     """Every aggregator of the scenario over the same federation and client draws."""
     torch.manual_seed(scenario.seed)
     federation = build_federation(scenario, source)
-    results = {aggregator.label: run_aggregator(federation, scenario, aggregator, progress)
-               for aggregator in scenario.aggregators}
-    malicious = [f"node {node}" for node, client in federation.clients.items() if client.update_scale != 1.0]
-    report = {"scenario": scenario.model_dump(mode="json"), "shards": federation.shards,
-              "examples": federation.examples, "malicious": malicious,
-              "aggregators": results}
+    report = run_aggregators(federation, scenario, progress)
     if scenario.references:
         from mergeforge.federated.references import centralised, one_shot
 
