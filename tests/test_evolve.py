@@ -313,3 +313,50 @@ def test_a_search_killed_with_sigkill_resumes_to_the_uninterrupted_result(zoo_di
     assert result.returncode == 0, result.stderr
     assert deterministic(read_lines(journal)) == deterministic(read_lines(tmp_path / "whole" / "journal.jsonl"))
     assert (killed / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()
+
+
+OPTIMIZER_SCRIPT = """
+import pickle, sys
+from pathlib import Path
+from mergeforge.evolve.config import load_search_config
+from mergeforge.evolve.search import new_optimizer, rehash_archives
+config, _ = load_search_config({config!r})
+state = Path({state!r})
+def loss(points):
+    return [float(sum((x - 0.9) ** 2 for x in point)) for point in points]
+if sys.argv[1] in ("first", "whole"):
+    optimizer = new_optimizer(config, [0.5] * 4)
+    asked = [optimizer.ask(), optimizer.ask()]  # the pipeline: generation 1 asked before 0 is told
+    optimizer.tell(asked[0], loss(asked[0]))
+    optimizer.ask()  # generation 2, asked before 1 is told
+    if sys.argv[1] == "first":
+        state.write_bytes(pickle.dumps((optimizer, asked[1])))
+        sys.exit(0)
+    point = asked[1]
+else:
+    optimizer, point = pickle.loads(state.read_bytes())
+    rehash_archives(optimizer)
+optimizer.tell(point, loss(point))
+print([round(float(x), 12) for x in optimizer.ask()[0]])
+"""
+
+
+def test_a_generation_asked_in_one_process_and_told_in_another_is_told_the_same(tmp_path):
+    """cma keys its asked solutions by a per-process salted hash; a resumed pipeline tells a
+    generation that an earlier process asked (rehash_archives)."""
+    import os
+    import subprocess
+    import sys
+
+    config = search(Path("."), optimizer={"popsize": 4, "sigma0": 0.5})  # σ0 0.5: samples leave the unit cube
+    script = OPTIMIZER_SCRIPT.format(config=config, state=str(tmp_path / "state.pkl"))
+
+    def run(step: str, hash_seed: str) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        result = subprocess.run([sys.executable, "-c", script, step], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    whole = run("whole", "1")
+    run("first", "2")
+    assert run("resumed", "3") == whole

@@ -34,6 +34,7 @@ from mergeforge.evolve.search import (
     journal_entry,
     loss_of,
     new_optimizer,
+    rehash_archives,
 )
 
 PIPELINE = "pipeline.pkl"
@@ -97,7 +98,9 @@ def pooled_loop(pool: Any, out_dir: Path, progress: Callable[[str], None], worke
     entries = read_journal(out_dir)
     done = {(e["generation"], e["candidate"]): e for e in entries}
     state = load_pipeline(out_dir)
-    if state is None:
+    if state is not None:
+        rehash_archives(state["optimizer"])
+    else:
         optimizer = new_optimizer(config, pool.space.start())
         state = {"optimizer": optimizer, "asked": {0: optimizer.ask(), 1: optimizer.ask()}, "next_tell": 0, "stopped": None}
     optimizer, asked = state["optimizer"], state["asked"]

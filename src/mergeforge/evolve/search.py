@@ -58,6 +58,32 @@ def new_optimizer(config: SearchConfig, start: list[float]) -> Any:
     return cma.CMAEvolutionStrategy(start, config.optimizer.sigma0, options)
 
 
+def rehash_archives(optimizer: Any) -> Any:
+    """The optimiser unpickled in a new process, with its solution archives usable again.
+
+    cma keys the solutions it has asked for (``sent_solutions``, whose genotypes ``tell`` looks
+    up) by ``hash(x.tobytes())``, and Python salts the hash of bytes per process. Unpickled
+    elsewhere, those keys no longer match, so a generation asked in one process and told in
+    another (the pipeline of ``--workers`` and ``--ray-address``, resumed) would be told without
+    its genotypes and update differently. The keys are computed again from the solutions kept
+    with them."""
+    from cma.utilities.utils import SolutionDict
+
+    for archive in vars(optimizer).values():
+        if not isinstance(archive, SolutionDict):
+            continue
+        data, same, unhashed = archive.data, archive.data_with_same_key, archive._unhashed_keys
+        archive.data, archive.data_with_same_key, archive._unhashed_keys = {}, {}, {}
+        for old, value in data.items():
+            solution = unhashed.get(old, old)
+            key = archive.key(solution)
+            archive.data[key] = value
+            archive._unhashed_keys[key] = solution
+            if old in same:
+                archive.data_with_same_key[key] = same[old]
+    return optimizer
+
+
 def uses_diagonal(config: SearchConfig, dimensions: int) -> bool:
     """Separable CMA: as the search file says, else from DIAGONAL_FROM genes on."""
     from mergeforge.evolve.config import DIAGONAL_FROM
@@ -115,7 +141,8 @@ def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> tu
     config: SearchConfig = pool.config
     entries = read_journal(out_dir)
     done = {(e["generation"], e["candidate"]): e for e in entries}
-    optimizer = load_optimizer(out_dir) or new_optimizer(config, pool.space.start())
+    saved = load_optimizer(out_dir)
+    optimizer = rehash_archives(saved) if saved is not None else new_optimizer(config, pool.space.start())
     budget = BudgetClock(config, len(entries), sum(e["timing"]["seconds"] for e in entries))
     while not budget.spent() and not optimizer.stop():
         generation = optimizer.countiter
