@@ -269,7 +269,7 @@ def test_a_journal_line_cut_short_by_a_kill_is_dropped(tmp_path):
     assert [e["candidate"] for e in read_journal(tmp_path)] == [0, 1]
 
 
-def test_help_imports_neither_torch_nor_cma():
+def test_help_imports_neither_torch_nor_cma_nor_ray():
     import subprocess
     import sys
 
@@ -281,11 +281,11 @@ def test_help_imports_neither_torch_nor_cma():
         "        main(args)\n"
         "    except SystemExit:\n"
         "        pass\n"
-        "print('HEAVY', sorted(m for m in ('torch', 'cma', 'transformers', 'numpy') if m in sys.modules))\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'cma', 'transformers', 'numpy', 'ray') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "evolve" in result.stdout and "--resume" in result.stdout and "HEAVY []" in result.stdout
+    assert "evolve" in result.stdout and "--ray-address" in result.stdout and "HEAVY []" in result.stdout
 
 
 @pytest.mark.slow  # three CLI runs of a 40-candidate search: about 40 s on 2 cores

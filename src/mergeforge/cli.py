@@ -43,7 +43,7 @@ def _feature_available(target: str) -> bool:
 
 # Optional dependencies (imported where they are used) and the extra that installs each.
 OPTIONAL_PACKAGES = {"transformers": "hf", "tokenizers": "hf", "peft": "zoo", "matplotlib": "zoo", "lm_eval": "lmeval", "gguf": "gguf",
-                     "scipy": "align", "cma": "evolve", "flwr": "federated"}
+                     "scipy": "align", "cma": "evolve", "flwr": "federated", "ray": "ray"}
 
 
 class _Group(click.Group):

@@ -21,7 +21,8 @@ SearchLike = SearchConfig | dict[str, Any] | str | os.PathLike[str]
 
 
 def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: bool = False,
-               progress: Callable[[str], None] | None = None, workers: int = 1) -> dict[str, Any]:
+               progress: Callable[[str], None] | None = None, workers: int | None = None,
+               ray_address: str | None = None) -> dict[str, Any]:
     """Search a merge's parameters with CMA-ES and write the winner and the report to ``out_dir``.
 
     Arguments:
@@ -29,9 +30,14 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         out_dir: an empty or new folder; with ``resume``, the folder of a search to continue
             (the same search; only its ``budget`` may change).
         progress: called with one line per generation and per final step (default: silent).
-        workers: 1 scores candidates in this process; N > 1 in N worker processes, steady-state
-            (:mod:`mergeforge.evolve.pool`: a lag-1 pipeline of generations, not the serial search;
-            workers are spawned, so a calling script needs ``if __name__ == "__main__":``).
+        workers: 1 (the default) scores candidates in this process; N > 1 in N worker processes,
+            steady-state (:mod:`mergeforge.evolve.pool`: a lag-1 pipeline of generations, not the
+            serial search; workers are spawned, so a calling script needs
+            ``if __name__ == "__main__":``). With ``ray_address``: the number of Ray actors
+            (default: one per free CPU of the cluster).
+        ray_address: score candidates on Ray actors of the cluster there (``auto``, or
+            ``HOST:PORT``; :mod:`mergeforge.evolve.ray_workers`): the same pipeline, so the same
+            journal as ``workers=N`` processes. Ray is imported only then.
 
     Returns:
         The report (also ``out_dir/report.json``).
@@ -57,12 +63,21 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     config = absolute_paths(config, folder)
     import cma  # noqa: F401 - missing optional package: fail before any model is read
     out = Path(out_dir)
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise RecipeError(f"--workers {workers}: give 1 or more")
+    pipelined = ray_address is not None or (workers or 1) > 1
+    if ray_address is not None:
+        import importlib.util
+
+        from mergeforge.evolve.ray_workers import INSTALL_HINT, check_reachable
+
+        if importlib.util.find_spec("ray") is None:  # before any model is read
+            raise MergeforgeError(f"--ray-address {ray_address}: Ray is not installed; {INSTALL_HINT}")
+        check_reachable(ray_address)
     if resume:
         from mergeforge.evolve.pool import check_mode
 
-        check_mode(out, workers)
+        check_mode(out, pipelined)
     prepare_out_dir(out, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True), resume)
     started = time.perf_counter()
     try:
@@ -74,16 +89,34 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         raise RecipeError(f"{source}: {exc}") from None  # a field that needed the models to check (layer_groups)
     where = pool.space.labels[0] if config.is_layer_path else f"{len(pool.space.labels)} group(s)"
     say(f"{pool.space.dimensions} genes over {where}; sources loaded in {time.perf_counter() - started:.1f} s")
-    if workers > 1:
+    executor = "this process"
+    if pipelined:
         from mergeforge.evolve.pool import pooled_loop
 
-        entries, stopped = pooled_loop(pool, out, say, workers, folder)
+        def start_executor() -> Any:
+            nonlocal executor
+            config_data = config.model_dump(mode="json")
+            chosen: Any
+            if ray_address is not None:
+                from mergeforge.evolve.ray_workers import RayExecutor
+
+                chosen = RayExecutor(ray_address, workers, config_data, folder, out)
+            else:
+                from mergeforge.evolve.pool import ProcessExecutor
+
+                chosen = ProcessExecutor(workers or 1, config_data, folder, out)
+            executor = chosen.description
+            say(f"scoring on {executor}")
+            return chosen
+
+        entries, stopped = pooled_loop(pool, out, say, start_executor)
     else:
         entries, stopped = search_loop(pool, out, say)
     say(f"search ended: {stopped}")
     best = best_entry(entries)
     terms = [term_key(t.task, t.metric) for t in config.fitness]
     report = summary(pool, entries, stopped)
+    report["executor"] = executor
     if best is None:
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         raise MergeforgeError(f"{out}: every candidate failed ({report['failures'][0]['error'] if entries else 'none ran'}); "

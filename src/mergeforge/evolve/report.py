@@ -170,6 +170,7 @@ def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> Non
         f"- method: `{report['method']}`, {report['dimensions']} genes, seed {report['seed']}",
         f"- evaluations: {report['evaluations']} ({report['failed']} failed), {report['seconds']:.1f} s, "
         f"{report['candidates_per_minute']:.1f} candidates/minute; {report['stopped']}",
+        f"- scored in: {report.get('executor', 'this process')}",
         f"- best fitness on `{report['search_split']}`: {report['best']['fitness']:.4f} (evaluation {report['best']['evaluation']})",
         f"- re-merged from `{WINNER}`: {report['reproduction']['fitness']:.4f} (difference {report['reproduction']['difference']:.2e})",
         f"- seconds per candidate: {built(report)}, score {report['timing']['score_seconds']:.3f}; "

@@ -110,11 +110,23 @@ class BudgetClock:
         return self.seconds_before + time.perf_counter() - self.started
 
 
+def _entry_head(pool: Any, generation: int, index: int, unit: list[float]) -> dict[str, Any]:
+    values = pool.space.values(unit)
+    return {"generation": generation, "candidate": index, "genome": unit, "parameters": pool.space.described(values),
+            "seed": pool.config.seed}
+
+
+def failed_entry(pool: Any, generation: int, index: int, unit: list[float], error: str, seconds: float) -> dict[str, Any]:
+    """The journal line of a candidate that failed: no scores, no fitness, the reason."""
+    entry = _entry_head(pool, generation, index, unit)
+    entry.update(scores={}, fitness=None, error=error, timing={"seconds": seconds})
+    return entry
+
+
 def journal_entry(pool: Any, generation: int, index: int, unit: list[float]) -> dict[str, Any]:
     """Score one candidate and return its journal line (a failure is a line too)."""
+    entry = _entry_head(pool, generation, index, unit)
     values = pool.space.values(unit)
-    entry: dict[str, Any] = {"generation": generation, "candidate": index, "genome": unit,
-                             "parameters": pool.space.described(values), "seed": pool.config.seed}
     started = time.perf_counter()
     try:
         scored = pool.evaluate(values)
@@ -122,9 +134,7 @@ def journal_entry(pool: Any, generation: int, index: int, unit: list[float]) -> 
             raise FloatingPointError(f"fitness is {scored.fitness}")
     except Exception as exc:  # noqa: BLE001 - any failure of one candidate is logged, the search goes on
         pool.forget()
-        entry.update(scores={}, fitness=None, error=f"{type(exc).__name__}: {exc}",
-                     timing={"seconds": time.perf_counter() - started})
-        return entry
+        return failed_entry(pool, generation, index, unit, f"{type(exc).__name__}: {exc}", time.perf_counter() - started)
     entry.update(scores=scored.scores, fitness=scored.fitness, error=None,
                  timing={"seconds": time.perf_counter() - started, "merge_seconds": scored.merge_seconds,
                          "score_seconds": scored.score_seconds, "remerged_groups": scored.remerged_groups})
