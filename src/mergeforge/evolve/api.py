@@ -46,6 +46,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         >>> run_search("search.yml", "runs/ties", progress=print)["best"]["fitness"]
     """
     from mergeforge.evolve.candidates import term_key
+    from mergeforge.evolve.fitness import race_all
     from mergeforge.evolve.report import (
         WINNER,
         baseline_rows,
@@ -56,7 +57,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         winner_recipe_text,
         write_report,
     )
-    from mergeforge.evolve.search import best_entry, search_loop
+    from mergeforge.evolve.search import search_loop
 
     say = progress or (lambda line: None)
     config, folder = load_search_config(search)
@@ -113,17 +114,23 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     else:
         entries, stopped = search_loop(pool, out, say)
     say(f"search ended: {stopped}")
-    best = best_entry(entries)
+    races = race_all(pool, out, entries)
+    best = winning_entry(config, entries, races)
     terms = [term_key(t.task, t.metric) for t in config.fitness]
     report = summary(pool, entries, stopped)
     report["executor"] = executor
+    if config.splits.race_size:
+        report["racing"] = {"minibatch": config.splits.minibatch, "race": config.splits.race_size, "re_scored": len(races),
+                            "seconds": sum(line["seconds"] for line in races)}
     if best is None:
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         raise MergeforgeError(f"{out}: every candidate failed ({report['failures'][0]['error'] if entries else 'none ran'}); "
                               "see journal.jsonl")
     values = pool.space.values(best["genome"])
-    report["best"] = {"evaluation": entries.index(best) + 1, "generation": best["generation"], "fitness": best["fitness"],
+    report["best"] = {"evaluation": best["evaluation"], "generation": best["generation"], "fitness": best["fitness"],
                       "scores": best["scores"], "parameters": best["parameters"], "genome": best["genome"]}
+    if "minibatch_fitness" in best:
+        report["best"]["minibatch_fitness"] = best["minibatch_fitness"]
     (out / WINNER).write_text(winner_recipe_text(pool, values), encoding="utf-8")
     reproduction = remerge_winner(pool, out)
     reproduction["difference"] = reproduction["fitness"] - best["fitness"]
@@ -137,6 +144,24 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     write_report(out, report, terms)
     say(table(report["test"], terms))
     return report
+
+
+def winning_entry(config: SearchConfig, entries: list[dict[str, Any]], races: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The winner's journal line with its evaluation number: the best on the search split; with a
+    minibatch, the best re-scored candidate, with its whole-split scores (its minibatch fitness
+    kept as ``minibatch_fitness``)."""
+    from mergeforge.evolve.fitness import incumbent
+    from mergeforge.evolve.search import best_entry
+
+    if not config.splits.race_size:
+        best = best_entry(entries)
+        return None if best is None else {**best, "evaluation": entries.index(best) + 1}
+    line = incumbent(races)
+    if line is None:
+        return None
+    position = next(i for i, e in enumerate(entries) if (e["generation"], e["candidate"]) == (line["generation"], line["candidate"]))
+    return {**entries[position], "evaluation": position + 1, "scores": line["scores"], "fitness": line["fitness"],
+            "minibatch_fitness": line["minibatch_fitness"]}
 
 
 def new_pool(config: SearchConfig, folder: Path, out: Path) -> Any:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mergeforge.errors import OutputError
+from mergeforge.evolve.fitness import race_generation
 from mergeforge.evolve.journal import OPTIMIZER, append_entry, read_journal
 from mergeforge.evolve.search import (
     BudgetClock,
@@ -43,6 +44,7 @@ from mergeforge.evolve.search import (
     loss_of,
     new_optimizer,
     rehash_archives,
+    spent_seconds,
 )
 
 PIPELINE = "pipeline.pkl"
@@ -165,7 +167,7 @@ def pooled_loop(pool: Any, out_dir: Path, progress: Callable[[str], None], start
             if entry is not None and entry["genome"] != [float(x) for x in point]:
                 raise OutputError(f"{out_dir}: the journal's candidate {index} of generation {generation} is not the one "
                                   "the saved optimiser asked for; the folder was changed by hand, start a new search")
-    budget = BudgetClock(config, len(entries), sum(e["timing"]["seconds"] for e in entries))
+    budget = BudgetClock(config, len(entries), spent_seconds(out_dir, entries))
     queue = deque((g, i) for g in sorted(asked) for i in range(len(asked[g])) if (g, i) not in done)
     running: dict[Future[dict[str, Any]], tuple[int, int, list[float]]] = {}
     dispatched = len(entries)
@@ -213,10 +215,11 @@ def pooled_loop(pool: Any, out_dir: Path, progress: Callable[[str], None], start
                     else:
                         asked[generation + 2] = optimizer.ask()
                         queue.extend((generation + 2, i) for i in range(len(asked[generation + 2])))
+                race_generation(pool, out_dir, results)  # in this process, before the save (as serially)
                 del asked[generation]
                 state["next_tell"] = generation + 1
                 save_pipeline(out_dir, state)
-                progress(generation_line(generation, results, entries, budget))
+                progress(generation_line(generation, results, entries, budget, out_dir))
     finally:
         executor.close()
     entries.sort(key=lambda e: (e["generation"], e["candidate"]))

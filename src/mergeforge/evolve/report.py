@@ -49,22 +49,28 @@ def remerge_winner(pool: Any, out_dir: Path) -> dict[str, Any]:
 
 def baseline_rows(pool: Any, winner_values: list[float]) -> list[dict[str, Any]]:
     """Test-split scores of the base, each source, the hand-set merges and the winner."""
+    from mergeforge.evolve.fitness import row_intervals
+
     config = pool.config
     test = config.splits.test
+    counts = test_counts(pool)
     rows: list[dict[str, Any]] = []
+
+    def scored(name: str) -> None:
+        scores = pool.score(test)
+        rows.append({"name": name, "scores": scores, "fitness": fitness_of(config, scores),
+                     "ci95": row_intervals(config, scores, counts)})
 
     def row(name: str, state: Any = None, error: str | None = None) -> None:
         if error is not None:
             rows.append({"name": name, "error": error})
             return
         pool.load_state(state)
-        scores = pool.score(test)
-        rows.append({"name": name, "scores": scores, "fitness": fitness_of(config, scores)})
+        scored(name)
 
     def source_row(index: int, path: Path) -> None:
         pool.load_source(index)
-        scores = pool.score(test)
-        rows.append({"name": f"source: {path.name}", "scores": scores, "fitness": fitness_of(config, scores)})
+        scored(f"source: {path.name}")
 
     if pool.base_dir is not None:
         row("base", pool.base_state)
@@ -81,9 +87,18 @@ def baseline_rows(pool: Any, winner_values: list[float]) -> list[dict[str, Any]]
         row(name, state)
     pool.forget()
     pool.load(winner_values)
-    scores = pool.score(test)
-    rows.append({"name": "evolved (winner)", "scores": scores, "fitness": fitness_of(config, scores)})
+    scored("evolved (winner)")
     return rows
+
+
+def test_counts(pool: Any) -> dict[str, int]:
+    """The examples each fitness term is scored on in the test split."""
+    from mergeforge.evolve.candidates import term_key
+
+    config = pool.config
+    return {term_key(t.task, t.metric): len(pool.pool.tasks[term_key(t.task, "score")].examples(config.splits.test,
+                                                                                              config.splits.test_examples))
+            for t in config.fitness}
 
 
 def default_baselines(config: Any) -> tuple[Any, ...]:
@@ -96,14 +111,21 @@ def default_baselines(config: Any) -> tuple[Any, ...]:
 
 
 def table(rows: list[dict[str, Any]], terms: list[str]) -> str:
-    """The test table in Markdown: one row per model, one column per fitness term, then the fitness."""
+    """The test table in Markdown: one row per model, one column per fitness term, then the
+    fitness; each exact-match score (and a fitness of exact-match scores alone) with its bootstrap
+    95% interval in brackets."""
     lines = ["| model | " + " | ".join(terms) + " | fitness |", "|---" * (len(terms) + 2) + "|"]
+
+    def cell(row: dict[str, Any], key: str, value: float) -> str:
+        interval = row.get("ci95", {}).get(key)
+        return f"{value:.4f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['name']} | " + " | ".join("-" for _ in terms) + f" | failed: {row['error']} |")
             continue
-        cells = " | ".join(f"{row['scores'][term]:.4f}" for term in terms)
-        lines.append(f"| {row['name']} | {cells} | {row['fitness']:.4f} |")
+        cells = " | ".join(cell(row, term, row["scores"][term]) for term in terms)
+        lines.append(f"| {row['name']} | {cells} | {cell(row, 'fitness', row['fitness'])} |")
     return "\n".join(lines)
 
 
@@ -179,7 +201,14 @@ def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> Non
     steps = report["best"]["parameters"].get("steps")
     if steps is not None:
         lines.append(f"- the winner's path ({len(steps)} steps, `model.layer×scale`): {' → '.join(steps)}")
-    lines += ["", f"## Test split (`{report['test_split']}`)", "", table(report["test"], terms), ""]
+    racing = report.get("racing")
+    if racing is not None:
+        lines.append(f"- fitness on a minibatch of {racing['minibatch']} examples per task and generation; the best "
+                     f"{racing['race']} of each generation re-scored on the whole split ({racing['re_scored']} re-scored, "
+                     f"{racing['seconds']:.1f} s); the winner's minibatch fitness was {report['best']['minibatch_fitness']:.4f}")
+    lines += ["", f"## Test split (`{report['test_split']}`)", "",
+              "Brackets: the bootstrap 95% interval (examples resampled within each task).", "",
+              table(report["test"], terms), ""]
     (out_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mergeforge.evolve.config import SearchConfig
+from mergeforge.evolve.fitness import race_generation
 from mergeforge.evolve.journal import append_entry, load_optimizer, read_journal, save_optimizer
 
 # What cma is told for a failed candidate (it minimises): worse than any real fitness, finite so
@@ -129,7 +130,7 @@ def journal_entry(pool: Any, generation: int, index: int, unit: list[float]) -> 
     values = pool.space.values(unit)
     started = time.perf_counter()
     try:
-        scored = pool.evaluate(values)
+        scored = pool.evaluate(values, generation)
         if not math.isfinite(scored.fitness):
             raise FloatingPointError(f"fitness is {scored.fitness}")
     except Exception as exc:  # noqa: BLE001 - any failure of one candidate is logged, the search goes on
@@ -153,7 +154,7 @@ def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> tu
     done = {(e["generation"], e["candidate"]): e for e in entries}
     saved = load_optimizer(out_dir)
     optimizer = rehash_archives(saved) if saved is not None else new_optimizer(config, pool.space.start())
-    budget = BudgetClock(config, len(entries), sum(e["timing"]["seconds"] for e in entries))
+    budget = BudgetClock(config, len(entries), spent_seconds(out_dir, entries))
     while not budget.spent() and not optimizer.stop():
         generation = optimizer.countiter
         asked = optimizer.ask()
@@ -176,15 +177,27 @@ def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> tu
                 budget.evaluations += 1
             results.append(entry)
         optimizer.tell(asked, [loss_of(e) for e in results])
+        race_generation(pool, out_dir, results)  # before the save: a resume that re-tells also re-races
         save_optimizer(out_dir, optimizer)
-        progress(generation_line(generation, results, entries, budget))
+        progress(generation_line(generation, results, entries, budget, out_dir))
     if budget.spent():
         return entries, "budget spent"
     return entries, "cma stopped: " + ", ".join(f"{key} {value}" for key, value in optimizer.stop().items())
 
 
-def generation_line(generation: int, results: list[dict[str, Any]], entries: list[dict[str, Any]], budget: BudgetClock) -> str:
-    """One line per generation: its best and median, the best so far, failures, speed."""
+def spent_seconds(out_dir: Path, entries: list[dict[str, Any]]) -> float:
+    """Seconds spent by earlier runs of the search: its candidates' and its races' own times."""
+    from mergeforge.evolve.fitness import read_races
+
+    return sum(e["timing"]["seconds"] for e in entries) + sum(line["seconds"] for line in read_races(out_dir))
+
+
+def generation_line(generation: int, results: list[dict[str, Any]], entries: list[dict[str, Any]], budget: BudgetClock,
+                    out_dir: Path) -> str:
+    """One line per generation: its best and median, the best so far (with a minibatch: the best
+    re-scored on the whole search split), failures, speed."""
+    from mergeforge.evolve.fitness import incumbent, read_races
+
     fitness = sorted(e["fitness"] for e in results if e["fitness"] is not None)
     best = max((e["fitness"] for e in entries if e["fitness"] is not None), default=None)
     failed = sum(e["fitness"] is None for e in results)
@@ -194,7 +207,11 @@ def generation_line(generation: int, results: list[dict[str, Any]], entries: lis
     parts = [f"generation {generation:>3}", f"evaluations {spent}"]
     if fitness:
         parts += [f"best {fitness[-1]:.4f}", f"median {fitness[len(fitness) // 2]:.4f}"]
-    parts.append(f"best so far {best:.4f}" if best is not None else "no candidate scored yet")
+    if budget.config.splits.race_size:
+        leader = incumbent(read_races(out_dir))
+        parts.append(f"incumbent {leader['fitness']:.4f} (whole split)" if leader is not None else "no incumbent yet")
+    else:
+        parts.append(f"best so far {best:.4f}" if best is not None else "no candidate scored yet")
     if failed:
         parts.append(f"{failed} failed")
     parts.append(f"{sum(seconds) / max(1, len(seconds)):.2f} s/candidate")
