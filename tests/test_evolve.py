@@ -360,3 +360,34 @@ def test_a_generation_asked_in_one_process_and_told_in_another_is_told_the_same(
     whole = run("whole", "1")
     run("first", "2")
     assert run("resumed", "3") == whole
+
+
+def test_the_genome_grid_holds_each_groups_merge_parameters(grouped_pool):
+    from mergeforge.evolve.report import genome_grids
+
+    pool = grouped_pool
+    rng = random.Random(1)
+    values = pool.space.values([rng.random() for _ in range(pool.space.dimensions)])
+    grids = genome_grids(pool, values)
+    assert sorted(grids) == ["density", "weight"]
+    for group in range(len(pool.space.labels)):
+        merged_with = pool.space.group_parameters(values, group).per_model
+        for param, grid in grids.items():
+            assert grid[group] == [model[param] for model in merged_with]
+    assert len({value for grid in grids.values() for row in grid for value in row}) == pool.space.dimensions
+
+
+def test_a_grouped_search_draws_its_genome_and_writes_a_model_card(zoo_dir, tmp_path):
+    from mergeforge.evolve.api import run_search
+
+    report = run_search(search(zoo_dir, layer_groups=2, budget={"evaluations": 4}), tmp_path / "out")
+    assert report["genome_plot_skipped"] is None and (tmp_path / "out" / "genome.png").stat().st_size > 5_000
+    assert "![genome](genome.png)" in (tmp_path / "out" / "report.md").read_text()
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "## Recipe" in card  # the engine's card, kept
+    assert "method `dare_ties`, 12 genes, seed 3, budget 4 evaluations; 4 candidates evaluated (0 failed)" in card
+    assert f"on the `val` split: {report['best']['fitness']:.4f}" in card and "--seed 3" in card
+    winner = next(row for row in report["test"] if row["name"] == "evolved (winner)")
+    assert f"| evolved (winner) | {winner['scores']['shift']:.4f} [" in card
+    one_group = run_search(search(zoo_dir, budget={"evaluations": 4}), tmp_path / "one")
+    assert one_group["genome_plot_skipped"] and not (tmp_path / "one" / "genome.png").exists()

@@ -49,8 +49,10 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     from mergeforge.evolve.fitness import race_all
     from mergeforge.evolve.report import (
         WINNER,
+        append_model_card,
         baseline_rows,
         convergence_plot,
+        genome_plot,
         path_plot,
         remerge_winner,
         table,
@@ -141,7 +143,10 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     report["plot_skipped"] = convergence_plot(entries, out / "convergence.png")
     if config.is_layer_path:
         report["path_plot_skipped"] = path_plot(pool, values, out / "path.png")
+    else:
+        report["genome_plot_skipped"] = genome_plot(pool, values, out / "genome.png")
     write_report(out, report, terms)
+    append_model_card(out, report, terms)
     say(table(report["test"], terms))
     return report
 

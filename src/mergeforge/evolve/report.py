@@ -206,6 +206,8 @@ def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> Non
         lines.append(f"- fitness on a minibatch of {racing['minibatch']} examples per task and generation; the best "
                      f"{racing['race']} of each generation re-scored on the whole split ({racing['re_scored']} re-scored, "
                      f"{racing['seconds']:.1f} s); the winner's minibatch fitness was {report['best']['minibatch_fitness']:.4f}")
+    if report.get("genome_plot_skipped", "") is None:
+        lines.append("- the winner's genome, group of layers × model: ![genome](genome.png)")
     lines += ["", f"## Test split (`{report['test_split']}`)", "",
               "Brackets: the bootstrap 95% interval (examples resampled within each task).", "",
               table(report["test"], terms), ""]
@@ -239,3 +241,77 @@ def path_plot(pool: Any, values: list[float], path: Path) -> str | None:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return None
+
+
+def genome_grids(pool: Any, values: list[float]) -> dict[str, list[list[float]]]:
+    """Each searched per-model parameter's values: ``grid[group][model]``."""
+    space = pool.space
+    grids: dict[str, list[list[float]]] = {}
+    for gene, value in zip(space.genes, values, strict=True):
+        if gene.model is not None:
+            grid = grids.setdefault(gene.param, [[float("nan")] * space.model_count for _ in space.labels])
+            grid[gene.group][gene.model] = float(value)
+    return grids
+
+
+def genome_plot(pool: Any, values: list[float], path: Path) -> str | None:
+    """The winner's genome as heatmaps, one per searched per-model parameter: a row per group of
+    layers, a column per model, the cell the value. Drawn for ``layer_groups`` above 1 (one group
+    is one row, which the report's parameters already list); returns why not, else None."""
+    if pool.config.is_layer_path or pool.config.layer_groups == 1:
+        return "one group of layers: the parameters are listed in report.json"
+    genes = [(gene, value) for gene, value in zip(pool.space.genes, values, strict=True) if gene.model is not None]
+    if not genes:
+        return "no per-model parameter is searched"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return "matplotlib is not installed (pip install 'mergeforge[evolve]')"
+    grids = genome_grids(pool, values)
+    bounds = {gene.param: (gene.low, gene.high) for gene, _ in genes}
+    labels, models = pool.space.labels, [Path(p).name for p in pool.model_dirs]
+    figure, axes = plt.subplots(1, len(grids), figsize=(2.2 + 1.1 * len(models) * len(grids), 1.2 + 0.45 * len(labels)),
+                                squeeze=False)
+    for axis, (param, grid) in zip(axes[0], grids.items(), strict=True):
+        low, high = bounds[param]
+        image = axis.imshow(grid, cmap="viridis", vmin=low, vmax=high, aspect="auto")
+        for row, cells in enumerate(grid):
+            for column, value in enumerate(cells):
+                axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
+        axis.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=7)
+        axis.set_yticks(range(len(labels)), labels, fontsize=7)
+        axis.set_title(f"{param} (colour: its bounds)", fontsize=9)
+        figure.colorbar(image, ax=axis, fraction=0.05)
+    figure.suptitle("the winner's genome: group of layers × model", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return None
+
+
+def append_model_card(out_dir: Path, report: dict[str, Any], terms: list[str]) -> None:
+    """The search's account in ``model/README.md`` (the engine's model card: front matter, the
+    models merged, the recipe): how it was found, with what seed and budget, and its scores."""
+    config = yaml.safe_load((out_dir / "search.yml").read_text(encoding="utf-8"))
+    budget = config["budget"]
+    limits = " and ".join(f"{value} {name}" for name, value in budget.items() if value is not None)
+    best = report["best"]
+    lines = [
+        "", "## How it was found", "",
+        f"By `mergeforge evolve` (CMA-ES, Akiba et al., arXiv:2403.13187): method `{report['method']}`, "
+        f"{report['dimensions']} genes, seed {report['seed']}, budget {limits}; {report['evaluations']} candidates "
+        f"evaluated ({report['failed']} failed), {report['stopped']}.",
+        "",
+        f"- fitness (Σ weight × metric) on the `{report['search_split']}` split: {best['fitness']:.4f}, found at "
+        f"evaluation {best['evaluation']}; this folder, re-merged from the recipe, scores {report['reproduction']['fitness']:.4f}",
+        f"- reproduce: `mergeforge merge winner.yml OUT_DIR --seed {report['seed']}` (the recipe above is `winner.yml`)",
+        "", f"## Scores on the held-out `{report['test_split']}` split", "",
+        "Brackets: the bootstrap 95% interval (examples resampled within each task).", "",
+        table(report["test"], terms), "",
+    ]
+    card = out_dir / "model" / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    card.write_text(text.rstrip("\n") + "\n" + "\n".join(lines), encoding="utf-8")
