@@ -139,6 +139,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     report["reproduction"] = reproduction
     say(f"winner re-merged from {WINNER}: fitness {reproduction['fitness']:.4f} (search {best['fitness']:.4f}, "
         f"difference {reproduction['difference']:.2e})")
+    report["pareto"] = pareto_rows(pool, entries, races, out)
     report["test"] = baseline_rows(pool, values)
     report["plot_skipped"] = convergence_plot(entries, out / "convergence.png")
     if config.is_layer_path:
@@ -167,6 +168,26 @@ def winning_entry(config: SearchConfig, entries: list[dict[str, Any]], races: li
     position = next(i for i, e in enumerate(entries) if (e["generation"], e["candidate"]) == (line["generation"], line["candidate"]))
     return {**entries[position], "evaluation": position + 1, "scores": line["scores"], "fitness": line["fitness"],
             "minibatch_fitness": line["minibatch_fitness"]}
+
+
+def pareto_rows(pool: Any, entries: list[dict[str, Any]], races: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """The search split's Pareto front (:mod:`mergeforge.evolve.pareto`), best fitness first, each
+    member's recipe written to ``pareto/evaluation-N.yml``."""
+    from mergeforge.evolve.pareto import pareto_front
+    from mergeforge.evolve.report import winner_recipe_text
+
+    position = {(e["generation"], e["candidate"]): i for i, e in enumerate(entries)}
+    candidates = races if pool.config.splits.race_size else entries
+    rows = []
+    for member in pareto_front(pool.config, candidates):
+        index = position[(member["generation"], member["candidate"])]
+        entry = entries[index]
+        recipe = out / "pareto" / f"evaluation-{index + 1}.yml"
+        recipe.parent.mkdir(exist_ok=True)
+        recipe.write_text(winner_recipe_text(pool, pool.space.values(entry["genome"])), encoding="utf-8")
+        rows.append({"evaluation": index + 1, "generation": entry["generation"], "candidate": entry["candidate"],
+                     "scores": member["scores"], "fitness": member["fitness"], "recipe": str(recipe)})
+    return sorted(rows, key=lambda row: (-row["fitness"], row["evaluation"]))
 
 
 def new_pool(config: SearchConfig, folder: Path, out: Path) -> Any:

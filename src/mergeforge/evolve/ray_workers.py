@@ -35,7 +35,7 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
     if not colon or not port.isdigit() or "://" in host:
         return  # 'auto' (Ray finds the local cluster itself, or says at once that there is none)
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):  # [::1]:6379 too
             pass
     except OSError as exc:
         raise MergeforgeError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start a cluster "

@@ -208,6 +208,12 @@ def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> Non
                      f"{racing['seconds']:.1f} s); the winner's minibatch fitness was {report['best']['minibatch_fitness']:.4f}")
     if report.get("genome_plot_skipped", "") is None:
         lines.append("- the winner's genome, group of layers × model: ![genome](genome.png)")
+    front = report.get("pareto") or []
+    if front:
+        lines += ["", f"## Pareto front on `{report['search_split']}` ({len(front)} candidates no other beats on every term)", "",
+                  "| evaluation | " + " | ".join(terms) + " | fitness | recipe |", "|---" * (len(terms) + 3) + "|"]
+        lines += [f"| {row['evaluation']} | " + " | ".join(f"{row['scores'][term]:.4f}" for term in terms)
+                  + f" | {row['fitness']:.4f} | `pareto/{Path(row['recipe']).name}` |" for row in front]
     lines += ["", f"## Test split (`{report['test_split']}`)", "",
               "Brackets: the bootstrap 95% interval (examples resampled within each task).", "",
               table(report["test"], terms), ""]
