@@ -88,7 +88,7 @@ def test_an_address_where_nothing_answers_is_refused_at_once(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A one-node Ray cluster of 2 CPUs, started here (``ray start --head --block``) and stopped
     by signalling that process, which ends the processes it started (``ray stop`` would end every
@@ -149,3 +149,17 @@ def test_a_search_on_a_local_ray_cluster_is_the_pooled_search_and_resumes_exactl
     assert report["best"] == reference["best"] and report["reproduction"]["difference"] == 0.0
     assert report["executor"] == f"1 Ray actor at {ray_cluster}"
     assert (tmp_path / "ray" / "winner.yml").read_text() == (tmp_path / "processes" / "winner.yml").read_text()
+
+
+@pytest.mark.slow  # shares the cluster above; one actor that fails to start: about 10 s
+def test_a_ray_worker_that_cannot_load_the_sources_is_one_error(zoo_dir, tmp_path, ray_cluster):
+    from mergeforge.errors import MergeforgeError
+    from mergeforge.evolve.config import load_search_config
+    from mergeforge.evolve.ray_workers import RayExecutor
+
+    config, folder = load_search_config(path_search(zoo_dir))
+    data = config.model_dump(mode="json")
+    data["layer_path"]["models"][0] = str(tmp_path / "missing_on_this_node")
+    with pytest.raises(MergeforgeError, match="a Ray worker could not load the search's sources: .*missing_on_this_node") as caught:
+        RayExecutor(ray_cluster, 1, data, folder, tmp_path)
+    assert "\n" not in str(caught.value), str(caught.value)
