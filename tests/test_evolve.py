@@ -269,7 +269,7 @@ def test_a_journal_line_cut_short_by_a_kill_is_dropped(tmp_path):
     assert [e["candidate"] for e in read_journal(tmp_path)] == [0, 1]
 
 
-def test_help_imports_neither_torch_nor_cma():
+def test_help_imports_neither_torch_nor_cma_nor_ray():
     import subprocess
     import sys
 
@@ -281,11 +281,11 @@ def test_help_imports_neither_torch_nor_cma():
         "        main(args)\n"
         "    except SystemExit:\n"
         "        pass\n"
-        "print('HEAVY', sorted(m for m in ('torch', 'cma', 'transformers', 'numpy') if m in sys.modules))\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'cma', 'transformers', 'numpy', 'ray') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "evolve" in result.stdout and "--resume" in result.stdout and "HEAVY []" in result.stdout
+    assert "evolve" in result.stdout and "--ray-address" in result.stdout and "HEAVY []" in result.stdout
 
 
 @pytest.mark.slow  # three CLI runs of a 40-candidate search: about 40 s on 2 cores
@@ -313,3 +313,81 @@ def test_a_search_killed_with_sigkill_resumes_to_the_uninterrupted_result(zoo_di
     assert result.returncode == 0, result.stderr
     assert deterministic(read_lines(journal)) == deterministic(read_lines(tmp_path / "whole" / "journal.jsonl"))
     assert (killed / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()
+
+
+OPTIMIZER_SCRIPT = """
+import pickle, sys
+from pathlib import Path
+from mergeforge.evolve.config import load_search_config
+from mergeforge.evolve.search import new_optimizer, rehash_archives
+config, _ = load_search_config({config!r})
+state = Path({state!r})
+def loss(points):
+    return [float(sum((x - 0.9) ** 2 for x in point)) for point in points]
+if sys.argv[1] in ("first", "whole"):
+    optimizer = new_optimizer(config, [0.5] * 4)
+    asked = [optimizer.ask(), optimizer.ask()]  # the pipeline: generation 1 asked before 0 is told
+    optimizer.tell(asked[0], loss(asked[0]))
+    optimizer.ask()  # generation 2, asked before 1 is told
+    if sys.argv[1] == "first":
+        state.write_bytes(pickle.dumps((optimizer, asked[1])))
+        sys.exit(0)
+    point = asked[1]
+else:
+    optimizer, point = pickle.loads(state.read_bytes())
+    rehash_archives(optimizer)
+optimizer.tell(point, loss(point))
+print([round(float(x), 12) for x in optimizer.ask()[0]])
+"""
+
+
+def test_a_generation_asked_in_one_process_and_told_in_another_is_told_the_same(tmp_path):
+    """cma keys its asked solutions by a per-process salted hash; a resumed pipeline tells a
+    generation that an earlier process asked (rehash_archives)."""
+    import os
+    import subprocess
+    import sys
+
+    config = search(Path("."), optimizer={"popsize": 4, "sigma0": 0.5})  # σ0 0.5: samples leave the unit cube
+    script = OPTIMIZER_SCRIPT.format(config=config, state=str(tmp_path / "state.pkl"))
+
+    def run(step: str, hash_seed: str) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        result = subprocess.run([sys.executable, "-c", script, step], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    whole = run("whole", "1")
+    run("first", "2")
+    assert run("resumed", "3") == whole
+
+
+def test_the_genome_grid_holds_each_groups_merge_parameters(grouped_pool):
+    from mergeforge.evolve.report import genome_grids
+
+    pool = grouped_pool
+    rng = random.Random(1)
+    values = pool.space.values([rng.random() for _ in range(pool.space.dimensions)])
+    grids = genome_grids(pool, values)
+    assert sorted(grids) == ["density", "weight"]
+    for group in range(len(pool.space.labels)):
+        merged_with = pool.space.group_parameters(values, group).per_model
+        for param, grid in grids.items():
+            assert grid[group] == [model[param] for model in merged_with]
+    assert len({value for grid in grids.values() for row in grid for value in row}) == pool.space.dimensions
+
+
+def test_a_grouped_search_draws_its_genome_and_writes_a_model_card(zoo_dir, tmp_path):
+    from mergeforge.evolve.api import run_search
+
+    report = run_search(search(zoo_dir, layer_groups=2, budget={"evaluations": 4}), tmp_path / "out")
+    assert report["genome_plot_skipped"] is None and (tmp_path / "out" / "genome.png").stat().st_size > 5_000
+    assert "![genome](genome.png)" in (tmp_path / "out" / "report.md").read_text()
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "## Recipe" in card  # the engine's card, kept
+    assert "method `dare_ties`, 12 genes, seed 3, budget 4 evaluations; 4 candidates evaluated (0 failed)" in card
+    assert f"on the `val` split: {report['best']['fitness']:.4f}" in card and "--seed 3" in card
+    winner = next(row for row in report["test"] if row["name"] == "evolved (winner)")
+    assert f"| evolved (winner) | {winner['scores']['shift']:.4f} [" in card
+    one_group = run_search(search(zoo_dir, budget={"evaluations": 4}), tmp_path / "one")
+    assert one_group["genome_plot_skipped"] and not (tmp_path / "one" / "genome.png").exists()

@@ -390,5 +390,5 @@ def test_a_pooled_search_is_the_same_whatever_the_workers_and_resumes_exactly(zo
     run_search(path_search(zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed", workers=2)
     resumed = run_search(path_search(zoo_dir, budget={"evaluations": 14}), tmp_path / "resumed", workers=2, resume=True)
     assert journal(tmp_path / "resumed") == journal(tmp_path / "two") and resumed["best"] == two["best"]
-    with pytest.raises(OutputError, match="started with --workers; resume it with --workers 2 or more"):
+    with pytest.raises(OutputError, match="started with --workers or --ray-address; resume it with --workers 2 or more, or --ray-address"):
         run_search(path_search(zoo_dir, budget={"evaluations": 16}), tmp_path / "resumed", resume=True)

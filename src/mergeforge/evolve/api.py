@@ -21,7 +21,8 @@ SearchLike = SearchConfig | dict[str, Any] | str | os.PathLike[str]
 
 
 def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: bool = False,
-               progress: Callable[[str], None] | None = None, workers: int = 1) -> dict[str, Any]:
+               progress: Callable[[str], None] | None = None, workers: int | None = None,
+               ray_address: str | None = None) -> dict[str, Any]:
     """Search a merge's parameters with CMA-ES and write the winner and the report to ``out_dir``.
 
     Arguments:
@@ -29,9 +30,14 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         out_dir: an empty or new folder; with ``resume``, the folder of a search to continue
             (the same search; only its ``budget`` may change).
         progress: called with one line per generation and per final step (default: silent).
-        workers: 1 scores candidates in this process; N > 1 in N worker processes, steady-state
-            (:mod:`mergeforge.evolve.pool`: a lag-1 pipeline of generations, not the serial search;
-            workers are spawned, so a calling script needs ``if __name__ == "__main__":``).
+        workers: 1 (the default) scores candidates in this process; N > 1 in N worker processes,
+            steady-state (:mod:`mergeforge.evolve.pool`: a lag-1 pipeline of generations, not the
+            serial search; workers are spawned, so a calling script needs
+            ``if __name__ == "__main__":``). With ``ray_address``: the number of Ray actors
+            (default: one per free CPU of the cluster).
+        ray_address: score candidates on Ray actors of the cluster there (``auto``, or
+            ``HOST:PORT``; :mod:`mergeforge.evolve.ray_workers`): the same pipeline, so the same
+            journal as ``workers=N`` processes. Ray is imported only then.
 
     Returns:
         The report (also ``out_dir/report.json``).
@@ -40,29 +46,41 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         >>> run_search("search.yml", "runs/ties", progress=print)["best"]["fitness"]
     """
     from mergeforge.evolve.candidates import term_key
+    from mergeforge.evolve.fitness import race_all
     from mergeforge.evolve.report import (
         WINNER,
+        append_model_card,
         baseline_rows,
         convergence_plot,
+        genome_plot,
         path_plot,
         remerge_winner,
         table,
         winner_recipe_text,
         write_report,
     )
-    from mergeforge.evolve.search import best_entry, search_loop
+    from mergeforge.evolve.search import search_loop
 
     say = progress or (lambda line: None)
     config, folder = load_search_config(search)
     config = absolute_paths(config, folder)
     import cma  # noqa: F401 - missing optional package: fail before any model is read
     out = Path(out_dir)
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise RecipeError(f"--workers {workers}: give 1 or more")
+    pipelined = ray_address is not None or (workers or 1) > 1
+    if ray_address is not None:
+        import importlib.util
+
+        from mergeforge.evolve.ray_workers import INSTALL_HINT, check_reachable
+
+        if importlib.util.find_spec("ray") is None:  # before any model is read
+            raise MergeforgeError(f"--ray-address {ray_address}: Ray is not installed; {INSTALL_HINT}")
+        check_reachable(ray_address)
     if resume:
         from mergeforge.evolve.pool import check_mode
 
-        check_mode(out, workers)
+        check_mode(out, pipelined)
     prepare_out_dir(out, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True), resume)
     started = time.perf_counter()
     try:
@@ -74,36 +92,102 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
         raise RecipeError(f"{source}: {exc}") from None  # a field that needed the models to check (layer_groups)
     where = pool.space.labels[0] if config.is_layer_path else f"{len(pool.space.labels)} group(s)"
     say(f"{pool.space.dimensions} genes over {where}; sources loaded in {time.perf_counter() - started:.1f} s")
-    if workers > 1:
+    executor = "this process"
+    if pipelined:
         from mergeforge.evolve.pool import pooled_loop
 
-        entries, stopped = pooled_loop(pool, out, say, workers, folder)
+        def start_executor() -> Any:
+            nonlocal executor
+            config_data = config.model_dump(mode="json")
+            chosen: Any
+            if ray_address is not None:
+                from mergeforge.evolve.ray_workers import RayExecutor
+
+                chosen = RayExecutor(ray_address, workers, config_data, folder, out)
+            else:
+                from mergeforge.evolve.pool import ProcessExecutor
+
+                chosen = ProcessExecutor(workers or 1, config_data, folder, out)
+            executor = chosen.description
+            say(f"scoring on {executor}")
+            return chosen
+
+        entries, stopped = pooled_loop(pool, out, say, start_executor)
     else:
         entries, stopped = search_loop(pool, out, say)
     say(f"search ended: {stopped}")
-    best = best_entry(entries)
+    races = race_all(pool, out, entries)
+    best = winning_entry(config, entries, races)
     terms = [term_key(t.task, t.metric) for t in config.fitness]
     report = summary(pool, entries, stopped)
+    report["executor"] = executor
+    if config.splits.race_size:
+        report["racing"] = {"minibatch": config.splits.minibatch, "race": config.splits.race_size, "re_scored": len(races),
+                            "seconds": sum(line["seconds"] for line in races)}
     if best is None:
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         raise MergeforgeError(f"{out}: every candidate failed ({report['failures'][0]['error'] if entries else 'none ran'}); "
                               "see journal.jsonl")
     values = pool.space.values(best["genome"])
-    report["best"] = {"evaluation": entries.index(best) + 1, "generation": best["generation"], "fitness": best["fitness"],
+    report["best"] = {"evaluation": best["evaluation"], "generation": best["generation"], "fitness": best["fitness"],
                       "scores": best["scores"], "parameters": best["parameters"], "genome": best["genome"]}
+    if "minibatch_fitness" in best:
+        report["best"]["minibatch_fitness"] = best["minibatch_fitness"]
     (out / WINNER).write_text(winner_recipe_text(pool, values), encoding="utf-8")
     reproduction = remerge_winner(pool, out)
     reproduction["difference"] = reproduction["fitness"] - best["fitness"]
     report["reproduction"] = reproduction
     say(f"winner re-merged from {WINNER}: fitness {reproduction['fitness']:.4f} (search {best['fitness']:.4f}, "
         f"difference {reproduction['difference']:.2e})")
+    report["pareto"] = pareto_rows(pool, entries, races, out)
     report["test"] = baseline_rows(pool, values)
     report["plot_skipped"] = convergence_plot(entries, out / "convergence.png")
     if config.is_layer_path:
         report["path_plot_skipped"] = path_plot(pool, values, out / "path.png")
+    else:
+        report["genome_plot_skipped"] = genome_plot(pool, values, out / "genome.png")
     write_report(out, report, terms)
+    append_model_card(out, report, terms)
     say(table(report["test"], terms))
     return report
+
+
+def winning_entry(config: SearchConfig, entries: list[dict[str, Any]], races: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The winner's journal line with its evaluation number: the best on the search split; with a
+    minibatch, the best re-scored candidate, with its whole-split scores (its minibatch fitness
+    kept as ``minibatch_fitness``)."""
+    from mergeforge.evolve.fitness import incumbent
+    from mergeforge.evolve.search import best_entry
+
+    if not config.splits.race_size:
+        best = best_entry(entries)
+        return None if best is None else {**best, "evaluation": entries.index(best) + 1}
+    line = incumbent(races)
+    if line is None:
+        return None
+    position = next(i for i, e in enumerate(entries) if (e["generation"], e["candidate"]) == (line["generation"], line["candidate"]))
+    return {**entries[position], "evaluation": position + 1, "scores": line["scores"], "fitness": line["fitness"],
+            "minibatch_fitness": line["minibatch_fitness"]}
+
+
+def pareto_rows(pool: Any, entries: list[dict[str, Any]], races: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """The search split's Pareto front (:mod:`mergeforge.evolve.pareto`), best fitness first, each
+    member's recipe written to ``pareto/evaluation-N.yml``."""
+    from mergeforge.evolve.pareto import pareto_front
+    from mergeforge.evolve.report import winner_recipe_text
+
+    position = {(e["generation"], e["candidate"]): i for i, e in enumerate(entries)}
+    candidates = races if pool.config.splits.race_size else entries
+    rows = []
+    for member in pareto_front(pool.config, candidates):
+        index = position[(member["generation"], member["candidate"])]
+        entry = entries[index]
+        recipe = out / "pareto" / f"evaluation-{index + 1}.yml"
+        recipe.parent.mkdir(exist_ok=True)
+        recipe.write_text(winner_recipe_text(pool, pool.space.values(entry["genome"])), encoding="utf-8")
+        rows.append({"evaluation": index + 1, "generation": entry["generation"], "candidate": entry["candidate"],
+                     "scores": member["scores"], "fitness": member["fitness"], "recipe": str(recipe)})
+    return sorted(rows, key=lambda row: (-row["fitness"], row["evaluation"]))
 
 
 def new_pool(config: SearchConfig, folder: Path, out: Path) -> Any:

@@ -46,14 +46,20 @@ def fitness_of(config: SearchConfig, values: Mapping[str, float]) -> float:
     return sum(term.weight * values[term_key(term.task, term.metric)] for term in config.fitness)
 
 
-def score_model(config: SearchConfig, evaluator: Any, model: Any, split: str) -> dict[str, float]:
+def score_model(config: SearchConfig, evaluator: Any, model: Any, split: str, generation: int | None = None
+                ) -> dict[str, float]:
     """Each fitness term's metric for ``model`` on ``split`` (the search split's or the test
-    split's number of examples), by the evaluator's forced scoring."""
+    split's number of examples), by the evaluator's forced scoring. With ``generation`` and a
+    ``splits.minibatch``: on that generation's minibatch of the search split."""
     from mergeforge.evaluate.api import evaluate_model
 
     limit = config.splits.search_examples if split == config.splits.search else config.splits.test_examples
     names = list(dict.fromkeys(term_key(t.task, "score") for t in config.fitness))
     tasks = [evaluator.tasks[name] for name in names]
+    if generation is not None and config.splits.minibatch is not None and split == config.splits.search:
+        from mergeforge.evolve.fitness import minibatch_tasks
+
+        tasks = minibatch_tasks(config, tasks, generation)
     with_loss = any(term.metric != "score" for term in config.fitness)
     result = evaluate_model(model, tasks, split=split, batch_size=config.batch_size, max_examples=limit,
                             tokenizer=evaluator.tokenizer, with_loss=with_loss, scoring="forced")
@@ -154,16 +160,18 @@ class CandidatePool:
 
     # -- scoring ------------------------------------------------------------------------------
 
-    def score(self, split: str) -> dict[str, float]:
-        """Each fitness term's metric for the resident model on ``split``."""
-        return score_model(self.config, self.pool, self.pool.skeleton, split)
+    def score(self, split: str, generation: int | None = None) -> dict[str, float]:
+        """Each fitness term's metric for the resident model on ``split`` (generation
+        ``generation``'s minibatch of it if the search has one)."""
+        return score_model(self.config, self.pool, self.pool.skeleton, split, generation)
 
-    def evaluate(self, values: Sequence[float]) -> Scored:
-        """Merge (partially) and score one candidate on the search split."""
+    def evaluate(self, values: Sequence[float], generation: int | None = None) -> Scored:
+        """Merge (partially) and score one candidate on the search split (generation
+        ``generation``'s minibatch of it if the search has one; the whole split when None)."""
         started = time.perf_counter()
         remerged = self.load(values)
         merged_at = time.perf_counter()
-        scores = self.score(self.config.splits.search)
+        scores = self.score(self.config.splits.search, generation)
         return Scored(scores, fitness_of(self.config, scores), remerged, merged_at - started, time.perf_counter() - merged_at)
 
     def full_merge(self, method: str, parameters: Mapping[str, Any], model_parameters: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

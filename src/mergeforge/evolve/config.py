@@ -62,6 +62,11 @@ class FitnessTask(_Strict):
     metric: Literal["score", "loss", "perplexity"] = "score"
 
 
+# Candidates per generation re-scored on the whole search split when a minibatch is used: a few,
+# so that one lucky minibatch score does not make the winner.
+RACE_DEFAULT = 3
+
+
 class Splits(_Strict):
     """Validation drives the search; the test split is scored only for the final table."""
 
@@ -69,12 +74,30 @@ class Splits(_Strict):
     test: str = "test"
     search_examples: int | None = Field(default=None, gt=0)  # the first N examples of the search split (all if unset)
     test_examples: int | None = Field(default=None, gt=0)
+    # Each generation scores its candidates on this many examples per task, drawn afresh from the
+    # search split (every candidate of a generation sees the same ones); unset: the whole split.
+    minibatch: int | None = Field(default=None, gt=0)
+    # With a minibatch: the best `race` candidates of each generation are re-scored on the whole
+    # search split, and the winner is the best of those (default RACE_DEFAULT).
+    race: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _apart(self) -> Splits:
         if self.search == self.test:
             raise ValueError(f"the search split and the test split are both '{self.search}'; the test split must stay unseen")
+        if self.race is not None and self.minibatch is None:
+            raise ValueError("'race' re-scores candidates scored on a minibatch; set 'minibatch' too (or drop 'race')")
+        if self.minibatch is not None and self.search_examples is not None and self.minibatch >= self.search_examples:
+            raise ValueError(f"'minibatch' ({self.minibatch}) must be below 'search_examples' ({self.search_examples}); "
+                             "drop 'minibatch' to score every candidate on the whole search split")
         return self
+
+    @property
+    def race_size(self) -> int:
+        """Candidates of each generation re-scored on the whole search split (0: no minibatch, no race)."""
+        if self.minibatch is None:
+            return 0
+        return self.race if self.race is not None else RACE_DEFAULT
 
 
 class Budget(_Strict):

@@ -30,7 +30,15 @@ SEARCH = "search.yml"
 def read_journal(out_dir: Path) -> list[dict[str, Any]]:
     """The journal's entries; a last line cut short by a kill is dropped (and cut from the file,
     so that the next append starts on a fresh line)."""
-    path = out_dir / JOURNAL
+    return read_lines(out_dir / JOURNAL)
+
+
+def append_entry(out_dir: Path, entry: dict[str, Any]) -> None:
+    append_line(out_dir / JOURNAL, entry)
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """A JSON-lines file of the search (the journal, the races), less a last line cut short."""
     if not path.is_file():
         return []
     entries, keep = [], 0
@@ -46,8 +54,9 @@ def read_journal(out_dir: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def append_entry(out_dir: Path, entry: dict[str, Any]) -> None:
-    with (out_dir / JOURNAL).open("a", encoding="utf-8") as handle:
+def append_line(path: Path, entry: dict[str, Any]) -> None:
+    """One line appended and fsynced, so that a kill loses at most the line being written."""
+    with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, allow_nan=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())

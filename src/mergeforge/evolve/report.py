@@ -49,22 +49,28 @@ def remerge_winner(pool: Any, out_dir: Path) -> dict[str, Any]:
 
 def baseline_rows(pool: Any, winner_values: list[float]) -> list[dict[str, Any]]:
     """Test-split scores of the base, each source, the hand-set merges and the winner."""
+    from mergeforge.evolve.fitness import row_intervals
+
     config = pool.config
     test = config.splits.test
+    counts = test_counts(pool)
     rows: list[dict[str, Any]] = []
+
+    def scored(name: str) -> None:
+        scores = pool.score(test)
+        rows.append({"name": name, "scores": scores, "fitness": fitness_of(config, scores),
+                     "ci95": row_intervals(config, scores, counts)})
 
     def row(name: str, state: Any = None, error: str | None = None) -> None:
         if error is not None:
             rows.append({"name": name, "error": error})
             return
         pool.load_state(state)
-        scores = pool.score(test)
-        rows.append({"name": name, "scores": scores, "fitness": fitness_of(config, scores)})
+        scored(name)
 
     def source_row(index: int, path: Path) -> None:
         pool.load_source(index)
-        scores = pool.score(test)
-        rows.append({"name": f"source: {path.name}", "scores": scores, "fitness": fitness_of(config, scores)})
+        scored(f"source: {path.name}")
 
     if pool.base_dir is not None:
         row("base", pool.base_state)
@@ -81,9 +87,18 @@ def baseline_rows(pool: Any, winner_values: list[float]) -> list[dict[str, Any]]
         row(name, state)
     pool.forget()
     pool.load(winner_values)
-    scores = pool.score(test)
-    rows.append({"name": "evolved (winner)", "scores": scores, "fitness": fitness_of(config, scores)})
+    scored("evolved (winner)")
     return rows
+
+
+def test_counts(pool: Any) -> dict[str, int]:
+    """The examples each fitness term is scored on in the test split."""
+    from mergeforge.evolve.candidates import term_key
+
+    config = pool.config
+    return {term_key(t.task, t.metric): len(pool.pool.tasks[term_key(t.task, "score")].examples(config.splits.test,
+                                                                                              config.splits.test_examples))
+            for t in config.fitness}
 
 
 def default_baselines(config: Any) -> tuple[Any, ...]:
@@ -96,14 +111,21 @@ def default_baselines(config: Any) -> tuple[Any, ...]:
 
 
 def table(rows: list[dict[str, Any]], terms: list[str]) -> str:
-    """The test table in Markdown: one row per model, one column per fitness term, then the fitness."""
+    """The test table in Markdown: one row per model, one column per fitness term, then the
+    fitness; each exact-match score (and a fitness of exact-match scores alone) with its bootstrap
+    95% interval in brackets."""
     lines = ["| model | " + " | ".join(terms) + " | fitness |", "|---" * (len(terms) + 2) + "|"]
+
+    def cell(row: dict[str, Any], key: str, value: float) -> str:
+        interval = row.get("ci95", {}).get(key)
+        return f"{value:.4f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['name']} | " + " | ".join("-" for _ in terms) + f" | failed: {row['error']} |")
             continue
-        cells = " | ".join(f"{row['scores'][term]:.4f}" for term in terms)
-        lines.append(f"| {row['name']} | {cells} | {row['fitness']:.4f} |")
+        cells = " | ".join(cell(row, term, row["scores"][term]) for term in terms)
+        lines.append(f"| {row['name']} | {cells} | {cell(row, 'fitness', row['fitness'])} |")
     return "\n".join(lines)
 
 
@@ -170,6 +192,7 @@ def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> Non
         f"- method: `{report['method']}`, {report['dimensions']} genes, seed {report['seed']}",
         f"- evaluations: {report['evaluations']} ({report['failed']} failed), {report['seconds']:.1f} s, "
         f"{report['candidates_per_minute']:.1f} candidates/minute; {report['stopped']}",
+        f"- scored in: {report.get('executor', 'this process')}",
         f"- best fitness on `{report['search_split']}`: {report['best']['fitness']:.4f} (evaluation {report['best']['evaluation']})",
         f"- re-merged from `{WINNER}`: {report['reproduction']['fitness']:.4f} (difference {report['reproduction']['difference']:.2e})",
         f"- seconds per candidate: {built(report)}, score {report['timing']['score_seconds']:.3f}; "
@@ -178,7 +201,22 @@ def write_report(out_dir: Path, report: dict[str, Any], terms: list[str]) -> Non
     steps = report["best"]["parameters"].get("steps")
     if steps is not None:
         lines.append(f"- the winner's path ({len(steps)} steps, `model.layer×scale`): {' → '.join(steps)}")
-    lines += ["", f"## Test split (`{report['test_split']}`)", "", table(report["test"], terms), ""]
+    racing = report.get("racing")
+    if racing is not None:
+        lines.append(f"- fitness on a minibatch of {racing['minibatch']} examples per task and generation; the best "
+                     f"{racing['race']} of each generation re-scored on the whole split ({racing['re_scored']} re-scored, "
+                     f"{racing['seconds']:.1f} s); the winner's minibatch fitness was {report['best']['minibatch_fitness']:.4f}")
+    if report.get("genome_plot_skipped", "") is None:
+        lines.append("- the winner's genome, group of layers × model: ![genome](genome.png)")
+    front = report.get("pareto") or []
+    if front:
+        lines += ["", f"## Pareto front on `{report['search_split']}` ({len(front)} candidates no other beats on every term)", "",
+                  "| evaluation | " + " | ".join(terms) + " | fitness | recipe |", "|---" * (len(terms) + 3) + "|"]
+        lines += [f"| {row['evaluation']} | " + " | ".join(f"{row['scores'][term]:.4f}" for term in terms)
+                  + f" | {row['fitness']:.4f} | `pareto/{Path(row['recipe']).name}` |" for row in front]
+    lines += ["", f"## Test split (`{report['test_split']}`)", "",
+              "Brackets: the bootstrap 95% interval (examples resampled within each task).", "",
+              table(report["test"], terms), ""]
     (out_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -209,3 +247,77 @@ def path_plot(pool: Any, values: list[float], path: Path) -> str | None:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return None
+
+
+def genome_grids(pool: Any, values: list[float]) -> dict[str, list[list[float]]]:
+    """Each searched per-model parameter's values: ``grid[group][model]``."""
+    space = pool.space
+    grids: dict[str, list[list[float]]] = {}
+    for gene, value in zip(space.genes, values, strict=True):
+        if gene.model is not None:
+            grid = grids.setdefault(gene.param, [[float("nan")] * space.model_count for _ in space.labels])
+            grid[gene.group][gene.model] = float(value)
+    return grids
+
+
+def genome_plot(pool: Any, values: list[float], path: Path) -> str | None:
+    """The winner's genome as heatmaps, one per searched per-model parameter: a row per group of
+    layers, a column per model, the cell the value. Drawn for ``layer_groups`` above 1 (one group
+    is one row, which the report's parameters already list); returns why not, else None."""
+    if pool.config.is_layer_path or pool.config.layer_groups == 1:
+        return "one group of layers: the parameters are listed in report.json"
+    genes = [(gene, value) for gene, value in zip(pool.space.genes, values, strict=True) if gene.model is not None]
+    if not genes:
+        return "no per-model parameter is searched"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return "matplotlib is not installed (pip install 'mergeforge[evolve]')"
+    grids = genome_grids(pool, values)
+    bounds = {gene.param: (gene.low, gene.high) for gene, _ in genes}
+    labels, models = pool.space.labels, [Path(p).name for p in pool.model_dirs]
+    figure, axes = plt.subplots(1, len(grids), figsize=(2.2 + 1.1 * len(models) * len(grids), 1.2 + 0.45 * len(labels)),
+                                squeeze=False)
+    for axis, (param, grid) in zip(axes[0], grids.items(), strict=True):
+        low, high = bounds[param]
+        image = axis.imshow(grid, cmap="viridis", vmin=low, vmax=high, aspect="auto")
+        for row, cells in enumerate(grid):
+            for column, value in enumerate(cells):
+                axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white")
+        axis.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=7)
+        axis.set_yticks(range(len(labels)), labels, fontsize=7)
+        axis.set_title(f"{param} (colour: its bounds)", fontsize=9)
+        figure.colorbar(image, ax=axis, fraction=0.05)
+    figure.suptitle("the winner's genome: group of layers × model", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return None
+
+
+def append_model_card(out_dir: Path, report: dict[str, Any], terms: list[str]) -> None:
+    """The search's account in ``model/README.md`` (the engine's model card: front matter, the
+    models merged, the recipe): how it was found, with what seed and budget, and its scores."""
+    config = yaml.safe_load((out_dir / "search.yml").read_text(encoding="utf-8"))
+    budget = config["budget"]
+    limits = " and ".join(f"{value} {name}" for name, value in budget.items() if value is not None)
+    best = report["best"]
+    lines = [
+        "", "## How it was found", "",
+        f"By `mergeforge evolve` (CMA-ES, Akiba et al., arXiv:2403.13187): method `{report['method']}`, "
+        f"{report['dimensions']} genes, seed {report['seed']}, budget {limits}; {report['evaluations']} candidates "
+        f"evaluated ({report['failed']} failed), {report['stopped']}.",
+        "",
+        f"- fitness (Σ weight × metric) on the `{report['search_split']}` split: {best['fitness']:.4f}, found at "
+        f"evaluation {best['evaluation']}; this folder, re-merged from the recipe, scores {report['reproduction']['fitness']:.4f}",
+        f"- reproduce: `mergeforge merge winner.yml OUT_DIR --seed {report['seed']}` (the recipe above is `winner.yml`)",
+        "", f"## Scores on the held-out `{report['test_split']}` split", "",
+        "Brackets: the bootstrap 95% interval (examples resampled within each task).", "",
+        table(report["test"], terms), "",
+    ]
+    card = out_dir / "model" / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    card.write_text(text.rstrip("\n") + "\n" + "\n".join(lines), encoding="utf-8")

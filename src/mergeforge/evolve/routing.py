@@ -160,11 +160,13 @@ class PathPool:
         self.space = PathSpace(config, [len(m.model.layers) for m in sources], names)
         self.current: Any = None
 
-    def evaluate(self, values: Sequence[float]) -> Scored:
+    def evaluate(self, values: Sequence[float], generation: int | None = None) -> Scored:
+        """Route and score one candidate on the search split (generation ``generation``'s minibatch
+        of it if the search has one; the whole split when None)."""
         started = time.perf_counter()
         self.load(values)
         routed_at = time.perf_counter()
-        scores = self.score(self.config.splits.search)
+        scores = self.score(self.config.splits.search, generation)
         return Scored(scores, fitness_of(self.config, scores), 0, routed_at - started, time.perf_counter() - routed_at)
 
     def load(self, values: Sequence[float]) -> None:
@@ -182,8 +184,8 @@ class PathPool:
     def forget(self) -> None:
         """Nothing is cached between candidates: each one is routed afresh."""
 
-    def score(self, split: str) -> dict[str, float]:
-        return score_model(self.config, self.pool, self.current, split)
+    def score(self, split: str, generation: int | None = None) -> dict[str, float]:
+        return score_model(self.config, self.pool, self.current, split, generation)
 
     def winner_recipe(self, values: Sequence[float]) -> dict[str, Any]:
         return self.space.recipe(values, [str(path) for path in self.model_dirs])

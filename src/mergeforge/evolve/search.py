@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mergeforge.evolve.config import SearchConfig
+from mergeforge.evolve.fitness import race_generation
 from mergeforge.evolve.journal import append_entry, load_optimizer, read_journal, save_optimizer
 
 # What cma is told for a failed candidate (it minimises): worse than any real fitness, finite so
@@ -58,6 +59,32 @@ def new_optimizer(config: SearchConfig, start: list[float]) -> Any:
     return cma.CMAEvolutionStrategy(start, config.optimizer.sigma0, options)
 
 
+def rehash_archives(optimizer: Any) -> Any:
+    """The optimiser unpickled in a new process, with its solution archives usable again.
+
+    cma keys the solutions it has asked for (``sent_solutions``, whose genotypes ``tell`` looks
+    up) by ``hash(x.tobytes())``, and Python salts the hash of bytes per process. Unpickled
+    elsewhere, those keys no longer match, so a generation asked in one process and told in
+    another (the pipeline of ``--workers`` and ``--ray-address``, resumed) would be told without
+    its genotypes and update differently. The keys are computed again from the solutions kept
+    with them."""
+    from cma.utilities.utils import SolutionDict
+
+    for archive in vars(optimizer).values():
+        if not isinstance(archive, SolutionDict):
+            continue
+        data, same, unhashed = archive.data, archive.data_with_same_key, archive._unhashed_keys
+        archive.data, archive.data_with_same_key, archive._unhashed_keys = {}, {}, {}
+        for old, value in data.items():
+            solution = unhashed.get(old, old)
+            key = archive.key(solution)
+            archive.data[key] = value
+            archive._unhashed_keys[key] = solution
+            if old in same:
+                archive.data_with_same_key[key] = same[old]
+    return optimizer
+
+
 def uses_diagonal(config: SearchConfig, dimensions: int) -> bool:
     """Separable CMA: as the search file says, else from DIAGONAL_FROM genes on."""
     from mergeforge.evolve.config import DIAGONAL_FROM
@@ -84,21 +111,31 @@ class BudgetClock:
         return self.seconds_before + time.perf_counter() - self.started
 
 
+def _entry_head(pool: Any, generation: int, index: int, unit: list[float]) -> dict[str, Any]:
+    values = pool.space.values(unit)
+    return {"generation": generation, "candidate": index, "genome": unit, "parameters": pool.space.described(values),
+            "seed": pool.config.seed}
+
+
+def failed_entry(pool: Any, generation: int, index: int, unit: list[float], error: str, seconds: float) -> dict[str, Any]:
+    """The journal line of a candidate that failed: no scores, no fitness, the reason."""
+    entry = _entry_head(pool, generation, index, unit)
+    entry.update(scores={}, fitness=None, error=error, timing={"seconds": seconds})
+    return entry
+
+
 def journal_entry(pool: Any, generation: int, index: int, unit: list[float]) -> dict[str, Any]:
     """Score one candidate and return its journal line (a failure is a line too)."""
+    entry = _entry_head(pool, generation, index, unit)
     values = pool.space.values(unit)
-    entry: dict[str, Any] = {"generation": generation, "candidate": index, "genome": unit,
-                             "parameters": pool.space.described(values), "seed": pool.config.seed}
     started = time.perf_counter()
     try:
-        scored = pool.evaluate(values)
+        scored = pool.evaluate(values, generation)
         if not math.isfinite(scored.fitness):
             raise FloatingPointError(f"fitness is {scored.fitness}")
     except Exception as exc:  # noqa: BLE001 - any failure of one candidate is logged, the search goes on
         pool.forget()
-        entry.update(scores={}, fitness=None, error=f"{type(exc).__name__}: {exc}",
-                     timing={"seconds": time.perf_counter() - started})
-        return entry
+        return failed_entry(pool, generation, index, unit, f"{type(exc).__name__}: {exc}", time.perf_counter() - started)
     entry.update(scores=scored.scores, fitness=scored.fitness, error=None,
                  timing={"seconds": time.perf_counter() - started, "merge_seconds": scored.merge_seconds,
                          "score_seconds": scored.score_seconds, "remerged_groups": scored.remerged_groups})
@@ -115,8 +152,9 @@ def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> tu
     config: SearchConfig = pool.config
     entries = read_journal(out_dir)
     done = {(e["generation"], e["candidate"]): e for e in entries}
-    optimizer = load_optimizer(out_dir) or new_optimizer(config, pool.space.start())
-    budget = BudgetClock(config, len(entries), sum(e["timing"]["seconds"] for e in entries))
+    saved = load_optimizer(out_dir)
+    optimizer = rehash_archives(saved) if saved is not None else new_optimizer(config, pool.space.start())
+    budget = BudgetClock(config, len(entries), spent_seconds(out_dir, entries))
     while not budget.spent() and not optimizer.stop():
         generation = optimizer.countiter
         asked = optimizer.ask()
@@ -139,15 +177,27 @@ def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> tu
                 budget.evaluations += 1
             results.append(entry)
         optimizer.tell(asked, [loss_of(e) for e in results])
+        race_generation(pool, out_dir, results)  # before the save: a resume that re-tells also re-races
         save_optimizer(out_dir, optimizer)
-        progress(generation_line(generation, results, entries, budget))
+        progress(generation_line(generation, results, entries, budget, out_dir))
     if budget.spent():
         return entries, "budget spent"
     return entries, "cma stopped: " + ", ".join(f"{key} {value}" for key, value in optimizer.stop().items())
 
 
-def generation_line(generation: int, results: list[dict[str, Any]], entries: list[dict[str, Any]], budget: BudgetClock) -> str:
-    """One line per generation: its best and median, the best so far, failures, speed."""
+def spent_seconds(out_dir: Path, entries: list[dict[str, Any]]) -> float:
+    """Seconds spent by earlier runs of the search: its candidates' and its races' own times."""
+    from mergeforge.evolve.fitness import read_races
+
+    return sum(e["timing"]["seconds"] for e in entries) + sum(line["seconds"] for line in read_races(out_dir))
+
+
+def generation_line(generation: int, results: list[dict[str, Any]], entries: list[dict[str, Any]], budget: BudgetClock,
+                    out_dir: Path) -> str:
+    """One line per generation: its best and median, the best so far (with a minibatch: the best
+    re-scored on the whole search split), failures, speed."""
+    from mergeforge.evolve.fitness import incumbent, read_races
+
     fitness = sorted(e["fitness"] for e in results if e["fitness"] is not None)
     best = max((e["fitness"] for e in entries if e["fitness"] is not None), default=None)
     failed = sum(e["fitness"] is None for e in results)
@@ -157,7 +207,11 @@ def generation_line(generation: int, results: list[dict[str, Any]], entries: lis
     parts = [f"generation {generation:>3}", f"evaluations {spent}"]
     if fitness:
         parts += [f"best {fitness[-1]:.4f}", f"median {fitness[len(fitness) // 2]:.4f}"]
-    parts.append(f"best so far {best:.4f}" if best is not None else "no candidate scored yet")
+    if budget.config.splits.race_size:
+        leader = incumbent(read_races(out_dir))
+        parts.append(f"incumbent {leader['fitness']:.4f} (whole split)" if leader is not None else "no incumbent yet")
+    else:
+        parts.append(f"best so far {best:.4f}" if best is not None else "no candidate scored yet")
     if failed:
         parts.append(f"{failed} failed")
     parts.append(f"{sum(seconds) / max(1, len(seconds)):.2f} s/candidate")
