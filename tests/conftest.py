@@ -127,6 +127,16 @@ def llama_family(model_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_zoo_dir() -> Path:
+    """The tiny zoo's folder (seed 0): built on first use, then cached by content hash."""
+    from mergeforge.zoo import build_zoo
+    from mergeforge.zoo.build import default_zoo_dir
+
+    build_zoo(None, size="tiny", seed=0)
+    return default_zoo_dir("tiny", 0)
+
+
 @pytest.fixture
 def scratch_methods():
     """The method registry; methods registered during the test are unregistered afterwards."""

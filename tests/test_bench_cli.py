@@ -8,18 +8,9 @@ import pytest
 from conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def zoo_dir():
-    from mergeforge.zoo import build_zoo
-    from mergeforge.zoo.build import default_zoo_dir
-
-    build_zoo(None, size="tiny", seed=0)  # cached by content hash, shared with the zoo tests
-    return default_zoo_dir("tiny", 0)
-
-
-def test_bench_on_the_tiny_zoo(zoo_dir, tmp_path):
+def test_bench_on_the_tiny_zoo(tiny_zoo_dir, tmp_path):
     out = tmp_path / "results"
-    result = run_cli("bench", "--zoo", zoo_dir, "--size", "tiny", "--methods", "task_arithmetic,ties,passthrough",
+    result = run_cli("bench", "--zoo", tiny_zoo_dir, "--size", "tiny", "--methods", "task_arithmetic,ties,passthrough",
                      "--max-examples", "16", "--curve-methods", "task_arithmetic", "--out", out)
     assert result.returncode == 0, result.stderr
     payload = json.loads((out / "results.json").read_text())

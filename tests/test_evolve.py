@@ -10,21 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import run_cli
+from evolve_support import deterministic, kill_midway_and_resume, read_lines, write_search
 
 from mergeforge.errors import MergeforgeError, RecipeError
 
 pytest.importorskip("cma")
-
-
-@pytest.fixture(scope="module")
-def zoo_dir() -> Path:
-    from mergeforge.zoo import build_zoo
-    from mergeforge.zoo.build import default_zoo_dir
-
-    build_zoo(None, size="tiny", seed=0)  # cached by content hash, shared with the zoo and bench tests
-    return default_zoo_dir("tiny", 0)
 
 
 def search(zoo: Path, **changes) -> dict:
@@ -43,20 +34,6 @@ def search(zoo: Path, **changes) -> dict:
     }
     config.update(changes)
     return config
-
-
-def write_search(path: Path, config: dict) -> Path:
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
-
-
-def deterministic(entries: list[dict]) -> list[dict]:
-    """Journal lines without their timings: what must not depend on being resumed."""
-    return [{key: value for key, value in entry.items() if key != "timing"} for entry in entries]
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # -- the search file ------------------------------------------------------------------------------
@@ -96,10 +73,10 @@ def test_the_cli_refuses_a_bad_search_in_one_line_before_reading_a_model(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_too_many_layer_groups_is_refused(zoo_dir, tmp_path):
+def test_too_many_layer_groups_is_refused(tiny_zoo_dir, tmp_path):
     from mergeforge.evolve.api import run_search
 
-    path = write_search(tmp_path / "search.yml", search(zoo_dir, layer_groups=5))
+    path = write_search(tmp_path / "search.yml", search(tiny_zoo_dir, layer_groups=5))
     with pytest.raises(RecipeError, match=r"search.yml: field 'layer_groups': 5 groups for a model of 2 layers"):
         run_search(path, tmp_path / "out")
 
@@ -108,12 +85,12 @@ def test_too_many_layer_groups_is_refused(zoo_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def grouped_pool(zoo_dir):
+def grouped_pool(tiny_zoo_dir):
     """Candidates with genes per layer (2 layers: groups 'layer 0', 'layer 1', 'outside the layers')."""
     from mergeforge.evolve.candidates import CandidatePool
     from mergeforge.evolve.config import load_search_config
 
-    config, folder = load_search_config(search(zoo_dir, layer_groups=2))
+    config, folder = load_search_config(search(tiny_zoo_dir, layer_groups=2))
     return CandidatePool(config, folder)
 
 
@@ -181,21 +158,21 @@ def test_an_int_parameter_is_searched_as_rounded_values():
     assert space.values([0.0]) == [1] and space.values([0.6]) == [3] and space.values([1.0]) == [4]
 
 
-def test_a_resumed_search_writes_the_journal_of_an_uninterrupted_one(zoo_dir, tmp_path):
+def test_a_resumed_search_writes_the_journal_of_an_uninterrupted_one(tiny_zoo_dir, tmp_path):
     from mergeforge.evolve.api import run_search
 
-    whole = run_search(search(zoo_dir, budget={"evaluations": 10}), tmp_path / "whole")
+    whole = run_search(search(tiny_zoo_dir, budget={"evaluations": 10}), tmp_path / "whole")
     # Stopped by its budget in the middle of the second generation (popsize 4), then continued.
-    run_search(search(zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed")
+    run_search(search(tiny_zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed")
     assert len(read_lines(tmp_path / "resumed" / "journal.jsonl")) == 6
-    resumed = run_search(search(zoo_dir, budget={"evaluations": 10}), tmp_path / "resumed", resume=True)
+    resumed = run_search(search(tiny_zoo_dir, budget={"evaluations": 10}), tmp_path / "resumed", resume=True)
     assert deterministic(read_lines(tmp_path / "resumed" / "journal.jsonl")) == deterministic(read_lines(tmp_path / "whole" / "journal.jsonl"))
     assert resumed["best"] == whole["best"]
     assert (tmp_path / "resumed" / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()
     with pytest.raises(MergeforgeError, match="only 'budget' may change"):
-        run_search(search(zoo_dir, seed=4), tmp_path / "resumed", resume=True)
+        run_search(search(tiny_zoo_dir, seed=4), tmp_path / "resumed", resume=True)
     with pytest.raises(MergeforgeError, match="not empty; pass --resume"):
-        run_search(search(zoo_dir), tmp_path / "whole")
+        run_search(search(tiny_zoo_dir), tmp_path / "whole")
 
 
 def register_fragile_method() -> None:
@@ -211,11 +188,11 @@ def register_fragile_method() -> None:
         return base + sum(w * (t - base) for w, t in zip(weight, tensors, strict=True))
 
 
-def test_a_failing_candidate_is_journalled_and_the_search_goes_on(zoo_dir, tmp_path, scratch_methods):
+def test_a_failing_candidate_is_journalled_and_the_search_goes_on(tiny_zoo_dir, tmp_path, scratch_methods):
     from mergeforge.evolve.api import run_search
 
     register_fragile_method()
-    config = search(zoo_dir, merge_method="fragile_sum_for_test", search={"weight": {"low": 0.0, "high": 2.0}},
+    config = search(tiny_zoo_dir, merge_method="fragile_sum_for_test", search={"weight": {"low": 0.0, "high": 2.0}},
                     budget={"evaluations": 12}, optimizer={"popsize": 6, "sigma0": 0.5})
     report = run_search(config, tmp_path / "out")
     entries = read_lines(tmp_path / "out" / "journal.jsonl")
@@ -226,21 +203,21 @@ def test_a_failing_candidate_is_journalled_and_the_search_goes_on(zoo_dir, tmp_p
     assert report["best"]["parameters"]["weight [model 0, group 0]"] <= 1.0
 
 
-def test_a_search_where_every_candidate_fails_says_so(zoo_dir, tmp_path, scratch_methods):
+def test_a_search_where_every_candidate_fails_says_so(tiny_zoo_dir, tmp_path, scratch_methods):
     from mergeforge.evolve.api import run_search
 
     register_fragile_method()
-    config = search(zoo_dir, merge_method="fragile_sum_for_test", search={"weight": {"low": 1.1, "high": 2.0}},
+    config = search(tiny_zoo_dir, merge_method="fragile_sum_for_test", search={"weight": {"low": 1.1, "high": 2.0}},
                     budget={"evaluations": 4})
     with pytest.raises(MergeforgeError, match="every candidate failed .RuntimeError: weight .* is too large"):
         run_search(config, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["failed"] == 4
 
 
-def test_the_exported_recipe_reproduces_the_fitness_through_the_cli(zoo_dir, tmp_path):
+def test_the_exported_recipe_reproduces_the_fitness_through_the_cli(tiny_zoo_dir, tmp_path):
     from mergeforge.evaluate.api import evaluate_model
 
-    path = write_search(tmp_path / "search.yml", search(zoo_dir, baselines=None))
+    path = write_search(tmp_path / "search.yml", search(tiny_zoo_dir, baselines=None))
     result = run_cli("evolve", path, tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert "generation   0" in result.stderr and "| evolved (winner) |" in result.stderr
@@ -253,7 +230,7 @@ def test_the_exported_recipe_reproduces_the_fitness_through_the_cli(zoo_dir, tmp
     assert "seed: 3" in winner and "--seed 3" in winner
     merged = run_cli("merge", tmp_path / "out" / "winner.yml", tmp_path / "again", "--seed", "3", "--quiet")
     assert merged.returncode == 0, merged.stderr
-    tasks = [zoo_dir / "tasks" / "shift", zoo_dir / "tasks" / "reverse"]
+    tasks = [tiny_zoo_dir / "tasks" / "shift", tiny_zoo_dir / "tasks" / "reverse"]
     scores = evaluate_model(tmp_path / "again", tasks, split="val", max_examples=12, scoring="forced", with_loss=False)
     assert sum(entry["score"] for entry in scores["tasks"].values()) == report["best"]["fitness"]
 
@@ -289,28 +266,12 @@ def test_help_imports_neither_torch_nor_cma_nor_ray():
 
 
 @pytest.mark.slow  # three CLI runs of a 40-candidate search: about 40 s on 2 cores
-def test_a_search_killed_with_sigkill_resumes_to_the_uninterrupted_result(zoo_dir, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    config = search(zoo_dir, budget={"evaluations": 40}, splits={"search_examples": 48, "test_examples": 12})
+def test_a_search_killed_with_sigkill_resumes_to_the_uninterrupted_result(tiny_zoo_dir, tmp_path):
+    config = search(tiny_zoo_dir, budget={"evaluations": 40}, splits={"search_examples": 48, "test_examples": 12})
     path = write_search(tmp_path / "search.yml", config)
     assert run_cli("evolve", path, tmp_path / "whole", "--quiet").returncode == 0
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "mergeforge", "evolve", str(path), str(killed), "--quiet"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = killed / "journal.jsonl"
-    deadline = time.monotonic() + 120
-    while (not journal.is_file() or len(journal.read_bytes().splitlines()) < 6) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = len(journal.read_bytes().splitlines())
-    assert 6 <= done < 40, "the run was not killed in the middle"
-    result = run_cli("evolve", path, killed, "--resume", "--quiet")
-    assert result.returncode == 0, result.stderr
+    journal = kill_midway_and_resume(path, killed, evaluations=40)
     assert deterministic(read_lines(journal)) == deterministic(read_lines(tmp_path / "whole" / "journal.jsonl"))
     assert (killed / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()
 
@@ -377,10 +338,10 @@ def test_the_genome_grid_holds_each_groups_merge_parameters(grouped_pool):
     assert len({value for grid in grids.values() for row in grid for value in row}) == pool.space.dimensions
 
 
-def test_a_grouped_search_draws_its_genome_and_writes_a_model_card(zoo_dir, tmp_path):
+def test_a_grouped_search_draws_its_genome_and_writes_a_model_card(tiny_zoo_dir, tmp_path):
     from mergeforge.evolve.api import run_search
 
-    report = run_search(search(zoo_dir, layer_groups=2, budget={"evaluations": 4}), tmp_path / "out")
+    report = run_search(search(tiny_zoo_dir, layer_groups=2, budget={"evaluations": 4}), tmp_path / "out")
     assert report["genome_plot_skipped"] is None and (tmp_path / "out" / "genome.png").stat().st_size > 5_000
     assert "![genome](genome.png)" in (tmp_path / "out" / "report.md").read_text()
     card = (tmp_path / "out" / "model" / "README.md").read_text()
@@ -389,5 +350,5 @@ def test_a_grouped_search_draws_its_genome_and_writes_a_model_card(zoo_dir, tmp_
     assert f"on the `val` split: {report['best']['fitness']:.4f}" in card and "--seed 3" in card
     winner = next(row for row in report["test"] if row["name"] == "evolved (winner)")
     assert f"| evolved (winner) | {winner['scores']['shift']:.4f} [" in card
-    one_group = run_search(search(zoo_dir, budget={"evaluations": 4}), tmp_path / "one")
+    one_group = run_search(search(tiny_zoo_dir, budget={"evaluations": 4}), tmp_path / "one")
     assert one_group["genome_plot_skipped"] and not (tmp_path / "one" / "genome.png").exists()

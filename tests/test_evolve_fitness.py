@@ -15,15 +15,6 @@ from mergeforge.errors import RecipeError
 pytest.importorskip("cma")
 
 
-@pytest.fixture(scope="module")
-def zoo_dir() -> Path:
-    from mergeforge.zoo import build_zoo
-    from mergeforge.zoo.build import default_zoo_dir
-
-    build_zoo(None, size="tiny", seed=0)  # cached by content hash, shared with the other evolve tests
-    return default_zoo_dir("tiny", 0)
-
-
 def search(zoo: Path, **changes) -> dict:
     """DARE-TIES over two tiny-zoo experts, scored on 6 of the first 24 validation examples per task."""
     config = {
@@ -67,13 +58,13 @@ def test_a_bad_minibatch_or_race_is_refused_naming_the_field(tmp_path, splits, m
     assert str(caught.value).startswith(f"{path}: ")
 
 
-def test_a_generation_has_one_minibatch_drawn_from_the_search_split(zoo_dir):
+def test_a_generation_has_one_minibatch_drawn_from_the_search_split(tiny_zoo_dir):
     from mergeforge.evolve.config import load_search_config
     from mergeforge.evolve.fitness import minibatch_tasks
     from mergeforge.tasks.folders import load_task
 
-    config, _ = load_search_config(search(zoo_dir))
-    tasks = [load_task(zoo_dir / "tasks" / "shift"), load_task(zoo_dir / "tasks" / "reverse")]
+    config, _ = load_search_config(search(tiny_zoo_dir))
+    tasks = [load_task(tiny_zoo_dir / "tasks" / "shift"), load_task(tiny_zoo_dir / "tasks" / "reverse")]
     first = [task.examples("val", 24) for task in tasks]
 
     def drawn(generation: int) -> list[list]:
@@ -95,7 +86,7 @@ def write_task(folder: Path, source: Path, examples: list) -> Path:
     return folder
 
 
-def test_minibatch_scores_and_the_race_are_what_they_claim(zoo_dir, tmp_path):
+def test_minibatch_scores_and_the_race_are_what_they_claim(tiny_zoo_dir, tmp_path):
     """Each candidate's journal fitness is its score on its generation's examples (scored again from
     task folders holding only those); the race re-scores each generation's two best on the whole
     search split; the winner is the best re-scored one, not the best minibatch score."""
@@ -105,10 +96,10 @@ def test_minibatch_scores_and_the_race_are_what_they_claim(zoo_dir, tmp_path):
     from mergeforge.evolve.config import load_search_config
     from mergeforge.evolve.fitness import minibatch_tasks
 
-    report = run_search(search(zoo_dir), tmp_path / "out")
+    report = run_search(search(tiny_zoo_dir), tmp_path / "out")
     journal = read_lines(tmp_path / "out" / "journal.jsonl")
     races = read_lines(tmp_path / "out" / "race.jsonl")
-    config, folder = load_search_config(search(zoo_dir))
+    config, folder = load_search_config(search(tiny_zoo_dir))
     pool = CandidatePool(config, folder)
     names = ["shift", "reverse"]
     tasks = [pool.pool.tasks[name] for name in names]
@@ -116,7 +107,7 @@ def test_minibatch_scores_and_the_race_are_what_they_claim(zoo_dir, tmp_path):
         pool.load(pool.space.values(entry["genome"]))
         batch = minibatch_tasks(config, tasks, entry["generation"])
         where = tmp_path / f"g{entry['generation']}c{entry['candidate']}"
-        folders = [write_task(where / name, zoo_dir / "tasks" / name, task.examples("val", 24))
+        folders = [write_task(where / name, tiny_zoo_dir / "tasks" / name, task.examples("val", 24))
                    for name, task in zip(names, batch, strict=True)]
         scores = evaluate_model(pool.pool.skeleton, folders, split="val", tokenizer=pool.pool.tokenizer, with_loss=False,
                                 scoring="forced")["tasks"]
@@ -132,7 +123,7 @@ def test_minibatch_scores_and_the_race_are_what_they_claim(zoo_dir, tmp_path):
     for line in races:
         entry = next(e for e in journal if (e["generation"], e["candidate"]) == (line["generation"], line["candidate"]))
         pool.load(pool.space.values(entry["genome"]))
-        whole = evaluate_model(pool.pool.skeleton, [zoo_dir / "tasks" / n for n in names], split="val", max_examples=24,
+        whole = evaluate_model(pool.pool.skeleton, [tiny_zoo_dir / "tasks" / n for n in names], split="val", max_examples=24,
                                tokenizer=pool.pool.tokenizer, with_loss=False, scoring="forced")["tasks"]
         assert line["scores"] == {name: whole[name]["score"] for name in names}
     best = max(races, key=lambda line: line["fitness"])
@@ -142,12 +133,12 @@ def test_minibatch_scores_and_the_race_are_what_they_claim(zoo_dir, tmp_path):
     assert report["racing"]["re_scored"] == len(races)
 
 
-def test_a_resumed_minibatch_search_writes_the_journal_and_races_of_an_uninterrupted_one(zoo_dir, tmp_path):
+def test_a_resumed_minibatch_search_writes_the_journal_and_races_of_an_uninterrupted_one(tiny_zoo_dir, tmp_path):
     from mergeforge.evolve.api import run_search
 
-    whole = run_search(search(zoo_dir), tmp_path / "whole")
-    run_search(search(zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed")
-    resumed = run_search(search(zoo_dir), tmp_path / "resumed", resume=True)
+    whole = run_search(search(tiny_zoo_dir), tmp_path / "whole")
+    run_search(search(tiny_zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed")
+    resumed = run_search(search(tiny_zoo_dir), tmp_path / "resumed", resume=True)
     for name in ("journal.jsonl", "race.jsonl"):
         assert without_timing(read_lines(tmp_path / "resumed" / name)) == without_timing(read_lines(tmp_path / "whole" / name))
     assert resumed["best"] == whole["best"]
@@ -188,10 +179,10 @@ def test_bootstrap_intervals_are_seeded_narrow_with_more_examples_and_empty_when
     assert bootstrap_interval([(1.0, 0, 25)], seed=0) == (0.0, 0.0)
 
 
-def test_the_test_table_carries_each_rows_interval(zoo_dir, tmp_path):
+def test_the_test_table_carries_each_rows_interval(tiny_zoo_dir, tmp_path):
     from mergeforge.evolve.api import run_search
 
-    report = run_search(search(zoo_dir, budget={"evaluations": 4}, baselines=[{"merge_method": "linear", "model_parameters": {"weight": 1.0}}]),
+    report = run_search(search(tiny_zoo_dir, budget={"evaluations": 4}, baselines=[{"merge_method": "linear", "model_parameters": {"weight": 1.0}}]),
                         tmp_path / "out")
     for row in report["test"]:
         for key in ("shift", "reverse"):

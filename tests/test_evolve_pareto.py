@@ -12,15 +12,6 @@ from conftest import run_cli
 pytest.importorskip("cma")
 
 
-@pytest.fixture(scope="module")
-def zoo_dir() -> Path:
-    from mergeforge.zoo import build_zoo
-    from mergeforge.zoo.build import default_zoo_dir
-
-    build_zoo(None, size="tiny", seed=0)  # cached by content hash, shared with the other evolve tests
-    return default_zoo_dir("tiny", 0)
-
-
 def search(zoo: Path, **changes) -> dict:
     config = {
         "merge_method": "task_arithmetic",
@@ -55,11 +46,11 @@ def test_the_front_keeps_the_non_dominated_once_each_with_a_loss_direction(tmp_p
     assert [c["name"] for c in pareto_front(config, candidates)] == ["a best", "b best", "balanced", "lower loss only"]
 
 
-def test_the_reports_front_is_the_journals_and_its_recipes_reproduce_it(zoo_dir, tmp_path):
+def test_the_reports_front_is_the_journals_and_its_recipes_reproduce_it(tiny_zoo_dir, tmp_path):
     from mergeforge.evaluate.api import evaluate_model
     from mergeforge.evolve.api import run_search
 
-    report = run_search(search(zoo_dir), tmp_path / "out")
+    report = run_search(search(tiny_zoo_dir), tmp_path / "out")
     journal = [json.loads(line) for line in (tmp_path / "out" / "journal.jsonl").read_text().splitlines()]
     scored = [e for e in journal if e["fitness"] is not None]
 
@@ -80,6 +71,6 @@ def test_the_reports_front_is_the_journals_and_its_recipes_reproduce_it(zoo_dir,
     row = front[-1]
     merged = run_cli("merge", row["recipe"], tmp_path / "member", "--seed", "1", "--quiet")
     assert merged.returncode == 0, merged.stderr
-    again = evaluate_model(tmp_path / "member", [zoo_dir / "tasks" / "shift", zoo_dir / "tasks" / "reverse"], split="val",
+    again = evaluate_model(tmp_path / "member", [tiny_zoo_dir / "tasks" / "shift", tiny_zoo_dir / "tasks" / "reverse"], split="val",
                            max_examples=24, scoring="forced", with_loss=False)["tasks"]
     assert {name: again[name]["score"] for name in ("shift", "reverse")} == row["scores"]

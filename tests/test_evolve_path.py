@@ -13,6 +13,13 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli
+from evolve_support import (
+    deterministic,
+    kill_midway_and_resume,
+    path_search,
+    read_lines,
+    write_search,
+)
 
 from mergeforge.errors import RecipeError
 
@@ -20,49 +27,11 @@ pytest.importorskip("cma")
 
 
 @pytest.fixture(scope="module")
-def zoo_dir() -> Path:
-    from mergeforge.zoo import build_zoo
-    from mergeforge.zoo.build import default_zoo_dir
-
-    build_zoo(None, size="tiny", seed=0)  # cached by content hash, shared with the other zoo tests
-    return default_zoo_dir("tiny", 0)
-
-
-def path_search(zoo: Path, **changes) -> dict:
-    """A small layer-path search over two of the tiny zoo's experts (2 layers each, 2 repeats: 8 slots)."""
-    config = {
-        "layer_path": {"models": [str(zoo / "models" / "expert_shift"), str(zoo / "models" / "expert_reverse")],
-                       "repeats": 2},
-        "fitness": [{"task": str(zoo / "tasks" / "shift")}, {"task": str(zoo / "tasks" / "reverse")}],
-        "splits": {"search_examples": 12, "test_examples": 12},
-        "budget": {"evaluations": 8},
-        "optimizer": {"popsize": 4, "sigma0": 0.3},
-        "baselines": [],
-        "seed": 5,
-    }
-    for key, value in changes.items():
-        if key == "layer_path":
-            config["layer_path"] = {**config["layer_path"], **value}
-        else:
-            config[key] = value
-    return config
-
-
-def write(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def path_pool(zoo_dir, tmp_path_factory):
+def path_pool(tiny_zoo_dir, tmp_path_factory):
     from mergeforge.evolve.config import load_search_config
     from mergeforge.evolve.routing import PathPool
 
-    config, folder = load_search_config(path_search(zoo_dir))
+    config, folder = load_search_config(path_search(tiny_zoo_dir))
     return PathPool(config, folder, tmp_path_factory.mktemp("out"))
 
 
@@ -94,12 +63,12 @@ def genome_of(space, steps: list[tuple[int, int, float]]) -> list[float]:
 # -- routing --------------------------------------------------------------------------------------
 
 
-def test_a_source_routed_as_its_own_path_gives_its_own_logits(path_pool, zoo_dir):
+def test_a_source_routed_as_its_own_path_gives_its_own_logits(path_pool, tiny_zoo_dir):
     from transformers import AutoModelForCausalLM
 
     ids = token_batch()
     for index, name in enumerate(["expert_shift", "expert_reverse"]):
-        source = AutoModelForCausalLM.from_pretrained(zoo_dir / "models" / name, dtype=torch.float32).eval()
+        source = AutoModelForCausalLM.from_pretrained(tiny_zoo_dir / "models" / name, dtype=torch.float32).eval()
         routed = path_pool.router.route(path_pool.router.identity(index))
         assert torch.equal(logits_of(routed, ids), logits_of(source, ids))
     path_pool.load_source(1)
@@ -120,14 +89,14 @@ def test_a_repeated_layer_keeps_one_cache_entry_per_step(path_pool):
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
 
 
-def test_the_scales_mean_scaled_residual_updates(path_pool, zoo_dir):
+def test_the_scales_mean_scaled_residual_updates(path_pool, tiny_zoo_dir):
     """The definition, built independently: copies of the layers with forward hooks that multiply
     the attention and MLP outputs by the step's scale, in a plain model of the path's depth."""
     from transformers import AutoModelForCausalLM
 
     space = path_pool.space
     routed = path_pool.router.route(space.steps(space.values(genome_of(space, MIXED))))
-    sources = [AutoModelForCausalLM.from_pretrained(zoo_dir / "models" / name, dtype=torch.float32).eval()
+    sources = [AutoModelForCausalLM.from_pretrained(tiny_zoo_dir / "models" / name, dtype=torch.float32).eval()
                for name in ("expert_shift", "expert_reverse")]
     config = copy.deepcopy(sources[0].config)
     config.num_hidden_layers = len(MIXED)
@@ -184,22 +153,22 @@ def test_consecutive_layers_of_one_model_with_one_scale_are_one_slice(path_pool)
     assert [(s.model, s.layer, s.scale) for s in start] == [(0, 0, 1.0), (0, 1, 1.0)]  # the first model, as it is
 
 
-def test_without_searched_scales_the_genome_is_the_indicators_alone(zoo_dir):
+def test_without_searched_scales_the_genome_is_the_indicators_alone(tiny_zoo_dir):
     from mergeforge.evolve.config import load_search_config
     from mergeforge.evolve.path_space import PathSpace
 
-    config, _ = load_search_config(path_search(zoo_dir, layer_path={"search_scales": False}))
+    config, _ = load_search_config(path_search(tiny_zoo_dir, layer_path={"search_scales": False}))
     space = PathSpace(config, [2, 2], ["a", "b"])
     assert space.dimensions == 8 and len(space.start()) == 8
     steps = space.steps(space.values([0.9, 0.1, 0.2, 0.7, 0.6, 0.0, 0.0, 0.3]))
     assert [(s.model, s.layer, s.scale) for s in steps] == [(0, 0, 1.0), (1, 1, 1.0), (0, 0, 1.0)]
 
 
-def test_max_steps_keeps_the_first_taken_slots(zoo_dir):
+def test_max_steps_keeps_the_first_taken_slots(tiny_zoo_dir):
     from mergeforge.evolve.config import load_search_config
     from mergeforge.evolve.path_space import PathSpace
 
-    config, _ = load_search_config(path_search(zoo_dir, layer_path={"max_steps": 3}))
+    config, _ = load_search_config(path_search(tiny_zoo_dir, layer_path={"max_steps": 3}))
     space = PathSpace(config, [2, 2], ["a", "b"])
     steps = space.steps(space.values([1.0] * 8 + [0.5] * 8))
     assert [(s.model, s.layer) for s in steps] == [(0, 0), (0, 1), (1, 0)]
@@ -234,21 +203,21 @@ def test_a_bad_layer_path_search_is_refused_naming_the_field(tmp_path, change, m
             config["layer_path"].update(value)
         else:
             config[key] = value
-    path = write(tmp_path / "search.yml", config)
+    path = write_search(tmp_path / "search.yml", config)
     with pytest.raises(RecipeError, match=message) as caught:
         load_search_config(path)
     assert str(caught.value).startswith(f"{path}: ")
 
 
-def test_the_cli_refuses_a_path_through_models_of_different_shapes(zoo_dir, tmp_path):
+def test_the_cli_refuses_a_path_through_models_of_different_shapes(tiny_zoo_dir, tmp_path):
     import shutil
 
     odd = tmp_path / "odd"
-    shutil.copytree(zoo_dir / "models" / "expert_reverse", odd)
+    shutil.copytree(tiny_zoo_dir / "models" / "expert_reverse", odd)
     config = json.loads((odd / "config.json").read_text())
     config["rms_norm_eps"] = 1e-5
     (odd / "config.json").write_text(json.dumps(config))
-    search = write(tmp_path / "search.yml", path_search(zoo_dir, layer_path={"models": [str(zoo_dir / "models" / "expert_shift"), str(odd)]}))
+    search = write_search(tmp_path / "search.yml", path_search(tiny_zoo_dir, layer_path={"models": [str(tiny_zoo_dir / "models" / "expert_shift"), str(odd)]}))
     result = run_cli("evolve", search, tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{search}: field 'layer_path.models.1' ({odd}): its config differs from the first model's in rms_norm_eps" in result.stderr
@@ -258,10 +227,10 @@ def test_the_cli_refuses_a_path_through_models_of_different_shapes(zoo_dir, tmp_
     ({"models": ["nowhere"]}, r"search.yml: field 'layer_path.models.0': .*nowhere is neither a model folder nor a recipe file"),
     ({"max_steps": 9}, r"search.yml: field 'layer_path.max_steps': 9 is more than the 8 slots \(2 repeats of 4 layers\)"),
 ])
-def test_a_layer_path_field_that_needs_the_models_is_refused_naming_it(zoo_dir, tmp_path, change, message):
+def test_a_layer_path_field_that_needs_the_models_is_refused_naming_it(tiny_zoo_dir, tmp_path, change, message):
     from mergeforge.evolve.api import run_search
 
-    search = write(tmp_path / "search.yml", path_search(zoo_dir, layer_path=change))
+    search = write_search(tmp_path / "search.yml", path_search(tiny_zoo_dir, layer_path=change))
     with pytest.raises(RecipeError, match=message):
         run_search(search, tmp_path / "out")
 
@@ -269,12 +238,12 @@ def test_a_layer_path_field_that_needs_the_models_is_refused_naming_it(zoo_dir, 
 # -- the search -----------------------------------------------------------------------------------
 
 
-def test_a_resumed_layer_path_search_writes_the_journal_of_an_uninterrupted_one(zoo_dir, tmp_path):
+def test_a_resumed_layer_path_search_writes_the_journal_of_an_uninterrupted_one(tiny_zoo_dir, tmp_path):
     from mergeforge.evolve.api import run_search
 
-    whole = run_search(path_search(zoo_dir, budget={"evaluations": 10}), tmp_path / "whole")
-    run_search(path_search(zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed")
-    resumed = run_search(path_search(zoo_dir, budget={"evaluations": 10}), tmp_path / "resumed", resume=True)
+    whole = run_search(path_search(tiny_zoo_dir, budget={"evaluations": 10}), tmp_path / "whole")
+    run_search(path_search(tiny_zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed")
+    resumed = run_search(path_search(tiny_zoo_dir, budget={"evaluations": 10}), tmp_path / "resumed", resume=True)
     strip = [{k: v for k, v in e.items() if k != "timing"} for e in read_lines(tmp_path / "whole" / "journal.jsonl")]
     again = [{k: v for k, v in e.items() if k != "timing"} for e in read_lines(tmp_path / "resumed" / "journal.jsonl")]
     assert again == strip and len(strip) == 10
@@ -283,12 +252,12 @@ def test_a_resumed_layer_path_search_writes_the_journal_of_an_uninterrupted_one(
     assert (tmp_path / "resumed" / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()
 
 
-def test_the_exported_path_reproduces_the_fitness_through_the_cli(zoo_dir, tmp_path):
+def test_the_exported_path_reproduces_the_fitness_through_the_cli(tiny_zoo_dir, tmp_path):
     from mergeforge import merge
     from mergeforge.evaluate.api import evaluate_model
 
-    config = path_search(zoo_dir, base_model=str(zoo_dir / "models" / "base"), baselines=None)
-    result = run_cli("evolve", write(tmp_path / "search.yml", config), tmp_path / "out")
+    config = path_search(tiny_zoo_dir, base_model=str(tiny_zoo_dir / "models" / "base"), baselines=None)
+    result = run_cli("evolve", write_search(tmp_path / "search.yml", config), tmp_path / "out")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["method"] == "layer_path" and report["reproduction"]["difference"] == 0.0
@@ -300,21 +269,21 @@ def test_the_exported_path_reproduces_the_fitness_through_the_cli(zoo_dir, tmp_p
     winner = yaml.safe_load((tmp_path / "out" / "winner.yml").read_text())
     assert winner["merge_method"] == "passthrough"
     merge(tmp_path / "out" / "winner.yml", tmp_path / "again", quiet=True)  # what `mergeforge merge` runs
-    tasks = [zoo_dir / "tasks" / "shift", zoo_dir / "tasks" / "reverse"]
+    tasks = [tiny_zoo_dir / "tasks" / "shift", tiny_zoo_dir / "tasks" / "reverse"]
     scores = evaluate_model(tmp_path / "again", tasks, split="val", max_examples=12, scoring="forced", with_loss=False)
     assert sum(entry["score"] for entry in scores["tasks"].values()) == report["best"]["fitness"]
 
 
-def test_a_path_source_can_be_a_merge_recipe(zoo_dir, tmp_path):
+def test_a_path_source_can_be_a_merge_recipe(tiny_zoo_dir, tmp_path):
     """The two searches combined: a parameter-space merge (a recipe file, e.g. a parameter
     search's winner.yml) is merged once into OUT_DIR/sources and routed like any model."""
     from mergeforge.evolve.api import run_search
 
-    recipe = write(tmp_path / "ta.yml", {
-        "merge_method": "task_arithmetic", "base_model": str(zoo_dir / "models" / "base"),
-        "models": [{"model": str(zoo_dir / "models" / name), "parameters": {"weight": 0.5}}
+    recipe = write_search(tmp_path / "ta.yml", {
+        "merge_method": "task_arithmetic", "base_model": str(tiny_zoo_dir / "models" / "base"),
+        "models": [{"model": str(tiny_zoo_dir / "models" / name), "parameters": {"weight": 0.5}}
                    for name in ("expert_shift", "expert_reverse")]})
-    config = path_search(zoo_dir, layer_path={"models": [str(recipe), str(zoo_dir / "models" / "expert_reverse")], "start": 1},
+    config = path_search(tiny_zoo_dir, layer_path={"models": [str(recipe), str(tiny_zoo_dir / "models" / "expert_reverse")], "start": 1},
                          budget={"evaluations": 4})
     report = run_search(config, tmp_path / "out")
     assert (tmp_path / "out" / "sources" / "ta" / "config.json").is_file()
@@ -324,47 +293,30 @@ def test_a_path_source_can_be_a_merge_recipe(zoo_dir, tmp_path):
     assert again["evaluations"] == 8
 
 
-def test_separable_cma_is_the_default_for_a_long_genome(zoo_dir):
+def test_separable_cma_is_the_default_for_a_long_genome(tiny_zoo_dir):
     import pickle
 
     from mergeforge.evolve.config import DIAGONAL_FROM, load_search_config
     from mergeforge.evolve.search import new_optimizer, uses_diagonal
 
-    config, _ = load_search_config(path_search(zoo_dir))
+    config, _ = load_search_config(path_search(tiny_zoo_dir))
     assert not uses_diagonal(config, DIAGONAL_FROM - 1) and uses_diagonal(config, DIAGONAL_FROM)
     separable = new_optimizer(config, [0.5] * DIAGONAL_FROM)
     assert separable.opts["CMA_diagonal"] is True
-    forced, _ = load_search_config(path_search(zoo_dir, optimizer={"diagonal": False}))
+    forced, _ = load_search_config(path_search(tiny_zoo_dir, optimizer={"diagonal": False}))
     assert not uses_diagonal(forced, 5000)
     full = new_optimizer(forced, [0.5] * DIAGONAL_FROM)
     assert len(pickle.dumps(separable)) * 20 < len(pickle.dumps(full))  # no d x d covariance in the state
 
 
 @pytest.mark.slow  # three CLI runs of a 40-candidate layer-path search: about 40 s on 2 cores
-def test_a_layer_path_search_killed_with_sigkill_resumes_to_the_uninterrupted_result(zoo_dir, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    config = path_search(zoo_dir, budget={"evaluations": 40}, splits={"search_examples": 48, "test_examples": 12})
-    path = write(tmp_path / "search.yml", config)
+def test_a_layer_path_search_killed_with_sigkill_resumes_to_the_uninterrupted_result(tiny_zoo_dir, tmp_path):
+    config = path_search(tiny_zoo_dir, budget={"evaluations": 40}, splits={"search_examples": 48, "test_examples": 12})
+    path = write_search(tmp_path / "search.yml", config)
     assert run_cli("evolve", path, tmp_path / "whole", "--quiet").returncode == 0
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "mergeforge", "evolve", str(path), str(killed), "--quiet"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = killed / "journal.jsonl"
-    deadline = time.monotonic() + 120
-    while (not journal.is_file() or len(journal.read_bytes().splitlines()) < 6) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = len(journal.read_bytes().splitlines())
-    assert 6 <= done < 40, "the run was not killed in the middle"
-    result = run_cli("evolve", path, killed, "--resume", "--quiet")
-    assert result.returncode == 0, result.stderr
-    strip = [{k: v for k, v in e.items() if k != "timing"} for e in read_lines(tmp_path / "whole" / "journal.jsonl")]
-    assert [{k: v for k, v in e.items() if k != "timing"} for e in read_lines(journal)] == strip
+    journal = kill_midway_and_resume(path, killed, evaluations=40)
+    assert deterministic(read_lines(journal)) == deterministic(read_lines(tmp_path / "whole" / "journal.jsonl"))
     assert (killed / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()
 
 
@@ -372,7 +324,7 @@ def test_a_layer_path_search_killed_with_sigkill_resumes_to_the_uninterrupted_re
 
 
 @pytest.mark.slow  # four searches, each starting 2-3 worker processes that load torch and the sources: about 60 s
-def test_a_pooled_search_is_the_same_whatever_the_workers_and_resumes_exactly(zoo_dir, tmp_path):
+def test_a_pooled_search_is_the_same_whatever_the_workers_and_resumes_exactly(tiny_zoo_dir, tmp_path):
     """--workers: the candidates scored, their genomes and scores do not depend on the number of
     workers or on finishing order, and a run stopped mid-pipeline resumes to the whole run."""
     from mergeforge.errors import OutputError
@@ -382,13 +334,13 @@ def test_a_pooled_search_is_the_same_whatever_the_workers_and_resumes_exactly(zo
         lines = [{k: v for k, v in e.items() if k != "timing"} for e in read_lines(folder / "journal.jsonl")]
         return sorted(lines, key=lambda e: (e["generation"], e["candidate"]))
 
-    two = run_search(path_search(zoo_dir, budget={"evaluations": 14}), tmp_path / "two", workers=2)
-    three = run_search(path_search(zoo_dir, budget={"evaluations": 14}), tmp_path / "three", workers=3)
+    two = run_search(path_search(tiny_zoo_dir, budget={"evaluations": 14}), tmp_path / "two", workers=2)
+    three = run_search(path_search(tiny_zoo_dir, budget={"evaluations": 14}), tmp_path / "three", workers=3)
     assert journal(tmp_path / "two") == journal(tmp_path / "three") and len(journal(tmp_path / "two")) == 14
     assert {e["generation"] for e in journal(tmp_path / "two")} == {0, 1, 2, 3}  # popsize 4: told generations 0-2
     assert two["best"] == three["best"] and two["reproduction"]["difference"] == 0.0
-    run_search(path_search(zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed", workers=2)
-    resumed = run_search(path_search(zoo_dir, budget={"evaluations": 14}), tmp_path / "resumed", workers=2, resume=True)
+    run_search(path_search(tiny_zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed", workers=2)
+    resumed = run_search(path_search(tiny_zoo_dir, budget={"evaluations": 14}), tmp_path / "resumed", workers=2, resume=True)
     assert journal(tmp_path / "resumed") == journal(tmp_path / "two") and resumed["best"] == two["best"]
     with pytest.raises(OutputError, match="started with --workers or --ray-address; resume it with --workers 2 or more, or --ray-address"):
-        run_search(path_search(zoo_dir, budget={"evaluations": 16}), tmp_path / "resumed", resume=True)
+        run_search(path_search(tiny_zoo_dir, budget={"evaluations": 16}), tmp_path / "resumed", resume=True)

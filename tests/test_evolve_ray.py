@@ -15,42 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import run_cli
+from evolve_support import path_search, write_search
 
 pytest.importorskip("cma")
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@pytest.fixture(scope="module")
-def zoo_dir() -> Path:
-    from mergeforge.zoo import build_zoo
-    from mergeforge.zoo.build import default_zoo_dir
-
-    build_zoo(None, size="tiny", seed=0)  # cached by content hash, shared with the other evolve tests
-    return default_zoo_dir("tiny", 0)
-
-
-def path_search(zoo: Path, **changes) -> dict:
-    """A small layer-path search over two of the tiny zoo's experts (as in test_evolve_path.py)."""
-    config = {
-        "layer_path": {"models": [str(zoo / "models" / "expert_shift"), str(zoo / "models" / "expert_reverse")],
-                       "repeats": 2},
-        "fitness": [{"task": str(zoo / "tasks" / "shift")}, {"task": str(zoo / "tasks" / "reverse")}],
-        "splits": {"search_examples": 12, "test_examples": 12},
-        "budget": {"evaluations": 14},
-        "optimizer": {"popsize": 4, "sigma0": 0.3},
-        "baselines": [],
-        "seed": 5,
-    }
-    config.update(changes)
-    return config
-
-
-def write(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
+RAY_BUDGET = {"evaluations": 14}
 
 
 def journal(folder: Path) -> list[dict]:
@@ -67,7 +38,7 @@ def free_port() -> int:
 
 
 def test_ray_missing_is_one_line_with_the_install_hint(tmp_path):
-    path = write(tmp_path / "search.yml", path_search(tmp_path))
+    path = write_search(tmp_path / "search.yml", path_search(tmp_path))
     script = ("import sys\nsys.modules['ray'] = None  # as if Ray were not installed\n"
               "from mergeforge.cli import main\n"
               f"main(['evolve', {str(path)!r}, {str(tmp_path / 'out')!r}, '--ray-address', 'auto'])\n")
@@ -79,7 +50,7 @@ def test_ray_missing_is_one_line_with_the_install_hint(tmp_path):
 
 def test_an_address_where_nothing_answers_is_refused_at_once(tmp_path):
     pytest.importorskip("ray")
-    path = write(tmp_path / "search.yml", path_search(tmp_path))
+    path = write_search(tmp_path / "search.yml", path_search(tmp_path))
     started = time.perf_counter()
     result = run_cli("evolve", path, tmp_path / "out", "--ray-address", f"127.0.0.1:{free_port()}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -130,17 +101,17 @@ def ray_cluster():
 
 
 @pytest.mark.slow  # a Ray cluster (about 5 s and 360 MB), a process-pool run and two Ray runs: about 60 s on 2 cores
-def test_a_search_on_a_local_ray_cluster_is_the_pooled_search_and_resumes_exactly(zoo_dir, tmp_path, ray_cluster):
+def test_a_search_on_a_local_ray_cluster_is_the_pooled_search_and_resumes_exactly(tiny_zoo_dir, tmp_path, ray_cluster):
     from mergeforge.evolve.api import run_search
 
-    reference = run_search(path_search(zoo_dir), tmp_path / "processes", workers=2)
-    path = write(tmp_path / "search.yml", path_search(zoo_dir, budget={"evaluations": 6}))
+    reference = run_search(path_search(tiny_zoo_dir, budget=RAY_BUDGET), tmp_path / "processes", workers=2)
+    path = write_search(tmp_path / "search.yml", path_search(tiny_zoo_dir, budget={"evaluations": 6}))
     stopped = run_cli("evolve", path, tmp_path / "ray", "--ray-address", ray_cluster)
     assert stopped.returncode == 0, stopped.stderr
     assert "scoring on 2 Ray actors at" in stopped.stderr and len(journal(tmp_path / "ray")) == 6
     refused = run_cli("evolve", path, tmp_path / "refused", "--ray-address", ray_cluster, "--workers", "3", "--quiet")
     assert refused.returncode == 2 and "--workers 3 needs one free CPU each, and the cluster has 2 free" in refused.stderr
-    write(path, path_search(zoo_dir))
+    write_search(path, path_search(tiny_zoo_dir, budget=RAY_BUDGET))
     resumed = run_cli("evolve", path, tmp_path / "ray", "--ray-address", ray_cluster, "--workers", "1", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "scoring on 1 Ray actor at" in resumed.stderr
@@ -152,12 +123,12 @@ def test_a_search_on_a_local_ray_cluster_is_the_pooled_search_and_resumes_exactl
 
 
 @pytest.mark.slow  # shares the cluster above; one actor that fails to start: about 10 s
-def test_a_ray_worker_that_cannot_load_the_sources_is_one_error(zoo_dir, tmp_path, ray_cluster):
+def test_a_ray_worker_that_cannot_load_the_sources_is_one_error(tiny_zoo_dir, tmp_path, ray_cluster):
     from mergeforge.errors import MergeforgeError
     from mergeforge.evolve.config import load_search_config
     from mergeforge.evolve.ray_workers import RayExecutor
 
-    config, folder = load_search_config(path_search(zoo_dir))
+    config, folder = load_search_config(path_search(tiny_zoo_dir, budget=RAY_BUDGET))
     data = config.model_dump(mode="json")
     data["layer_path"]["models"][0] = str(tmp_path / "missing_on_this_node")
     with pytest.raises(MergeforgeError, match="a Ray worker could not load the search's sources: .*missing_on_this_node") as caught:

@@ -212,10 +212,10 @@ def test_dirichlet_shards_are_disjoint_slices_of_each_skill():
         assert len(held) == len(set(held)) == 20 and set(held) <= set(train_pairs[skill])
 
 
-def test_a_client_the_dirichlet_split_leaves_empty_is_left_out_with_its_reason(tiny_zoo):
+def test_a_client_the_dirichlet_split_leaves_empty_is_left_out_with_its_reason(tiny_zoo_dir):
     from mergeforge.federated.simulation import build_federation, run_aggregator
 
-    scenario = load_scenario({"zoo": str(tiny_zoo), "skills": ["count"], "clients": 6, "examples_per_client": 8,
+    scenario = load_scenario({"zoo": str(tiny_zoo_dir), "skills": ["count"], "clients": 6, "examples_per_client": 8,
                               "split": {"kind": "dirichlet", "alpha": 0.05}, "rounds": 1, "local_steps": 2,
                               "batch_size": 4, "eval_examples": 4})
     federation = build_federation(scenario)
@@ -386,27 +386,18 @@ def test_a_flower_run_config_without_a_scenario_and_a_node_without_its_partition
         node_client(scenario, "s.yml", {"partition-id": 0, "num-partitions": 3})
 
 
-@pytest.fixture(scope="module")
-def tiny_zoo():
-    from mergeforge.zoo import build_zoo
-    from mergeforge.zoo.build import default_zoo_dir
-
-    build_zoo(None, size="tiny", seed=0)  # cached by content hash, shared with the zoo tests
-    return default_zoo_dir("tiny", 0)
-
-
-def test_a_skill_the_zoo_lacks_is_named_with_the_file(tiny_zoo, tmp_path):
+def test_a_skill_the_zoo_lacks_is_named_with_the_file(tiny_zoo_dir, tmp_path):
     path = tmp_path / "scenario.yml"
-    path.write_text(f"zoo: {tiny_zoo}\nskills: [count, sorting]\n")
+    path.write_text(f"zoo: {tiny_zoo_dir}\nskills: [count, sorting]\n")
     result = run_cli("federated", path, tmp_path / "out")
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {path}: field 'skills': the zoo has no skill 'sorting'; skills: ")
 
 
-def test_with_one_client_the_rounds_are_that_clients_local_training_and_score_the_new_model(tiny_zoo):
+def test_with_one_client_the_rounds_are_that_clients_local_training_and_score_the_new_model(tiny_zoo_dir):
     from mergeforge.federated.simulation import build_federation, local_seed, run_aggregator, score
 
-    scenario = load_scenario({"zoo": str(tiny_zoo), "skills": ["count", "sort"], "clients": 1, "examples_per_client": 24,
+    scenario = load_scenario({"zoo": str(tiny_zoo_dir), "skills": ["count", "sort"], "clients": 1, "examples_per_client": 24,
                               "rounds": 2, "local_steps": 3, "batch_size": 8, "eval_examples": 8})
     federation = build_federation(scenario)
     ((node, client),) = federation.clients.items()
@@ -441,9 +432,9 @@ def test_a_tied_output_head_travels_once_and_is_restored_on_loading():
         load_model_state(model, {name: t for name, t in state.items() if name != "model.norm.weight"})
 
 
-def test_a_two_round_simulation_on_the_tiny_zoo_runs_through_the_cli(tiny_zoo, tmp_path):
+def test_a_two_round_simulation_on_the_tiny_zoo_runs_through_the_cli(tiny_zoo_dir, tmp_path):
     path = tmp_path / "scenario.yml"
-    path.write_text(f"zoo: {tiny_zoo}\nskills: [count, sort, reverse]\nclients: 3\nskills_per_client: 1\n"
+    path.write_text(f"zoo: {tiny_zoo_dir}\nskills: [count, sort, reverse]\nclients: 3\nskills_per_client: 1\n"
                     "rounds: 2\nlocal_steps: 8\nexamples_per_client: 64\neval_examples: 16\nfraction_train: 0.67\n"
                     "references: true\naggregators:\n  - {method: linear, name: fedavg}\n  - {method: median}\n")
     out = tmp_path / "out"

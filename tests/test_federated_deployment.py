@@ -137,15 +137,6 @@ def test_merge_strategy_trains_on_flowers_simulation_runtime(simulation_link, tm
     assert mse[max(mse)] < mse[0], mse
 
 
-@pytest.fixture(scope="module")
-def tiny_zoo():
-    from mergeforge.zoo import build_zoo
-    from mergeforge.zoo.build import default_zoo_dir
-
-    build_zoo(None, size="tiny", seed=0)  # cached by content hash, shared with the zoo tests
-    return default_zoo_dir("tiny", 0)
-
-
 def zoo_scenario(tmp_path: Path, zoo: Path) -> Path:
     """Two clients (the fixture's two SuperNodes) sharing three skills, client 0 count and sort,
     client 1 sort and translate; 3 rounds of 40 local steps: the regime in which the in-process
@@ -165,9 +156,9 @@ def assert_improves_every_round(rounds: list[dict]) -> None:
     assert accuracies[-1] > accuracies[0], accuracies
 
 
-def test_the_zoo_federation_trains_on_a_superlink_and_two_supernodes(federation, tiny_zoo, tmp_path):
+def test_the_zoo_federation_trains_on_a_superlink_and_two_supernodes(federation, tiny_zoo_dir, tmp_path):
     env, connection = federation
-    scenario, out = zoo_scenario(tmp_path, tiny_zoo), tmp_path / "out"
+    scenario, out = zoo_scenario(tmp_path, tiny_zoo_dir), tmp_path / "out"
     started = time.perf_counter()
     run = subprocess.run([*flower_command("flwr"), "run", str(ZOO_APP), connection, "--stream", "--run-config",
                           f"scenario='{scenario}' out-dir='{out}'"], env=env, capture_output=True, text=True, timeout=400)
@@ -181,9 +172,9 @@ def test_the_zoo_federation_trains_on_a_superlink_and_two_supernodes(federation,
     assert_improves_every_round(rounds)
 
 
-def test_the_zoo_federation_trains_on_flowers_simulation_runtime_from_the_cli(tiny_zoo, tmp_path):
+def test_the_zoo_federation_trains_on_flowers_simulation_runtime_from_the_cli(tiny_zoo_dir, tmp_path):
     pytest.importorskip("ray")
-    scenario, out = zoo_scenario(tmp_path, tiny_zoo), tmp_path / "out"
+    scenario, out = zoo_scenario(tmp_path, tiny_zoo_dir), tmp_path / "out"
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "mergeforge", "federated", str(scenario), str(out), "--runtime", "simulation"],
                          capture_output=True, text=True, timeout=400)
@@ -195,9 +186,9 @@ def test_the_zoo_federation_trains_on_flowers_simulation_runtime_from_the_cli(ti
     assert_improves_every_round(rounds)
 
 
-def test_the_zoo_federation_trains_with_flwr_run_on_a_simulation_superlink(simulation_link, tiny_zoo, tmp_path):
+def test_the_zoo_federation_trains_with_flwr_run_on_a_simulation_superlink(simulation_link, tiny_zoo_dir, tmp_path):
     env, connection = simulation_link
-    scenario, out = zoo_scenario(tmp_path, tiny_zoo), tmp_path / "out"
+    scenario, out = zoo_scenario(tmp_path, tiny_zoo_dir), tmp_path / "out"
     started = time.perf_counter()
     run = subprocess.run([*flower_command("flwr"), "run", str(ZOO_APP), connection, "--stream", *TWO_VIRTUAL_NODES,
                           "--run-config", f"scenario='{scenario}' out-dir='{out}'"],
