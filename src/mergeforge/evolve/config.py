@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mergeforge.config_file import load_config_file
 from mergeforge.errors import RecipeError, closest
 
 METRICS = ("score", "loss", "perplexity")
@@ -218,26 +219,6 @@ DEFAULT_BASELINES = (
 )
 
 
-def _known_fields() -> list[str]:
-    names: list[str] = []
-    for model in (SearchConfig, SourceModel, Bounds, FitnessTask, Splits, Budget, Optimizer, Baseline, LayerPath):
-        names += list(model.model_fields)
-    return names
-
-
-def _validation_message(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
-    message = str(first["msg"]).removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        match = closest(str(first["loc"][-1]), _known_fields())
-        hint = f"; did you mean '{match}'?" if match else ""
-        return f"{source}: unknown field '{location}'{hint}"
-    if not location:
-        return f"{source}: {message}"
-    return f"{source}: field '{location}': {message}"
-
-
 def check_against_method(config: SearchConfig, source: str) -> None:
     """The searched and fixed parameters against the method's registered schema: a searched name
     must be a numeric (float or int) parameter of the method, and its bounds inside the parameter's range."""
@@ -301,22 +282,10 @@ def load_search_config(config: SearchConfig | dict[str, Any] | str | os.PathLike
     if isinstance(config, SearchConfig):
         check_against_method(config, "search config")
         return config, Path.cwd()
-    source, folder, data = "search config", Path.cwd(), config
-    if isinstance(config, (str, os.PathLike)):
-        path = Path(config)
-        if not path.is_file():
-            raise RecipeError(f"{path}: search file not found")
-        from mergeforge.engine.recipe import parse_yaml
-
-        source, folder = str(path), path.resolve().parent
-        data = parse_yaml(path.read_text(encoding="utf-8"), source)
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a search must be a mapping with 'merge_method', 'base_model', 'models', 'search', "
-                          "'fitness' and 'budget'")
-    try:
-        parsed = SearchConfig.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(_validation_message(exc, source)) from None
+    parsed, source, folder = load_config_file(
+        config, SearchConfig, what="search file", source="search config",
+        mapping="a search must be a mapping with 'merge_method', 'base_model', 'models', 'search', 'fitness' and 'budget'",
+        schemas=[SourceModel, Bounds, FitnessTask, Splits, Budget, Optimizer, Baseline, LayerPath])
     check_against_method(parsed, source)
     return parsed, folder
 

@@ -7,12 +7,12 @@ YAML; every error is one :class:`~mergeforge.errors.RecipeError` naming the file
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mergeforge.errors import RecipeError, closest
+from mergeforge.config_file import load_config_file
+from mergeforge.errors import RecipeError
 
 
 class Aggregator(BaseModel):
@@ -109,18 +109,6 @@ class Scenario(BaseModel):
         return self
 
 
-def _message(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
-        field = str(first["loc"][-1])
-        close = closest(field, [*Scenario.model_fields, *Aggregator.model_fields, *Malicious.model_fields,
-                                 *Upload.model_fields, *Split.model_fields])
-        return f"{source}: unknown field '{location}'" + (f"; did you mean '{close}'?" if close else "")
-    message = first["msg"].removeprefix("Value error, ")
-    return f"{source}: field '{location}': {message}" if location else f"{source}: {message}"
-
-
 def check_aggregators(scenario: Scenario, source: str) -> None:
     """Unknown methods or parameters fail before any client trains."""
     from mergeforge.federated.aggregate import check_method
@@ -137,20 +125,8 @@ def load_scenario(scenario: Scenario | dict[str, Any] | str | os.PathLike[str]) 
     if isinstance(scenario, Scenario):
         check_aggregators(scenario, "scenario")
         return scenario
-    source, data = "scenario", scenario
-    if isinstance(scenario, (str, os.PathLike)):
-        path = Path(scenario)
-        if not path.is_file():
-            raise RecipeError(f"{path}: scenario file not found")
-        from mergeforge.engine.recipe import parse_yaml
-
-        source = str(path)
-        data = parse_yaml(path.read_text(encoding="utf-8"), source)
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a scenario must be a mapping (clients, rounds, aggregators, ...)")
-    try:
-        parsed = Scenario.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(_message(exc, source)) from None
+    parsed, source, _ = load_config_file(scenario, Scenario, what="scenario file", source="scenario",
+                                         mapping="a scenario must be a mapping (clients, rounds, aggregators, ...)",
+                                         schemas=[Aggregator, Malicious, Upload, Split])
     check_aggregators(parsed, source)
     return parsed

@@ -24,13 +24,13 @@ Torch-free; errors name the file and field.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergeforge.errors import RecipeError, closest
+from mergeforge.config_file import load_config_file
+from mergeforge.errors import RecipeError
 from mergeforge.moe import ALLOW_ALL_SAME_FLAG
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "calibrated")
@@ -76,18 +76,11 @@ class MoEConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
 
 
-def _validation_message(error: ValidationError, source: str) -> str:
+def _gate_mode_message(error: ValidationError, source: str) -> str | None:
     first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
-        field = str(first["loc"][-1])
-        known = list(MoEConfig.model_fields) + list(MoEExpert.model_fields)
-        close = closest(field, known)
-        hint = f"; did you mean '{close}'?" if close else ""
-        return f"{source}: unknown field '{location}'{hint}"
     if first["type"] == "literal_error" and first["loc"][-1] == "gate_mode":
         return f"{source}: field 'gate_mode': unknown gate mode {first['input']!r}; use one of {', '.join(GATE_MODES)}"
-    return f"{source}: field '{location}': {first['msg']}"
+    return None
 
 
 def load_moe_config(config: MoEConfig | dict[str, Any] | str | os.PathLike[str], allow_all_same: bool = False) -> MoEConfig:
@@ -96,22 +89,9 @@ def load_moe_config(config: MoEConfig | dict[str, Any] | str | os.PathLike[str],
     if isinstance(config, MoEConfig):
         check_config(config, "moe config", allow_all_same)
         return config
-    source = "moe config"
-    data: Any = config
-    if isinstance(config, (str, os.PathLike)):
-        path = Path(config)
-        if not path.is_file():
-            raise RecipeError(f"{path}: MoE config file not found")
-        source = str(path)
-        from mergeforge.engine.recipe import parse_yaml
-
-        data = parse_yaml(path.read_text(encoding="utf-8"), source)
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: an MoE config must be a mapping with 'base_model' and 'experts'")
-    try:
-        parsed = MoEConfig.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(_validation_message(exc, source)) from None
+    parsed, source, _ = load_config_file(config, MoEConfig, what="MoE config file", source="moe config",
+                                         mapping="an MoE config must be a mapping with 'base_model' and 'experts'",
+                                         schemas=[MoEExpert], message=_gate_mode_message)
     check_config(parsed, source, allow_all_same)
     return parsed
 
