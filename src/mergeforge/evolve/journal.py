@@ -62,13 +62,18 @@ def append_line(path: Path, entry: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def save_optimizer(out_dir: Path, optimizer: Any) -> None:
-    temporary = out_dir / (OPTIMIZER + ".tmp")
+def save_pickle(path: Path, state: Any) -> None:
+    """``state`` pickled to ``path`` through a synced temporary file: a kill leaves the old one or the new."""
+    temporary = path.with_name(path.name + ".tmp")
     with temporary.open("wb") as handle:
-        pickle.dump(optimizer, handle)
+        pickle.dump(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    temporary.replace(out_dir / OPTIMIZER)
+    temporary.replace(path)
+
+
+def save_optimizer(out_dir: Path, optimizer: Any) -> None:
+    save_pickle(out_dir / OPTIMIZER, optimizer)
 
 
 def load_optimizer(out_dir: Path) -> Any | None:

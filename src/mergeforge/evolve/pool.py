@@ -118,14 +118,9 @@ class ProcessExecutor:
 
 
 def save_pipeline(out_dir: Path, state: dict[str, Any]) -> None:
-    import os
+    from mergeforge.evolve.journal import save_pickle
 
-    temporary = out_dir / (PIPELINE + ".tmp")
-    with temporary.open("wb") as handle:
-        pickle.dump(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(out_dir / PIPELINE)
+    save_pickle(out_dir / PIPELINE, state)
 
 
 def load_pipeline(out_dir: Path) -> dict[str, Any] | None:
