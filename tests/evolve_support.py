@@ -46,19 +46,23 @@ def deterministic(entries: list[dict]) -> list[dict]:
     return [{key: value for key, value in entry.items() if key != "timing"} for entry in entries]
 
 
-def kill_midway_and_resume(search_file: Path, out_dir: Path, evaluations: int, after: int = 6) -> Path:
-    """Runs ``mergeforge evolve`` as a subprocess, SIGKILLs it once its journal has ``after`` lines,
-    checks that it stopped midway, resumes it with ``--resume``; returns the journal."""
-    process = subprocess.Popen([sys.executable, "-m", "mergeforge", "evolve", str(search_file), str(out_dir), "--quiet"],
+def assert_a_killed_run_resumes_to_the_uninterrupted_result(config: dict, folder: Path, after: int = 6) -> None:
+    """Runs the search ``config`` whole, then again as a subprocess SIGKILLed once its journal has
+    ``after`` lines and resumed with ``--resume``: the journals (timings aside) and winners must be equal."""
+    search_file = write_search(folder / "search.yml", config)
+    evaluations = config["budget"]["evaluations"]
+    assert run_cli("evolve", search_file, folder / "whole", "--quiet").returncode == 0
+    killed = folder / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "mergeforge", "evolve", str(search_file), str(killed), "--quiet"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = out_dir / "journal.jsonl"
+    journal = killed / "journal.jsonl"
     deadline = time.monotonic() + 120
     while (not journal.is_file() or len(journal.read_bytes().splitlines()) < after) and time.monotonic() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = len(journal.read_bytes().splitlines())
-    assert after <= done < evaluations, "the run was not killed in the middle"
-    result = run_cli("evolve", search_file, out_dir, "--resume", "--quiet")
+    assert after <= len(journal.read_bytes().splitlines()) < evaluations, "the run was not killed in the middle"
+    result = run_cli("evolve", search_file, killed, "--resume", "--quiet")
     assert result.returncode == 0, result.stderr
-    return journal
+    assert deterministic(read_lines(journal)) == deterministic(read_lines(folder / "whole" / "journal.jsonl"))
+    assert (killed / "winner.yml").read_text() == (folder / "whole" / "winner.yml").read_text()

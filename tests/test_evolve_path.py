@@ -14,8 +14,7 @@ import torch
 import yaml
 from conftest import run_cli
 from evolve_support import (
-    deterministic,
-    kill_midway_and_resume,
+    assert_a_killed_run_resumes_to_the_uninterrupted_result,
     path_search,
     read_lines,
     write_search,
@@ -312,12 +311,7 @@ def test_separable_cma_is_the_default_for_a_long_genome(tiny_zoo_dir):
 @pytest.mark.slow  # three CLI runs of a 40-candidate layer-path search: about 40 s on 2 cores
 def test_a_layer_path_search_killed_with_sigkill_resumes_to_the_uninterrupted_result(tiny_zoo_dir, tmp_path):
     config = path_search(tiny_zoo_dir, budget={"evaluations": 40}, splits={"search_examples": 48, "test_examples": 12})
-    path = write_search(tmp_path / "search.yml", config)
-    assert run_cli("evolve", path, tmp_path / "whole", "--quiet").returncode == 0
-    killed = tmp_path / "killed"
-    journal = kill_midway_and_resume(path, killed, evaluations=40)
-    assert deterministic(read_lines(journal)) == deterministic(read_lines(tmp_path / "whole" / "journal.jsonl"))
-    assert (killed / "winner.yml").read_text() == (tmp_path / "whole" / "winner.yml").read_text()
+    assert_a_killed_run_resumes_to_the_uninterrupted_result(config, tmp_path)
 
 
 # -- the process pool -----------------------------------------------------------------------------

@@ -46,17 +46,24 @@ def flower_command(name: str) -> list[str]:
     return [sys.executable, script]
 
 
-@pytest.fixture
-def federation(tmp_path):
-    """SuperLink + 2 SuperNodes; yields (env, connection name); stops them by pid afterwards."""
-    link = free_port()  # Flower 1.42 serves the control, fleet and runtime APIs over HTTP on one port
+def flower_env(tmp_path: Path, connection: str, link: int) -> dict[str, str]:
+    """The environment of the Flower commands: a FLWR_HOME whose config names the SuperLink at
+    ``link`` as ``connection``, the example app importable, Flower's scripts on the PATH."""
     home = tmp_path / "flwr_home"
     home.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "localtest"\n\n[superlink.localtest]\n'
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n'
                                       f'address = "127.0.0.1:{link}"\ninsecure = true\n')
     env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": os.pathsep.join(
         [str(APP), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
     env["PATH"] = os.pathsep.join([str(Path(flower_command("flwr")[1]).parent), env.get("PATH", "")])
+    return env
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """SuperLink + 2 SuperNodes; yields (env, connection name); stops them by pid afterwards."""
+    link = free_port()  # Flower 1.42 serves the control, fleet and runtime APIs over HTTP on one port
+    env = flower_env(tmp_path, "localtest", link)
     processes = [subprocess.Popen([*flower_command("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
                                    "--port", str(link)],
                                   env=env, stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT)]
@@ -103,13 +110,7 @@ def simulation_link(tmp_path):
     connection name); stops it by pid afterwards."""
     pytest.importorskip("ray")
     link = free_port()
-    home = tmp_path / "flwr_home"
-    home.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "localsim"\n\n[superlink.localsim]\n'
-                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": os.pathsep.join(
-        [str(APP), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
-    env["PATH"] = os.pathsep.join([str(Path(flower_command("flwr")[1]).parent), env.get("PATH", "")])
+    env = flower_env(tmp_path, "localsim", link)
     superlink = subprocess.Popen([*flower_command("flower-superlink"), "--insecure", "--simulation",
                                   "--disable-runtime-dependency-installation", "--port", str(link)],
                                  env=env, stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT)
