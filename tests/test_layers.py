@@ -21,7 +21,7 @@ LAYERS = {
     "mergeforge.engine": 7,
     "mergeforge.evaluate": 8, "mergeforge.zoo": 8, "mergeforge.bench": 8, "mergeforge.demo": 8, "mergeforge.moe": 8, "mergeforge.lora": 8, "mergeforge.analysis": 8,
     "mergeforge.evolve": 8,
-    "mergeforge.federated": 8,
+    "mergeforge.federated": 8, "mergeforge.config_file": 8,
     "mergeforge.cli": 9, "mergeforge.__main__": 9, "mergeforge": 9,
 }
 
