@@ -1,4 +1,4 @@
-"""Reference test for nearswap: w = clamp(t/|θ_base − θ₁|, 0, 1), (1−w)·θ_base + w·θ₁."""
+"""Reference test for nearswap: w = clamp(t/max(|θ_base − θ₁|, 1e-6), 0, 1), w·θ₁ + (1−w)·θ_base."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ def test_worked_example():
     # 1.0 -> w = 0.1 -> 0.9;  0 -> w = 1 -> 1.0.
     out = run_method("nearswap", [other], base, t=0.1)
     torch.testing.assert_close(out, torch.tensor([1.05, 1.1, 0.9, 1.0]))
+
+
+def test_differences_below_1e6_are_floored_as_in_mergekit():
+    # mergekit divides t by max(|diff|, 1e-6): with t = 1e-7, a difference of 5e-7 gets
+    # w = 1e-7/1e-6 = 0.1 (not 1e-7/5e-7 = 0.2), and an equal entry w = 0.1 of nothing.
+    base = torch.tensor([0.0, 2.0, 0.0])
+    other = torch.tensor([5e-7, 2.0, 1e-5])
+    out = run_method("nearswap", [other], base, t=1e-7)
+    # 5e-7 -> 0.1·5e-7 = 5e-8;  equal -> 2.0;  1e-5 -> w = 0.01 -> 1e-7.
+    torch.testing.assert_close(out, torch.tensor([5e-8, 2.0, 1e-7]), rtol=1e-5, atol=0.0)
 
 
 def test_t_is_required_and_positive():
