@@ -125,6 +125,32 @@ def test_multislerp_without_weight_normalisation_scales_the_norm():
     torch.testing.assert_close(raw, 4 * normalised, rtol=1e-5, atol=1e-6)
 
 
+def test_multislerp_in_bf16_follows_mergekits_steps_and_roundings():
+    # In 16-bit math, as in mergekit 0.1.5: the weights are bf16, every product and quotient is
+    # rounded to bf16, each sum over models or over a vector is taken wide and rounded once, and
+    # the tangent step (zero in exact arithmetic) is applied. Reference: those steps in float64,
+    # rounded to bf16 after each.
+    def bf(value: np.ndarray | float) -> np.ndarray:
+        return torch.as_tensor(value, dtype=torch.float64).to(torch.bfloat16).double().numpy()
+
+    points = [(seeded(64, seed=s, scale=0.02)).bfloat16() for s in (40, 41, 42)]
+    out = run_method("multislerp", points, weight=[0.3, 0.3, 0.4], compute_dtype=torch.bfloat16)
+    eps = 1e-8
+    p = [t.double().numpy() for t in points]
+    weights = bf(np.array([0.3, 0.3, 0.4]))
+    weights = bf(weights / bf(weights.sum()))
+    norms = [bf(np.sqrt((x * x).sum())) for x in p]
+    units = [bf(x / bf(n + eps)) for x, n in zip(p, norms, strict=True)]
+    mean = bf(sum(bf(u * w) for u, w in zip(units, weights, strict=True)))
+    mean = bf(mean / bf(np.sqrt((mean * mean).sum())))
+    tangents = [bf(u - bf(bf(bf(u * mean).sum()) * mean)) for u in units]
+    tangent = bf(sum(bf(v * w) for v, w in zip(tangents, weights, strict=True)))
+    tangent_norm = bf(bf(np.sqrt((tangent * tangent).sum())) + eps)
+    on_sphere = bf(bf(mean * bf(np.cos(tangent_norm))) + bf(tangent * bf(bf(np.sin(tangent_norm)) / tangent_norm)))
+    expected = bf(on_sphere * bf(sum(bf(n * w) for n, w in zip(norms, weights, strict=True))))
+    np.testing.assert_array_equal(f64(out), expected)
+
+
 def test_multislerp_rejects_weights_that_sum_to_zero():
     with pytest.raises(MethodError, match="sum to zero"):
         run_method("multislerp", [seeded(4, seed=32), seeded(4, seed=33)], weight=[1.0, -1.0])

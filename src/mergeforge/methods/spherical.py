@@ -108,7 +108,9 @@ def nuslerp(
     notes=(
         "Any number of models; whole tensors are treated as one vector each. With a base it "
         "averages task vectors. Where the weighted directions cancel (e.g. all task vectors zero) "
-        "it falls back to the weighted sum Σ wᵢθᵢ (mergekit does so for two models and errors for more)."
+        "it falls back to the weighted sum Σ wᵢθᵢ (mergekit does so for two models and errors for more). "
+        "mergekit 0.1.5's steps, order and dtypes (bf16 weights under a bf16 --math-dtype recipe, the "
+        "tangent step kept), so a 16-bit merge rounds as mergekit does."
     ),
 )
 def multislerp(
@@ -121,35 +123,56 @@ def multislerp(
 ) -> torch.Tensor:
     if len(tensors) == 1:
         return tensors[0]
-    weights = list(weight)
+    # mergekit 0.1.5's steps in its order and dtypes: the weights are a tensor of the inputs'
+    # dtype, every product is rounded to it, and each sum over the models is accumulated wider and
+    # rounded once (what torch's sum over a stacked dim does), so a 16-bit --math-dtype recipe
+    # rounds as mergekit does. The tangent step is kept although it is zero in exact arithmetic
+    # (the weighted tangents at the normalised Σ wᵢuᵢ sum to 0): in 16 bits it is not.
+    dtype = tensors[0].dtype
+    wide = torch.promote_types(dtype, torch.float32)
+    weights = torch.tensor(weight, dtype=dtype, device=tensors[0].device)
     if normalize_weights:
-        weight_sum = sum(weights)
-        if abs(weight_sum) < 1e-12:
+        weight_sum = weights.sum()
+        if float(weight_sum.abs()) < 1e-12:
             raise MethodError("multislerp: the model weights sum to zero, so they cannot be normalized; set normalize_weights: false")
-        weights = [w / weight_sum for w in weights]
+        weights = weights / weight_sum
 
     points = [tensor - base for tensor in tensors] if base is not None else tensors
-    norms = [float(point.norm()) for point in points]
-    # Σ wᵢ·uᵢ with uᵢ = pᵢ/(‖pᵢ‖+eps), accumulated without stacking the inputs.
-    direction_sum = torch.zeros_like(points[0])
-    for point, point_norm, model_weight in zip(points, norms, weights, strict=True):
-        direction_sum.add_(point, alpha=model_weight / (point_norm + eps))
-    direction_norm = float(direction_sum.norm())
+    norms = torch.stack([torch.linalg.vector_norm(point) for point in points])
 
-    if direction_norm < eps:
-        merged = torch.zeros_like(points[0])
-        for point, model_weight in zip(points, weights, strict=True):
-            merged.add_(point, alpha=model_weight)
+    def unit(index: int) -> torch.Tensor:
+        # uᵢ = pᵢ/(‖pᵢ‖+eps), recomputed where needed instead of holding N unit tensors.
+        return points[index] / (norms[index] + eps)
+
+    accumulator = torch.zeros(points[0].shape, dtype=wide, device=points[0].device)
+    for index in range(len(points)):
+        accumulator.add_(unit(index) * weights[index])
+    mean = accumulator.to(dtype)
+    mean_norm = torch.linalg.vector_norm(mean)
+
+    if float(mean_norm) < eps:
+        # The weighted directions cancel: the weighted sum Σ wᵢpᵢ (mergekit's fallback for two
+        # models; it raises for more).
+        merged = points[0] * weights[0]
+        for point, model_weight in zip(points[1:], weights[1:], strict=True):
+            merged = merged + point * model_weight
     else:
-        # The tangent-space step of Multi-SLERP: each unit point uᵢ is mapped to the tangent plane
-        # at the mean direction m (uᵢ − (uᵢ·m)m), the weighted tangents are summed and mapped back
-        # with the exponential map. Because m is the normalised Σ wᵢuᵢ, the weighted tangents sum
-        # to Σwᵢuᵢ − (m·Σwᵢuᵢ)m = 0, so the exponential map returns m itself (mergekit adds eps to
-        # the tangent norm, which changes nothing but rounding). The result is m times the mean norm.
-        mean_norm = sum(model_weight * point_norm for model_weight, point_norm in zip(weights, norms, strict=True))
-        merged = direction_sum.mul_(mean_norm / direction_norm)
+        mean = mean / mean_norm
+        # The tangent-space step: uᵢ − (uᵢ·m)m, weighted and summed, mapped back with the
+        # exponential map at m (with eps added to the tangent's norm, as mergekit does).
+        accumulator.zero_()
+        for index in range(len(points)):
+            direction = unit(index)
+            # Summed wide and rounded once, as torch sums a row of mergekit's stacked units (a
+            # 1-D 16-bit sum in torch rounds differently).
+            dot = (direction * mean).sum(dtype=wide).to(dtype)
+            accumulator.add_((direction - dot * mean) * weights[index])
+        tangent = accumulator.to(dtype)
+        tangent_norm = torch.linalg.vector_norm(tangent) + eps
+        merged = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+        merged = merged * (norms * weights).sum()
     if base is not None:
-        merged.add_(base)
+        merged = merged + base
     return merged
 
 
