@@ -16,8 +16,6 @@ mergekit's methods of the same names (arcee-ai/mergekit, ``merge_methods/nuslerp
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from mergeforge.errors import MethodError
@@ -181,47 +179,58 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], *, max_iter:
 
     Inputs with norm ≤ ``tol`` take no part in the direction (their weight is dropped and the
     rest renormalised) but still count, as zero, in the norm, as in mergekit.
+
+    The dtypes are mergekit 0.1.5's: norms (of the tensors, the mean and the tangent) in float32
+    (float64 for float64 inputs), everything else (unit vectors, dots, angles, the tangent, the
+    iterate) in the inputs' dtype, with mergekit's order of operations, so 16-bit math rounds as
+    mergekit does (the operand order matters: torch rounds a float32 0-dim tensor to bf16 when it
+    is the left operand of a bf16 tensor, as in ``cos(‖v‖)·mean``, not when it is the right one, as
+    in ``tensor / norm``). In 16 bits the tangent rarely gets below ``tol``: all ``max_iter`` steps run.
     """
-    norms = [float(tensor.norm()) for tensor in tensors]
-    valid = [index for index, tensor_norm in enumerate(norms) if tensor_norm > tol]
+    dtype = tensors[0].dtype
+    norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def norm_of(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(tensor.to(norm_dtype))
+
+    norms = [norm_of(tensor) for tensor in tensors]
+    valid = [index for index, tensor_norm in enumerate(norms) if float(tensor_norm) > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
     valid_weight_sum = sum(weights[index] for index in valid)
     alphas = [weights[index] / valid_weight_sum for index in valid]
-    units = [tensors[index] / norms[index] for index in valid]
+    units = [(tensors[index] / norms[index]).to(dtype) for index in valid]
 
     # Start from the normalised weighted arithmetic mean of the unit directions.
     mean = torch.zeros_like(units[0])
     for alpha, unit in zip(alphas, units, strict=True):
-        mean.add_(unit, alpha=alpha)
-    mean_norm = float(mean.norm())
-    mean = units[0].clone() if mean_norm < tol else mean.div_(mean_norm)
+        mean += alpha * unit
+    mean_norm = norm_of(mean)
+    mean = units[0].clone() if float(mean_norm) < tol else (mean / mean_norm).to(dtype)
 
     for _ in range(max_iter):
         # Riemannian gradient step: the weighted mean of the log maps log_mean(uᵢ).
         tangent = torch.zeros_like(mean)
         for alpha, unit in zip(alphas, units, strict=True):
-            cos_theta = min(max(float(torch.dot(mean.reshape(-1), unit.reshape(-1))), -1.0), 1.0)
-            theta = math.acos(cos_theta)
-            if theta < tol:
+            cos_theta = torch.dot(mean.reshape(-1), unit.reshape(-1)).clamp(-1.0, 1.0)
+            theta = torch.arccos(cos_theta)
+            if float(theta) < tol:
                 continue
-            scale = alpha * theta / math.sin(theta)
-            tangent.add_(unit, alpha=scale).add_(mean, alpha=-scale * cos_theta)
-        tangent_norm = float(tangent.norm())
-        if tangent_norm < tol:
+            tangent += alpha * (theta / torch.sin(theta)) * (unit - cos_theta * mean)
+        tangent_norm = norm_of(tangent)
+        if float(tangent_norm) < tol:
             break
-        mean = mean.mul_(math.cos(tangent_norm)).add_(tangent, alpha=math.sin(tangent_norm) / tangent_norm)
-        renorm = float(mean.norm())
-        if renorm > tol:
-            mean.div_(renorm)
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(dtype)
+        renorm = norm_of(mean)
+        if float(renorm) > tol:
+            mean = (mean / renorm).to(dtype)
 
-    scale = sum(model_weight * tensor_norm for model_weight, tensor_norm in zip(weights, norms, strict=True))
-    return mean.mul_(scale)
+    scale = sum((model_weight * tensor_norm for model_weight, tensor_norm in zip(weights, norms, strict=True)), torch.zeros((), dtype=norm_dtype))
+    return (scale * mean).to(dtype)
 
 
 @register_method(
     "karcher",
-    float32_math=True,  # mergekit computes it in float32 too
     params=[
         Param("max_iter", 10, kind="int", low=0, help="maximum Riemannian fixed-point iterations"),
         Param("tol", 1e-5, low=0.0, low_open=True, help="stop when the tangent step is shorter than this"),
@@ -231,7 +240,9 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], *, max_iter:
     citation="Karcher 1977, Riemannian center of mass; mergekit 'karcher'",
     notes=(
         "Equal weights for every input, as in mergekit; the base model is an input only when it "
-        "is listed among the models. Whole tensors (matrices, norms, biases) are one point each."
+        "is listed among the models. Whole tensors (matrices, norms, biases) are one point each. "
+        "Computed in the math dtype with float32 norms, in mergekit 0.1.5's order, so a bf16 "
+        "--math-dtype recipe merge rounds as mergekit does."
     ),
 )
 def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, *, max_iter: int, tol: float) -> torch.Tensor:
