@@ -15,11 +15,13 @@ from mergeforge.methods.registry import BaseUse, Param, register_method
 
 
 def as_rows(tensor: torch.Tensor, filter_wise: bool) -> torch.Tensor:
-    """The vectors whose angle is measured: the whole tensor as one row, or (``filter_wise``) each
-    slice along the last dimension, with 1-D tensors as a single row."""
-    if filter_wise and tensor.dim() >= 2:
-        return tensor.reshape(-1, tensor.shape[-1])
-    return tensor.reshape(1, -1)
+    """The vectors whose angle is measured, along the last dimension: (``filter_wise``) each slice
+    along the last dimension, with a 1-D tensor as a single row, or else the whole tensor
+    flattened to 1-D. Flattened, not one row of a matrix, because torch's 16-bit sums round
+    differently for the two layouts and mergekit 0.1.5 flattens."""
+    if filter_wise:
+        return tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() >= 2 else tensor.reshape(1, -1)
+    return tensor.reshape(-1)
 
 
 def stock_ratio(task_vectors: list[torch.Tensor]) -> torch.Tensor:
