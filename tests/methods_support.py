@@ -61,17 +61,19 @@ def run_method(
     base: torch.Tensor | None = None,
     *,
     seed: int = 0,
+    compute_dtype: torch.dtype = COMPUTE_DTYPE,
     **overrides: Any,
 ) -> torch.Tensor:
-    """Call method ``name`` as the engine would (copies of the inputs in :data:`COMPUTE_DTYPE`, a
+    """Call method ``name`` as the engine would (copies of the inputs in ``compute_dtype``, by
+    default :data:`COMPUTE_DTYPE`; bfloat16 is what ``--math-dtype recipe`` gives a bf16 recipe; a
     seeded generator for random methods) and return its merged tensor in the inputs' dtype."""
     method = get_method(name)
     params = resolve_params(method, len(tensors), overrides)
     generator = torch.Generator().manual_seed(seed) if method.random else None
     dtype = tensors[0].dtype
     output = method.run(
-        [tensor.to(COMPUTE_DTYPE, copy=True) for tensor in tensors],
-        None if base is None else base.to(COMPUTE_DTYPE, copy=True),
+        [tensor.to(compute_dtype, copy=True) for tensor in tensors],
+        None if base is None else base.to(compute_dtype, copy=True),
         params,
         generator,
     )

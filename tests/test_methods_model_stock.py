@@ -86,3 +86,23 @@ def test_cancelling_directions_fall_back_to_the_base_instead_of_exploding():
     out = run_method("model_stock", [base + delta, base - delta], base)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, base)
+
+
+def test_bf16_math_interpolates_the_mean_weight_in_mergekits_order():
+    # In 16-bit math the order of the steps shows: t·mean(θᵢ) + (1−t)·θ_base with the mean of
+    # the weights (mergekit 0.1.5), not θ_base + t·mean(δᵢ). Reference: those steps in float64,
+    # each result rounded to bf16 as a bf16 torch operation rounds it.
+    def bf16(value: torch.Tensor) -> torch.Tensor:
+        return value.to(torch.bfloat16).double()
+
+    base = seeded(256, seed=7, scale=0.02).bfloat16()
+    finetunes = [(base.float() + seeded(256, seed=8 + i, scale=0.002)).bfloat16() for i in range(2)]
+    out = run_method("model_stock", finetunes, base, compute_dtype=torch.bfloat16)
+    base64, first, second = (t.double() for t in (base, *finetunes))
+    delta_a, delta_b = bf16(first - base64), bf16(second - base64)
+    norm_product = bf16(bf16(delta_a.norm()) * bf16(delta_b.norm()))
+    cos = bf16(bf16((bf16(delta_a * delta_b)).sum()) / norm_product)
+    t = bf16(bf16(2 * cos) / bf16(1 + cos))
+    mean = bf16(bf16(first + second) / 2)
+    expected = bf16(bf16(t * mean) + bf16(bf16(1 - t) * base64))
+    assert torch.equal(out.double(), expected)

@@ -43,3 +43,17 @@ def test_ramplus_default_parameters():
     out = run_method("ramplus_tl", [FIRST, SECOND], BASE)
     expected = BASE + torch.tensor([0.5 * 1.02, 3.0 * 1.02, 3.0, 0.0, -0.4 * 1.02, 0.0])
     torch.testing.assert_close(out, expected)
+
+
+def test_ramplus_in_bf16_adds_the_boosted_unique_entries_in_float32():
+    # As in mergekit 0.1.5, λ is float32 and widens δ·λ and its sum with the base to float32,
+    # rounded to bf16 once at the end. Model 1: one unique, one shared entry -> ρ = 1, clipped to
+    # α = 0.2, λ = 1 + 0.45·0.2 = 1.09; δ = 0.125 -> 1 + δ·λ = 1.13625, which rounds to bf16
+    # 1.1328125 (17.44 steps of 2⁻⁷ above 1). Summing in bf16 instead (δ + δ·0.09 = 0.13623 lands
+    # on a tie and rounds up to 0.13671875, then 1 + that ties again) would give 1.140625.
+    base = torch.ones(4, dtype=torch.bfloat16)
+    first = base + torch.tensor([0.125, 0.5, 0.0, 0.0], dtype=torch.bfloat16)
+    second = base + torch.tensor([0.0, 0.25, 0.0, 0.0], dtype=torch.bfloat16)
+    out = run_method("ramplus_tl", [first, second], base, r=0.45, alpha=0.2, compute_dtype=torch.bfloat16)
+    # The shared entry is (0.5 + 0.25)/2 = 0.375 on the base, exact in bf16.
+    assert torch.equal(out, torch.tensor([1.1328125, 1.375, 1.0, 1.0], dtype=torch.bfloat16))

@@ -4,6 +4,7 @@ float64 NumPy, written independently of the implementation."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -125,6 +126,32 @@ def test_multislerp_without_weight_normalisation_scales_the_norm():
     torch.testing.assert_close(raw, 4 * normalised, rtol=1e-5, atol=1e-6)
 
 
+def test_multislerp_in_bf16_follows_mergekits_steps_and_roundings():
+    # In 16-bit math, as in mergekit 0.1.5: the weights are bf16, every product and quotient is
+    # rounded to bf16, each sum over models or over a vector is taken wide and rounded once, and
+    # the tangent step (zero in exact arithmetic) is applied. Reference: those steps in float64,
+    # rounded to bf16 after each.
+    def bf(value: np.ndarray | float) -> np.ndarray:
+        return torch.as_tensor(value, dtype=torch.float64).to(torch.bfloat16).double().numpy()
+
+    points = [(seeded(64, seed=s, scale=0.02)).bfloat16() for s in (40, 41, 42)]
+    out = run_method("multislerp", points, weight=[0.3, 0.3, 0.4], compute_dtype=torch.bfloat16)
+    eps = 1e-8
+    p = [t.double().numpy() for t in points]
+    weights = bf(np.array([0.3, 0.3, 0.4]))
+    weights = bf(weights / bf(weights.sum()))
+    norms = [bf(np.sqrt((x * x).sum())) for x in p]
+    units = [bf(x / bf(n + eps)) for x, n in zip(p, norms, strict=True)]
+    mean = bf(sum(bf(u * w) for u, w in zip(units, weights, strict=True)))
+    mean = bf(mean / bf(np.sqrt((mean * mean).sum())))
+    tangents = [bf(u - bf(bf(bf(u * mean).sum()) * mean)) for u in units]
+    tangent = bf(sum(bf(v * w) for v, w in zip(tangents, weights, strict=True)))
+    tangent_norm = bf(bf(np.sqrt((tangent * tangent).sum())) + eps)
+    on_sphere = bf(bf(mean * bf(np.cos(tangent_norm))) + bf(tangent * bf(bf(np.sin(tangent_norm)) / tangent_norm)))
+    expected = bf(on_sphere * bf(sum(bf(n * w) for n, w in zip(norms, weights, strict=True))))
+    np.testing.assert_array_equal(f64(out), expected)
+
+
 def test_multislerp_rejects_weights_that_sum_to_zero():
     with pytest.raises(MethodError, match="sum to zero"):
         run_method("multislerp", [seeded(4, seed=32), seeded(4, seed=33)], weight=[1.0, -1.0])
@@ -167,3 +194,48 @@ def test_karcher_ignores_zero_points_for_direction_but_counts_them_in_the_norm()
     out = run_method("karcher", [*points, torch.zeros(3, 4)])
     expected = (6.0 / 3) * (math.cos(0.5) * basis[:, 0] + math.sin(0.5) * basis[:, 1])
     np.testing.assert_allclose(f64(out).ravel(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_karcher_in_bf16_computes_in_bf16_with_float32_norms():
+    # mergekit 0.1.5 computes karcher in the inputs' dtype: only the norms are float32. So under a
+    # bf16 --math-dtype recipe the unit vectors, the mean, the dots, angles, tangent and iterate
+    # are bf16. Reference: those steps in float64, rounded to bf16 after each (norms to float32).
+    def bf(value: np.ndarray | float) -> np.ndarray:
+        return torch.as_tensor(value, dtype=torch.float64).to(torch.bfloat16).double().numpy()
+
+    def f32(value: np.ndarray | float) -> np.ndarray:
+        return torch.as_tensor(value, dtype=torch.float64).to(torch.float32).double().numpy()
+
+    def norm(x: np.ndarray) -> np.ndarray:
+        return f32(np.sqrt((x * x).sum()))
+
+    def bf16_fn(fn: Any, value: np.ndarray) -> np.ndarray:  # torch's bf16 arccos, sin
+        return fn(torch.as_tensor(value).to(torch.bfloat16)).double().numpy()
+
+    def f32_fn(fn: Any, value: np.ndarray) -> np.ndarray:  # torch's float32 sin, cos
+        return fn(torch.as_tensor(value).to(torch.float32)).double().numpy()
+
+    points = [seeded(8, seed=s, scale=0.05).bfloat16() for s in (45, 46, 47)]
+    out = run_method("karcher", points, max_iter=2, compute_dtype=torch.bfloat16)
+    alpha = 1 / 3
+    p = [t.double().numpy() for t in points]
+    norms = [norm(x) for x in p]
+    units = [bf(x / n) for x, n in zip(p, norms, strict=True)]
+    mean = np.zeros(8)
+    for u in units:
+        mean = bf(mean + bf(alpha * u))
+    mean = bf(mean / norm(mean))
+    for _ in range(2):
+        tangent = np.zeros(8)
+        for u in units:
+            cos_theta = bf(np.clip(bf((mean * u).sum()), -1.0, 1.0))
+            theta = bf16_fn(torch.arccos, cos_theta)
+            factor = bf(alpha * bf(theta / bf16_fn(torch.sin, theta)))
+            tangent = bf(tangent + bf(factor * bf(u - bf(cos_theta * mean))))
+        tangent_norm = norm(tangent)
+        # A float32 0-dim tensor times a bf16 tensor, in that order, is rounded to bf16 first.
+        step = bf(bf(f32_fn(torch.sin, tangent_norm)) * bf(tangent / tangent_norm))
+        mean = bf(bf(bf(f32_fn(torch.cos, tangent_norm)) * mean) + step)
+        mean = bf(mean / norm(mean))
+    expected = bf(bf(f32(sum(f32(alpha * n) for n in norms))) * mean)
+    np.testing.assert_array_equal(f64(out), expected)

@@ -15,31 +15,34 @@ from mergeforge.methods.registry import BaseUse, Param, register_method
 
 
 def as_rows(tensor: torch.Tensor, filter_wise: bool) -> torch.Tensor:
-    """The vectors whose angle is measured: the whole tensor as one row, or (``filter_wise``) each
-    slice along the last dimension, with 1-D tensors as a single row."""
-    if filter_wise and tensor.dim() >= 2:
-        return tensor.reshape(-1, tensor.shape[-1])
-    return tensor.reshape(1, -1)
+    """The vectors whose angle is measured, along the last dimension: (``filter_wise``) each slice
+    along the last dimension, with a 1-D tensor as a single row, or else the whole tensor
+    flattened to 1-D. Flattened, not one row of a matrix, because torch's 16-bit sums round
+    differently for the two layouts and mergekit 0.1.5 flattens."""
+    if filter_wise:
+        return tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() >= 2 else tensor.reshape(1, -1)
+    return tensor.reshape(-1)
 
 
 def stock_ratio(task_vectors: list[torch.Tensor]) -> torch.Tensor:
     """Per-row ``t = N·c / (1 + (N−1)·c)``, ``c`` the mean pairwise cosine of the rows.
 
-    Pairs with a zero vector count as cosine 0 (mergekit clamps the norm product at 1e-6). The
-    mean pairwise cosine of N vectors is at least −1/(N−1), so the denominator is ≥ 0; where it
-    vanishes (the directions cancel exactly) ``t`` is set to 0, which returns the base.
+    Pairs with a zero vector count as cosine 0 (the norm product is floored at 1e-6, as in
+    mergekit). Where ``|1 + (N−1)·c| < 1e-6`` (the directions cancel exactly) ``t`` is set to 0,
+    which returns the base. The steps and their order are mergekit 0.1.5's (elementwise products
+    summed, the pairwise cosines averaged in one ``mean``), so 16-bit math rounds as it does.
     """
     count = len(task_vectors)
     norms = [torch.linalg.vector_norm(vector, dim=-1) for vector in task_vectors]
-    cosine_sum = torch.zeros_like(norms[0])
+    cosines = []
     for i in range(count):
         for j in range(i + 1, count):
-            dot = torch.linalg.vecdot(task_vectors[i], task_vectors[j], dim=-1)
-            cosine_sum += (dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
-    mean_cosine = cosine_sum / (count * (count - 1) / 2)
+            dot = (task_vectors[i] * task_vectors[j]).sum(dim=-1)
+            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0))
+    mean_cosine = torch.stack(cosines).mean(dim=0)
     denominator = 1 + (count - 1) * mean_cosine
-    degenerate = denominator <= 1e-6
-    ratio = count * mean_cosine / torch.where(degenerate, torch.ones_like(denominator), denominator)
+    degenerate = denominator.abs() < 1e-6
+    ratio = (count * mean_cosine) / torch.where(degenerate, torch.ones_like(denominator), denominator)
     return torch.where(degenerate, torch.zeros_like(ratio), ratio)
 
 
@@ -50,20 +53,23 @@ def stock_ratio(task_vectors: list[torch.Tensor]) -> torch.Tensor:
     ],
     base=BaseUse.REQUIRED,
     min_models=2,
-    math="θ_base + t·mean(δᵢ), t = N·cos θ / (1 + (N−1)·cos θ), cos θ the mean pairwise cosine of the δᵢ",
+    math="t·mean(θᵢ) + (1−t)·θ_base, t = N·cos θ / (1 + (N−1)·cos θ), cos θ the mean pairwise cosine of the δᵢ = θᵢ − θ_base",
     citation="Jang et al. 2024, Model Stock (arXiv:2403.19522); mergekit 'model_stock'",
     notes=(
         "Needs the base and at least two fine-tunes. Per tensor by default; filter_wise measures "
         "the angle per row (1-D tensors such as norms and biases are one row either way). "
-        "Negative mean cosines give t < 0, as in mergekit."
+        "Negative mean cosines give t < 0, as in mergekit. Computed in mergekit 0.1.5's order "
+        "(the mean of the weights, not of the task vectors, interpolated with the base), so a "
+        "16-bit --math-dtype recipe rounds as mergekit does."
     ),
 )
 def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, filter_wise: bool) -> torch.Tensor:
     base_rows = as_rows(base, filter_wise)
-    task_vectors = [as_rows(tensor, filter_wise) - base_rows for tensor in tensors]
-    ratio = stock_ratio(task_vectors).unsqueeze(-1)
-    mean_task_vector = torch.zeros_like(base_rows)
-    for task_vector in task_vectors:
-        mean_task_vector.add_(task_vector)
-    mean_task_vector.div_(len(task_vectors))
-    return mean_task_vector.mul_(ratio).add_(base_rows).reshape(base.shape)
+    rows = [as_rows(tensor, filter_wise) for tensor in tensors]
+    ratio = stock_ratio([row - base_rows for row in rows]).unsqueeze(-1)
+    mean_weight = torch.zeros_like(base_rows)
+    for row in rows:
+        mean_weight.add_(row)
+    mean_weight.div_(len(rows))
+    kept = (1 - ratio) * base_rows
+    return mean_weight.mul_(ratio).add_(kept).reshape(base.shape)

@@ -84,17 +84,34 @@ def ram(tensors: list[torch.Tensor], base: torch.Tensor, *, epsilon: float) -> t
     min_models=1,
     math="as ram, with model i's unique entries scaled by 1 + r·clip(#sharedᵢ/#uniqueᵢ, 0, α) per tensor",
     citation="Reinforced Agent Merging, RAM+ (arXiv:2601.13572); mergekit 'ramplus_tl'",
-    notes="The ratio is counted per tensor ('tensor-local'), so the method is not elementwise.",
+    notes=(
+        "The ratio is counted per tensor ('tensor-local'), so the method is not elementwise. As in "
+        "mergekit 0.1.5, ρ = #shared/max(#unique, epsilon) and λ are float32, and the boosted unique "
+        "entries, the sum and the base are added in float32 (the shared averages in the task "
+        "vectors' dtype): a bf16 --math-dtype recipe merge rounds as mergekit does."
+    ),
 )
 def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor, *, r: float, alpha: float, epsilon: float) -> torch.Tensor:
     task_vectors, contributors = changed_task_vectors(tensors, base, epsilon)
     unique = contributors == 1
-    unique_scales = []
+    shared = contributors > 1
+    shared_counts = contributors.clamp(min=1)
+    # mergekit 0.1.5 computes the λᵢ in float32 and multiplies the 16-bit task vectors by them,
+    # which widens the unique part, the sum and the addition of the base to float32; the shared
+    # part (δ/count) stays in the task vectors' dtype. The same here, so that a 16-bit
+    # --math-dtype recipe rounds as mergekit does; float32 and float64 math are unchanged by it.
+    wide = torch.promote_types(base.dtype, torch.float32)
+    merged = torch.zeros(base.shape, dtype=wide, device=base.device)
     for task_vector in task_vectors:
         changed = task_vector != 0
         unique_count = int((changed & unique).sum())
         shared_count = int(changed.sum()) - unique_count
-        # mergekit divides by max(unique, epsilon); with no unique entries the scale is unused.
-        ratio = shared_count / max(unique_count, epsilon) if (unique_count or epsilon > 0) else 0.0
-        unique_scales.append(1.0 + r * min(max(ratio, 0.0), alpha))
-    return merge_unique_and_shared(base, task_vectors, contributors, unique_scales)
+        # ρ = #shared / max(#unique, epsilon), clipped to [0, α], and λ = 1 + r·ρ, in float32
+        # arithmetic as mergekit does it (with no unique entries λ multiplies nothing).
+        ratio = torch.tensor(float(shared_count), dtype=wide) / torch.tensor(max(float(unique_count), epsilon), dtype=wide)
+        if not torch.isfinite(ratio):  # epsilon = 0 and no unique entries: λ is unused
+            ratio = torch.zeros((), dtype=wide)
+        unique_scale = 1 + r * ratio.clamp(min=0.0, max=alpha)
+        merged.add_((task_vector * unique).to(wide).mul_(unique_scale.to(base.device)))
+        merged.add_(((task_vector * shared) / shared_counts).to(wide))
+    return merged.add_(base).to(base.dtype)

@@ -96,7 +96,7 @@ class MethodSpec:
     calibrate: Callable[..., dict[str, Any]] | None = None  # data-aware methods: (context) -> {tensor: statistics}
     kernel: Kernel | None = None
     # Computes in float32 even under --math-dtype recipe with a 16-bit recipe dtype: mergekit's
-    # own implementation widens (linear, slerp, karcher), torch has no 16-bit kernel for its math
+    # own implementation widens (linear, slerp), torch has no 16-bit kernel for its math
     # (SVD), or 16 bits cannot hold it (an optimiser's small steps).
     float32_math: bool = False
     _by_name: dict[str, Param] = field(init=False, repr=False, compare=False)

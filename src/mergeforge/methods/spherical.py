@@ -16,8 +16,6 @@ mergekit's methods of the same names (arcee-ai/mergekit, ``merge_methods/nuslerp
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from mergeforge.errors import MethodError
@@ -108,7 +106,9 @@ def nuslerp(
     notes=(
         "Any number of models; whole tensors are treated as one vector each. With a base it "
         "averages task vectors. Where the weighted directions cancel (e.g. all task vectors zero) "
-        "it falls back to the weighted sum Σ wᵢθᵢ (mergekit does so for two models and errors for more)."
+        "it falls back to the weighted sum Σ wᵢθᵢ (mergekit does so for two models and errors for more). "
+        "mergekit 0.1.5's steps, order and dtypes (bf16 weights under a bf16 --math-dtype recipe, the "
+        "tangent step kept), so a 16-bit merge rounds as mergekit does."
     ),
 )
 def multislerp(
@@ -121,35 +121,56 @@ def multislerp(
 ) -> torch.Tensor:
     if len(tensors) == 1:
         return tensors[0]
-    weights = list(weight)
+    # mergekit 0.1.5's steps in its order and dtypes: the weights are a tensor of the inputs'
+    # dtype, every product is rounded to it, and each sum over the models is accumulated wider and
+    # rounded once (what torch's sum over a stacked dim does), so a 16-bit --math-dtype recipe
+    # rounds as mergekit does. The tangent step is kept although it is zero in exact arithmetic
+    # (the weighted tangents at the normalised Σ wᵢuᵢ sum to 0): in 16 bits it is not.
+    dtype = tensors[0].dtype
+    wide = torch.promote_types(dtype, torch.float32)
+    weights = torch.tensor(weight, dtype=dtype, device=tensors[0].device)
     if normalize_weights:
-        weight_sum = sum(weights)
-        if abs(weight_sum) < 1e-12:
+        weight_sum = weights.sum()
+        if float(weight_sum.abs()) < 1e-12:
             raise MethodError("multislerp: the model weights sum to zero, so they cannot be normalized; set normalize_weights: false")
-        weights = [w / weight_sum for w in weights]
+        weights = weights / weight_sum
 
     points = [tensor - base for tensor in tensors] if base is not None else tensors
-    norms = [float(point.norm()) for point in points]
-    # Σ wᵢ·uᵢ with uᵢ = pᵢ/(‖pᵢ‖+eps), accumulated without stacking the inputs.
-    direction_sum = torch.zeros_like(points[0])
-    for point, point_norm, model_weight in zip(points, norms, weights, strict=True):
-        direction_sum.add_(point, alpha=model_weight / (point_norm + eps))
-    direction_norm = float(direction_sum.norm())
+    norms = torch.stack([torch.linalg.vector_norm(point) for point in points])
 
-    if direction_norm < eps:
-        merged = torch.zeros_like(points[0])
-        for point, model_weight in zip(points, weights, strict=True):
-            merged.add_(point, alpha=model_weight)
+    def unit(index: int) -> torch.Tensor:
+        # uᵢ = pᵢ/(‖pᵢ‖+eps), recomputed where needed instead of holding N unit tensors.
+        return points[index] / (norms[index] + eps)
+
+    accumulator = torch.zeros(points[0].shape, dtype=wide, device=points[0].device)
+    for index in range(len(points)):
+        accumulator.add_(unit(index) * weights[index])
+    mean = accumulator.to(dtype)
+    mean_norm = torch.linalg.vector_norm(mean)
+
+    if float(mean_norm) < eps:
+        # The weighted directions cancel: the weighted sum Σ wᵢpᵢ (mergekit's fallback for two
+        # models; it raises for more).
+        merged = points[0] * weights[0]
+        for point, model_weight in zip(points[1:], weights[1:], strict=True):
+            merged = merged + point * model_weight
     else:
-        # The tangent-space step of Multi-SLERP: each unit point uᵢ is mapped to the tangent plane
-        # at the mean direction m (uᵢ − (uᵢ·m)m), the weighted tangents are summed and mapped back
-        # with the exponential map. Because m is the normalised Σ wᵢuᵢ, the weighted tangents sum
-        # to Σwᵢuᵢ − (m·Σwᵢuᵢ)m = 0, so the exponential map returns m itself (mergekit adds eps to
-        # the tangent norm, which changes nothing but rounding). The result is m times the mean norm.
-        mean_norm = sum(model_weight * point_norm for model_weight, point_norm in zip(weights, norms, strict=True))
-        merged = direction_sum.mul_(mean_norm / direction_norm)
+        mean = mean / mean_norm
+        # The tangent-space step: uᵢ − (uᵢ·m)m, weighted and summed, mapped back with the
+        # exponential map at m (with eps added to the tangent's norm, as mergekit does).
+        accumulator.zero_()
+        for index in range(len(points)):
+            direction = unit(index)
+            # Summed wide and rounded once, as torch sums a row of mergekit's stacked units (a
+            # 1-D 16-bit sum in torch rounds differently).
+            dot = (direction * mean).sum(dtype=wide).to(dtype)
+            accumulator.add_((direction - dot * mean) * weights[index])
+        tangent = accumulator.to(dtype)
+        tangent_norm = torch.linalg.vector_norm(tangent) + eps
+        merged = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+        merged = merged * (norms * weights).sum()
     if base is not None:
-        merged.add_(base)
+        merged = merged + base
     return merged
 
 
@@ -158,47 +179,58 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], *, max_iter:
 
     Inputs with norm ≤ ``tol`` take no part in the direction (their weight is dropped and the
     rest renormalised) but still count, as zero, in the norm, as in mergekit.
+
+    The dtypes are mergekit 0.1.5's: norms (of the tensors, the mean and the tangent) in float32
+    (float64 for float64 inputs), everything else (unit vectors, dots, angles, the tangent, the
+    iterate) in the inputs' dtype, with mergekit's order of operations, so 16-bit math rounds as
+    mergekit does (the operand order matters: torch rounds a float32 0-dim tensor to bf16 when it
+    is the left operand of a bf16 tensor, as in ``cos(‖v‖)·mean``, not when it is the right one, as
+    in ``tensor / norm``). In 16 bits the tangent rarely gets below ``tol``: all ``max_iter`` steps run.
     """
-    norms = [float(tensor.norm()) for tensor in tensors]
-    valid = [index for index, tensor_norm in enumerate(norms) if tensor_norm > tol]
+    dtype = tensors[0].dtype
+    norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def norm_of(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(tensor.to(norm_dtype))
+
+    norms = [norm_of(tensor) for tensor in tensors]
+    valid = [index for index, tensor_norm in enumerate(norms) if float(tensor_norm) > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
     valid_weight_sum = sum(weights[index] for index in valid)
     alphas = [weights[index] / valid_weight_sum for index in valid]
-    units = [tensors[index] / norms[index] for index in valid]
+    units = [(tensors[index] / norms[index]).to(dtype) for index in valid]
 
     # Start from the normalised weighted arithmetic mean of the unit directions.
     mean = torch.zeros_like(units[0])
     for alpha, unit in zip(alphas, units, strict=True):
-        mean.add_(unit, alpha=alpha)
-    mean_norm = float(mean.norm())
-    mean = units[0].clone() if mean_norm < tol else mean.div_(mean_norm)
+        mean += alpha * unit
+    mean_norm = norm_of(mean)
+    mean = units[0].clone() if float(mean_norm) < tol else (mean / mean_norm).to(dtype)
 
     for _ in range(max_iter):
         # Riemannian gradient step: the weighted mean of the log maps log_mean(uᵢ).
         tangent = torch.zeros_like(mean)
         for alpha, unit in zip(alphas, units, strict=True):
-            cos_theta = min(max(float(torch.dot(mean.reshape(-1), unit.reshape(-1))), -1.0), 1.0)
-            theta = math.acos(cos_theta)
-            if theta < tol:
+            cos_theta = torch.dot(mean.reshape(-1), unit.reshape(-1)).clamp(-1.0, 1.0)
+            theta = torch.arccos(cos_theta)
+            if float(theta) < tol:
                 continue
-            scale = alpha * theta / math.sin(theta)
-            tangent.add_(unit, alpha=scale).add_(mean, alpha=-scale * cos_theta)
-        tangent_norm = float(tangent.norm())
-        if tangent_norm < tol:
+            tangent += alpha * (theta / torch.sin(theta)) * (unit - cos_theta * mean)
+        tangent_norm = norm_of(tangent)
+        if float(tangent_norm) < tol:
             break
-        mean = mean.mul_(math.cos(tangent_norm)).add_(tangent, alpha=math.sin(tangent_norm) / tangent_norm)
-        renorm = float(mean.norm())
-        if renorm > tol:
-            mean.div_(renorm)
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(dtype)
+        renorm = norm_of(mean)
+        if float(renorm) > tol:
+            mean = (mean / renorm).to(dtype)
 
-    scale = sum(model_weight * tensor_norm for model_weight, tensor_norm in zip(weights, norms, strict=True))
-    return mean.mul_(scale)
+    scale = sum((model_weight * tensor_norm for model_weight, tensor_norm in zip(weights, norms, strict=True)), torch.zeros((), dtype=norm_dtype))
+    return (scale * mean).to(dtype)
 
 
 @register_method(
     "karcher",
-    float32_math=True,  # mergekit computes it in float32 too
     params=[
         Param("max_iter", 10, kind="int", low=0, help="maximum Riemannian fixed-point iterations"),
         Param("tol", 1e-5, low=0.0, low_open=True, help="stop when the tangent step is shorter than this"),
@@ -208,7 +240,9 @@ def karcher_mean(tensors: list[torch.Tensor], weights: list[float], *, max_iter:
     citation="Karcher 1977, Riemannian center of mass; mergekit 'karcher'",
     notes=(
         "Equal weights for every input, as in mergekit; the base model is an input only when it "
-        "is listed among the models. Whole tensors (matrices, norms, biases) are one point each."
+        "is listed among the models. Whole tensors (matrices, norms, biases) are one point each. "
+        "Computed in the math dtype with float32 norms, in mergekit 0.1.5's order, so a bf16 "
+        "--math-dtype recipe merge rounds as mergekit does."
     ),
 )
 def karcher(tensors: list[torch.Tensor], base: torch.Tensor | None, *, max_iter: int, tol: float) -> torch.Tensor:
