@@ -208,7 +208,6 @@ def _gram(part: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_of_squares(values: torch.Tensor) -> float:
-
     return sum(float(values[start:stop].double().square().sum()) for start, stop in ranges(values.numel()))
 
 
