@@ -194,3 +194,17 @@ def test_the_test_table_carries_each_rows_interval(tiny_zoo_dir, tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     assert f"| linear | {linear['scores']['shift']:.4f} [{linear['ci95']['shift'][0]:.2f}, " in text
     assert "bootstrap 95% interval" in text
+
+
+def test_a_search_without_a_winner_says_which_candidates_failed_where(tmp_path):
+    """Nothing ran; every candidate failed (its first error, in the journal); or every candidate
+    scored on its minibatch but failed on the whole split (the race's error, in race.jsonl)."""
+    from mergeforge.evolve.api import no_winner_message
+
+    failed = {"fitness": None, "error": "ValueError: bad genome"}
+    scored = {"fitness": 0.5, "error": None}
+    race = {"fitness": None, "error": "RuntimeError: out of memory"}
+    assert "(none ran); see journal.jsonl" in no_winner_message(tmp_path, [], [])
+    assert "every candidate failed (ValueError: bad genome); see journal.jsonl" in no_winner_message(tmp_path, [failed, failed], [])
+    message = no_winner_message(tmp_path, [failed, scored], [race])
+    assert "every raced candidate failed on the whole search split (RuntimeError: out of memory); see race.jsonl" in message

@@ -20,6 +20,18 @@ from mergeforge.evolve.journal import prepare_out_dir
 SearchLike = SearchConfig | dict[str, Any] | str | os.PathLike[str]
 
 
+def no_winner_message(out: Path, entries: list[dict[str, Any]], races: list[dict[str, Any]]) -> str:
+    """Why a search has no winner: nothing ran, every candidate failed, or (with racing) every
+    candidate that scored on its minibatch failed when re-scored on the whole search split."""
+    if not entries:
+        return f"{out}: every candidate failed (none ran); see journal.jsonl"
+    failed = [entry for entry in entries if entry["fitness"] is None]
+    if len(failed) < len(entries):
+        error = next((line["error"] for line in races if line["error"]), "no race line")
+        return f"{out}: every raced candidate failed on the whole search split ({error}); see race.jsonl"
+    return f"{out}: every candidate failed ({failed[0]['error']}); see journal.jsonl"
+
+
 def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: bool = False,
                progress: Callable[[str], None] | None = None, workers: int | None = None,
                ray_address: str | None = None) -> dict[str, Any]:
@@ -126,8 +138,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
                             "seconds": sum(line["seconds"] for line in races)}
     if best is None:
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        raise MergeforgeError(f"{out}: every candidate failed ({report['failures'][0]['error'] if entries else 'none ran'}); "
-                              "see journal.jsonl")
+        raise MergeforgeError(no_winner_message(out, entries, races))
     values = pool.space.values(best["genome"])
     report["best"] = {"evaluation": best["evaluation"], "generation": best["generation"], "fitness": best["fitness"],
                       "scores": best["scores"], "parameters": best["parameters"], "genome": best["genome"]}
