@@ -167,13 +167,12 @@ def winning_entry(config: SearchConfig, entries: list[dict[str, Any]], races: li
     """The winner's journal line with its evaluation number: the best on the search split; with a
     minibatch, the best re-scored candidate, with its whole-split scores (its minibatch fitness
     kept as ``minibatch_fitness``)."""
-    from mergeforge.evolve.fitness import incumbent
-    from mergeforge.evolve.search import best_entry
+    from mergeforge.evolve.journal import best_entry
 
     if not config.splits.race_size:
         best = best_entry(entries)
         return None if best is None else {**best, "evaluation": entries.index(best) + 1}
-    line = incumbent(races)
+    line = best_entry(races)
     if line is None:
         return None
     position = next(i for i, e in enumerate(entries) if (e["generation"], e["candidate"]) == (line["generation"], line["candidate"]))

@@ -102,15 +102,6 @@ def race_all(pool: Any, out_dir: Path, entries: list[dict[str, Any]]) -> list[di
     return read_races(out_dir)
 
 
-def incumbent(races: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The best race line on the whole search split (the first of equals)."""
-    best = None
-    for line in races:
-        if line["fitness"] is not None and (best is None or line["fitness"] > best["fitness"]):
-            best = line
-    return best
-
-
 # -- bootstrap -------------------------------------------------------------------------------------
 
 

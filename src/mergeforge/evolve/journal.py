@@ -110,3 +110,12 @@ def _without_budget(text: str) -> str:
     data = yaml.safe_load(text)
     data.pop("budget", None)
     return json.dumps(data, sort_keys=True)
+
+
+def best_entry(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The journal or race line of highest fitness (the first of equals: the earliest found)."""
+    best = None
+    for entry in entries:
+        if entry["fitness"] is not None and (best is None or entry["fitness"] > best["fitness"]):
+            best = entry
+    return best

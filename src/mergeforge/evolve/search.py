@@ -25,7 +25,13 @@ import numpy as np
 
 from mergeforge.evolve.config import SearchConfig
 from mergeforge.evolve.fitness import race_generation
-from mergeforge.evolve.journal import append_entry, load_optimizer, read_journal, save_optimizer
+from mergeforge.evolve.journal import (
+    append_entry,
+    best_entry,
+    load_optimizer,
+    read_journal,
+    save_optimizer,
+)
 
 # What cma is told for a failed candidate (it minimises): worse than any real fitness, finite so
 # that cma's statistics stay finite.
@@ -196,7 +202,7 @@ def generation_line(generation: int, results: list[dict[str, Any]], entries: lis
                     out_dir: Path) -> str:
     """One line per generation: its best and median, the best so far (with a minibatch: the best
     re-scored on the whole search split), failures, speed."""
-    from mergeforge.evolve.fitness import incumbent, read_races
+    from mergeforge.evolve.fitness import read_races
 
     fitness = sorted(e["fitness"] for e in results if e["fitness"] is not None)
     best = max((e["fitness"] for e in entries if e["fitness"] is not None), default=None)
@@ -208,7 +214,7 @@ def generation_line(generation: int, results: list[dict[str, Any]], entries: lis
     if fitness:
         parts += [f"best {fitness[-1]:.4f}", f"median {fitness[len(fitness) // 2]:.4f}"]
     if budget.config.splits.race_size:
-        leader = incumbent(read_races(out_dir))
+        leader = best_entry(read_races(out_dir))
         parts.append(f"incumbent {leader['fitness']:.4f} (whole split)" if leader is not None else "no incumbent yet")
     else:
         parts.append(f"best so far {best:.4f}" if best is not None else "no candidate scored yet")
@@ -216,12 +222,3 @@ def generation_line(generation: int, results: list[dict[str, Any]], entries: lis
         parts.append(f"{failed} failed")
     parts.append(f"{sum(seconds) / max(1, len(seconds)):.2f} s/candidate")
     return "  ".join(parts)
-
-
-def best_entry(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The highest fitness on the search split (the first of equals: the earliest found)."""
-    best = None
-    for entry in entries:
-        if entry["fitness"] is not None and (best is None or entry["fitness"] > best["fitness"]):
-            best = entry
-    return best
