@@ -117,6 +117,29 @@ def test_forced_scoring_gives_generation_verdicts(chat_model, tmp_path):
         evaluate_model(model, [task], tokenizer=tokenizer, scoring="sample")
 
 
+def test_a_batch_split_by_length_trains_as_the_whole_batch(chat_model):
+    """Two passes over a batch's shorter and longer rows give the same update as one padded pass,
+    and really are two passes of different widths."""
+    from dataclasses import replace
+
+    from mergeforge.evaluate.api import load_model_and_tokenizer
+    from mergeforge.zoo.train import TrainingSchedule, _batches, encode_training_data, train
+
+    _, tokenizer = load_model_and_tokenizer(chat_model)
+    pairs = [("say fox", "fox"), ("say the lazy brown dog that sleeps all day", "the lazy brown dog that sleeps all day"),
+             ("say dog", "dog"), ("say it", "it")]
+    data = encode_training_data(tokenizer, pairs, loss_on_prompt=False, chat=True)
+    whole = TrainingSchedule(steps=3, learning_rate=3e-3, batch_size=4)
+    split = replace(whole, split_by_length=True)
+    [passes] = list(_batches(data, replace(split, steps=1), seed=0))
+    assert [len(ids) for ids, _ in passes] == [3, 1] and passes[0][0].shape[1] < passes[1][0].shape[1]
+    models = [load_model_and_tokenizer(chat_model)[0] for _ in range(2)]
+    losses = [train(model, data, schedule, seed=0) for model, schedule in zip(models, (whole, split), strict=True)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)  # a step moves weights by ~3e-3
+
+
 @pytest.mark.parametrize("batch_size", [2, 64])
 def test_a_shared_prompt_prefix_runs_once_and_changes_nothing(chat_model, batch_size):
     """The cache of the prompts' common opening (template and system message) gives the same

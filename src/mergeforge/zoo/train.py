@@ -84,6 +84,9 @@ class TrainingSchedule:
     final_lr_fraction: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay: float = 0.0
     clip_norm: float = 1.0
+    # Run each batch as two passes of similar lengths (same gradient, less padding): for batches
+    # that mix tasks of very different lengths, such as the multi-task model's.
+    split_by_length: bool = False
 
     def lr_at(self, step: int) -> float:
         warmup = max(1, int(self.steps * self.warmup_fraction))
@@ -94,26 +97,35 @@ class TrainingSchedule:
         return self.learning_rate * (self.final_lr_fraction + (1 - self.final_lr_fraction) * cosine)
 
 
-def _batches(data: EncodedData, schedule: TrainingSchedule, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Epochs of a seeded permutation; each batch trimmed to its longest sequence."""
+def _batches(data: EncodedData, schedule: TrainingSchedule, seed: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Epochs of a seeded permutation; each batch is one pass trimmed to its longest sequence or,
+    with ``split_by_length``, the two passes over its shorter and longer rows that pad least."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     for _ in range(schedule.steps):
         if order.numel() < schedule.batch_size:
             order = torch.cat([order, torch.randperm(len(data), generator=generator)])
         index, order = order[: schedule.batch_size], order[schedule.batch_size :]
-        width = int(data.lengths[index].max())
-        yield data.input_ids[index, :width], data.labels[index, :width]
+        parts = [index]
+        if schedule.split_by_length and len(index) > 1:
+            lengths, by_length = data.lengths[index].sort(stable=True)
+            padded = [k * int(lengths[k - 1]) + (len(index) - k) * int(lengths[-1]) for k in range(1, len(index))]
+            split = 1 + min(range(len(padded)), key=padded.__getitem__)
+            if padded[split - 1] < len(index) * int(lengths[-1]):
+                parts = [index[by_length[:split]], index[by_length[split:]]]
+        yield [(data.input_ids[part, : int(data.lengths[part].max())], data.labels[part, : int(data.lengths[part].max())])
+               for part in parts]
 
 
-def loss_on_labels(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The mean next-token cross-entropy over the positions whose label is not IGNORE_INDEX,
-    with the output head applied at those positions only (same value as the model's own loss)."""
+def loss_on_labels(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The next-token cross-entropy over the positions whose label is not IGNORE_INDEX (their
+    mean, or with ``reduction="sum"`` their sum), with the output head applied at those positions
+    only (the mean is the model's own loss)."""
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]
     logits = model.get_output_embeddings()(hidden[scored])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[scored], reduction=reduction)
 
 
 def train(
@@ -135,11 +147,19 @@ def train(
     model.train()
     tail: list[float] = []
     tail_start = int(schedule.steps * 0.9)
-    for step, (input_ids, labels) in enumerate(_batches(data, schedule, seed)):
+    for step, passes in enumerate(_batches(data, schedule, seed)):
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(step)
-        loss = loss_on_labels(model, input_ids, labels)
-        loss.backward()
+        if len(passes) == 1:
+            loss = loss_on_labels(model, *passes[0])
+            loss.backward()
+        else:  # the batch's mean loss, as the sum over its passes' scored tokens
+            scored = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in passes)
+            loss = torch.zeros(())
+            for input_ids, labels in passes:
+                part = loss_on_labels(model, input_ids, labels, reduction="sum") / scored
+                part.backward()
+                loss = loss + part.detach()
         torch.nn.utils.clip_grad_norm_(parameters, schedule.clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
