@@ -32,6 +32,9 @@ def test_bench_on_the_tiny_zoo(tiny_zoo_dir, tmp_path):
     assert [p["experts"] for p in payload["curve"]["task_arithmetic"]] == list(range(2, len(tasks) + 1))
     negation = payload["negation"]["rows"]
     assert negation[1]["model"] == "behaviour expert" and negation[1]["behaviour_rate"] > 0.5
+    # Two starting points, three and all six task vectors, each with three negations.
+    assert [len(row["tasks"]) for row in negation] == [6, 6, 3, 3, 3, 3, 6, 6, 6, 6]
+    assert negation[2]["model"].startswith("start: base + 0.3·Σ 3 expert vectors") and set(negation[2]["tasks"]) == set(tasks[:3])
     table = (out / "results.md").read_text()
     assert "| `ties` |" in table and "### Task negation" in table
     assert (out / "results.png").stat().st_size > 10_000

@@ -22,11 +22,12 @@ import click
 @click.option("--no-ensemble", is_flag=True, help="Skip the output-ensemble baseline (one forward pass per expert).")
 @click.option("--no-negation", is_flag=True, help="Skip the task-negation experiment.")
 @click.option("--curve-methods", default=None, help="Comma-separated methods for the accuracy-vs-experts curve.")
+@click.option("--no-curve", is_flag=True, help="Skip the accuracy-vs-experts curve.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the zoo and of the random methods.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 def bench_command(zoo_dir: Path, size: str, out_dir: Path, methods: str | None, max_examples: int | None,
                   val_examples: int | None, no_cross_scores: bool, no_ensemble: bool, no_negation: bool,
-                  curve_methods: str | None, seed: int, device: str) -> None:
+                  curve_methods: str | None, no_curve: bool, seed: int, device: str) -> None:
     """Benchmark every merge method on the zoo: tune on validation, score on test, write the tables."""
     import logging
 
@@ -46,7 +47,7 @@ def bench_command(zoo_dir: Path, size: str, out_dir: Path, methods: str | None, 
         get_method(name)  # an unknown name fails now, not after the zoo is built
     zoo = build_zoo(zoo_dir, size=size, seed=seed)
     suite = suite_from_zoo(zoo)
-    curve = [name.strip() for name in curve_methods.split(",")] if curve_methods else DEFAULT_CURVE_METHODS
+    curve = [] if no_curve else [name.strip() for name in curve_methods.split(",")] if curve_methods else DEFAULT_CURVE_METHODS
     result = run_bench(suite, chosen, max_examples=max_examples, val_examples=val_examples, device=device, seed=seed,
                        curve_methods=curve, expert_cross_scores=not no_cross_scores, ensemble=not no_ensemble,
                        negation=not no_negation, progress=lambda line: click.echo(line, err=True))

@@ -86,11 +86,12 @@ def markdown(result: BenchResult) -> str:
     if result.negation:
         rows = result.negation["rows"]
         general = all("general" in r for r in rows)
-        head = "| model | behaviour rate | mean task acc. |" + (" general: perplexity | general: base's answer kept |" if general else "")
-        lines += ["", "### Task negation", "", head, "| --- | ---: | ---: |" + (" ---: | ---: |" if general else "")]
+        head = "| model | behaviour rate | mean task acc. | tasks averaged |" + (
+            " general: perplexity | general: base's answer kept |" if general else "")
+        lines += ["", "### Task negation", "", head, "| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if general else "")]
         for r in rows:
             extra = f" {r['general']['perplexity']:.3f} | {_pct(r['general']['same_answer'])} |" if general else ""
-            lines.append(f"| {r['model']} | {_pct(r['behaviour_rate'])} | {_pct(r['mean_accuracy'])} |{extra}")
+            lines.append(f"| {r['model']} | {_pct(r['behaviour_rate'])} | {_pct(r['mean_accuracy'])} | {len(r['tasks'])} |{extra}")
     if result.composition:
         composition = result.composition
         lines += ["", f"### Composition: `{composition['task']}` (needs {' and '.join(composition['experts'])} at once)", "",

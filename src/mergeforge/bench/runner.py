@@ -86,12 +86,13 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-class _Evaluator:
-    """Loads models once and scores state dicts by reusing one model skeleton."""
+class ModelPool:
+    """Loads models once and scores state dicts by reusing one model skeleton (the bench's and
+    the evolutionary search's)."""
 
     def __init__(self, suite: BenchSuite, max_examples: int | None, batch_size: int, device: str,
                  val_examples: int | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from mergeforge.tasks.folders import load_task
 
@@ -101,20 +102,22 @@ class _Evaluator:
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(suite.base, local_files_only=True)
         self.tasks = {name: load_task(folder) for name, folder in suite.tasks.items()}
-        def load(folder: Path) -> Any:
-            model: Any = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-            return model.to(device).eval()
-
-        self._load = load
-        self.skeleton = self._load(suite.base)
+        self.skeleton = self.load(suite.base)
         self.states: dict[Path, dict[str, torch.Tensor]] = {}
         # Scored examples, those the teacher-forced pass could not settle (generated), and those
         # of them that generation found correct: how often forced scoring alone would be wrong.
         self.forced = [0, 0, 0]
 
+    def load(self, folder: Path) -> Any:
+        """A model folder as a float32 model on the device, in eval mode."""
+        from transformers import AutoModelForCausalLM
+
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        return model.to(self.device).eval()
+
     def state(self, folder: Path) -> dict[str, torch.Tensor]:
         if folder not in self.states:
-            self.states[folder] = {name: tensor.detach().clone() for name, tensor in self._load(folder).state_dict().items()}
+            self.states[folder] = {name: tensor.detach().clone() for name, tensor in self.load(folder).state_dict().items()}
         return self.states[folder]
 
     def model_with(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -166,7 +169,7 @@ class _Merger:
 
     CALIBRATION_SAMPLES = 64
 
-    def __init__(self, evaluator: _Evaluator, suite: BenchSuite, base_state: dict[str, torch.Tensor],
+    def __init__(self, evaluator: ModelPool, suite: BenchSuite, base_state: dict[str, torch.Tensor],
                  expert_states: list[dict[str, torch.Tensor]], seed: int):
         self.evaluator, self.base_state, self.expert_states, self.seed = evaluator, base_state, expert_states, seed
         self.task_dirs = [str(suite.tasks[task]) for task in suite.experts]
@@ -203,7 +206,7 @@ def _pairs(n_tasks: int) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
 class _Setting:
     """Merges one method setting and scores the result, under the plan's protocol."""
 
-    def __init__(self, plan: MethodPlan, evaluator: _Evaluator, merger: _Merger, task_names: list[str]):
+    def __init__(self, plan: MethodPlan, evaluator: ModelPool, merger: _Merger, task_names: list[str]):
         self.plan, self.evaluator, self.merger, self.task_names = plan, evaluator, merger, task_names
         self._unit: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None  # the last merge at scale 1
 
@@ -247,7 +250,7 @@ class _Setting:
         return self.evaluator.score_state(merged, split, names)
 
 
-def _tune_and_test(plan: MethodPlan, evaluator: _Evaluator, merger: _Merger, task_names: list[str],
+def _tune_and_test(plan: MethodPlan, evaluator: ModelPool, merger: _Merger, task_names: list[str],
                    progress: Callable[[str], None]) -> MethodResult:
     from mergeforge.errors import MergeforgeError
 
@@ -283,13 +286,16 @@ def _tune_and_test(plan: MethodPlan, evaluator: _Evaluator, merger: _Merger, tas
     return result
 
 
-def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], base_state: dict[str, torch.Tensor],
+def _negation(suite: BenchSuite, evaluator: ModelPool, task_names: list[str], base_state: dict[str, torch.Tensor],
               expert_states: list[dict[str, torch.Tensor]], seed: int) -> dict[str, Any] | None:
     """Task negation (Ilharco et al. 2023, §3): subtract the behaviour vector and measure.
 
-    The starting point is a model that has the skills and shows the behaviour: the experts' task
-    vectors at a modest scale (0.3 each) plus the whole behaviour vector. Subtracting
-    λ·(behaviour − base) for a few λ gives the behaviour rate and the retained task accuracy.
+    A starting point is a model that has skills and shows the behaviour, as a merge that took in
+    a contaminated fine-tune does: the whole behaviour vector plus the task vectors of the first
+    k experts at a modest scale (``NEGATION_EXPERT_WEIGHT`` each), for each k of
+    ``negation_expert_counts`` (a few experts, then all: the behaviour survives a few task vectors
+    better than many). Subtracting λ·(behaviour − base) for a few λ gives the behaviour rate, the
+    accuracy on those k experts' tasks, and the general-ability probe.
     """
     if suite.behaviour is None or suite.behaviour_task is None:
         return None
@@ -301,34 +307,44 @@ def _negation(suite: BenchSuite, evaluator: _Evaluator, task_names: list[str], b
     general = load_task(suite.general_task) if suite.general_task is not None else None
     behaviour_state = evaluator.state(suite.behaviour)
 
-    def measure(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def measure(state: dict[str, torch.Tensor], tasks: list[str]) -> dict[str, Any]:
         model = evaluator.model_with(state)
         with _threads_for(model):
             rate = evaluate_model(model, [probe], split="test", batch_size=evaluator.batch_size, max_examples=evaluator.max_examples,
                                   tokenizer=evaluator.tokenizer, with_loss=False, scoring="forced")["tasks"][probe.name]["score"]
-        tasks = evaluator.score(model, "test", task_names)
-        row = {"behaviour_rate": rate, "tasks": tasks, "mean_accuracy": _mean(list(tasks.values()))}
+        scores = evaluator.score(model, "test", tasks)
+        row = {"behaviour_rate": rate, "tasks": scores, "mean_accuracy": _mean(list(scores.values()))}
         if general is not None:
             row["general"] = evaluator.general(model, general)
         return row
 
-    weights = [{"weight": NEGATION_EXPERT_WEIGHT}] * len(expert_states) + [{"weight": 1.0}]
-    contaminated = merge_state_dicts("task_arithmetic", [*expert_states, behaviour_state], base_state, model_parameters=weights)
-    rows = [{"model": "base", **measure(base_state)},
-            {"model": "behaviour expert", **measure(behaviour_state)},
-            {"model": f"start: base + {NEGATION_EXPERT_WEIGHT:g}·Σ expert vectors + behaviour vector", **measure(contaminated)}]
-    for scale in (0.5, 1.0, 1.5):
-        negated = merge_state_dicts("task_arithmetic", [contaminated, behaviour_state], base_state,
-                                    model_parameters=[{"weight": 1.0}, {"weight": -scale}], seed=seed)
-        # The starting model's own delta is kept whole (weight 1), the behaviour vector subtracted.
-        rows.append({"model": f"start − {scale:g} × behaviour vector", **measure(negated)})
-    return {"start": f"base + {NEGATION_EXPERT_WEIGHT:g}·Σ expert vectors + behaviour vector", "rows": rows}
+    rows = [{"model": "base", **measure(base_state, task_names)}, {"model": "behaviour expert", **measure(behaviour_state, task_names)}]
+    starts = []
+    for count in negation_expert_counts(len(expert_states)):
+        label = f"base + {NEGATION_EXPERT_WEIGHT:g}·Σ {count} expert vectors + behaviour vector"
+        tasks = task_names[:count]
+        weights = [{"weight": NEGATION_EXPERT_WEIGHT}] * count + [{"weight": 1.0}]
+        contaminated = merge_state_dicts("task_arithmetic", [*expert_states[:count], behaviour_state], base_state,
+                                         model_parameters=weights)
+        rows.append({"model": f"start: {label}", **measure(contaminated, tasks)})
+        for scale in NEGATION_SCALES:
+            # The starting model's own delta is kept whole (weight 1), the behaviour vector subtracted.
+            negated = merge_state_dicts("task_arithmetic", [contaminated, behaviour_state], base_state,
+                                        model_parameters=[{"weight": 1.0}, {"weight": -scale}], seed=seed)
+            rows.append({"model": f"start ({count} experts) − {scale:g} × behaviour vector", **measure(negated, tasks)})
+        starts.append(label)
+    return {"starts": starts, "rows": rows}
+
+
+def negation_expert_counts(experts: int) -> list[int]:
+    """The numbers of task vectors in the negation experiment's starting points: 3, then all."""
+    return sorted({min(3, experts), experts})
 
 
 COMPOSITION_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 
 
-def _composition(suite: BenchSuite, evaluator: _Evaluator, merger: _Merger, task_names: list[str],
+def _composition(suite: BenchSuite, evaluator: ModelPool, merger: _Merger, task_names: list[str],
                  progress: Callable[[str], None]) -> dict[str, Any] | None:
     """The composition case (Akiba et al., "Evolutionary Optimization of Model Merging Recipes",
     arXiv:2403.13187, in miniature): a task that needs two experts' skills at once. Scored: the
@@ -359,7 +375,7 @@ def _composition(suite: BenchSuite, evaluator: _Evaluator, merger: _Merger, task
     return {"task": task.name, "experts": list(suite.composition_experts), "rows": rows}
 
 
-def _curve(chosen: dict[str, MethodResult], evaluator: _Evaluator, merger: _Merger, task_names: list[str], experts: Scores,
+def _curve(chosen: dict[str, MethodResult], evaluator: ModelPool, merger: _Merger, task_names: list[str], experts: Scores,
            methods: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """Normalised test accuracy on the first k tasks when merging the first k experts, k = 2..N,
     each method at the setting chosen for all N experts."""
@@ -384,6 +400,7 @@ def _curve(chosen: dict[str, MethodResult], evaluator: _Evaluator, merger: _Merg
 
 
 NEGATION_EXPERT_WEIGHT = 0.3
+NEGATION_SCALES = (0.5, 1.0, 1.5)
 DEFAULT_CURVE_METHODS = ("task_arithmetic", "ties", "dare_ties", "tsv", "iso_cts", "linear")
 
 
@@ -417,7 +434,7 @@ def run_bench(
 
     started = time.perf_counter()
     task_names = list(suite.experts)
-    evaluator = _Evaluator(suite, max_examples, batch_size, device, val_examples)
+    evaluator = ModelPool(suite, max_examples, batch_size, device, val_examples)
     base_state = evaluator.state(suite.base)
     expert_states = [evaluator.state(suite.experts[t]) for t in task_names]
 
@@ -434,7 +451,7 @@ def run_bench(
     if ensemble:
         from mergeforge.bench.ensemble import OutputEnsemble
 
-        members = [evaluator._load(suite.experts[t]) for t in task_names]
+        members = [evaluator.load(suite.experts[t]) for t in task_names]
         baselines["output ensemble"] = evaluator.score(OutputEnsemble(members).eval(), "test", task_names)
         del members
     progress(f"baselines done ({time.perf_counter() - started:.0f} s): individual experts mean {_mean(list(experts.values())):.3f}")

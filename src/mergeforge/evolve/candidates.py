@@ -1,6 +1,6 @@
 """Candidates merged and scored in memory: the hot path of a search.
 
-The sources are loaded once (through the bench's model pool, :class:`mergeforge.bench.runner._Evaluator`),
+The sources are loaded once (through the bench's model pool, :class:`mergeforge.bench.runner.ModelPool`),
 one model skeleton stays resident, and a candidate's weights are copied into it in place. A
 candidate is merged group by group (:mod:`mergeforge.evolve.space`) with the engine's own
 :func:`~mergeforge.engine.api.merge_state_dicts`; a group whose genes equal those already in the
@@ -80,7 +80,7 @@ class CandidatePool:
     """The resident model, the sources, and the per-group merge cache of one search."""
 
     def __init__(self, config: SearchConfig, folder: Path):
-        from mergeforge.bench.runner import BenchSuite, _Evaluator
+        from mergeforge.bench.runner import BenchSuite, ModelPool
 
         assert config.merge_method is not None and config.models is not None and config.base_model is not None
         self.config = config
@@ -89,7 +89,7 @@ class CandidatePool:
         self.base_dir = resolve_path(config.base_model, folder)
         self.model_dirs = [resolve_path(m.model, folder) for m in config.models]
         suite = BenchSuite(base=self.base_dir, experts={}, tasks=self.task_dirs)
-        self.pool = _Evaluator(suite, config.splits.test_examples, config.batch_size, config.device,
+        self.pool = ModelPool(suite, config.splits.test_examples, config.batch_size, config.device,
                                config.splits.search_examples)
         self.base_state = self.pool.state(self.base_dir)
         self.model_states = [self.pool.state(path) for path in self.model_dirs]

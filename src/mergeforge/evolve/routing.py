@@ -134,7 +134,7 @@ class PathPool:
     :class:`~mergeforge.evolve.candidates.CandidatePool` for ``layer_path``."""
 
     def __init__(self, config: SearchConfig, folder: Path, out_dir: Path):
-        from mergeforge.bench.runner import BenchSuite, _Evaluator
+        from mergeforge.bench.runner import BenchSuite, ModelPool
 
         assert config.layer_path is not None
         self.config = config
@@ -143,9 +143,9 @@ class PathPool:
                            for i, ref in enumerate(config.layer_path.models)]
         self.base_dir = resolve_path(config.base_model, folder) if config.base_model is not None else None
         suite = BenchSuite(base=self.base_dir or self.model_dirs[0], experts={}, tasks=self.task_dirs)
-        self.pool = _Evaluator(suite, config.splits.test_examples, config.batch_size, config.device,
+        self.pool = ModelPool(suite, config.splits.test_examples, config.batch_size, config.device,
                                config.splits.search_examples)
-        sources = [self.pool._load(path) for path in self.model_dirs]
+        sources = [self.pool.load(path) for path in self.model_dirs]
         reference = comparable_config(sources[0])
         for index, model in enumerate(sources):
             where = f"field 'layer_path.models.{index}' ({self.model_dirs[index]})"
@@ -179,7 +179,7 @@ class PathPool:
         self.current = self.pool.model_with(state)
 
     def load_folder(self, folder: Path) -> None:
-        self.current = self.pool._load(folder)
+        self.current = self.pool.load(folder)
 
     def forget(self) -> None:
         """Nothing is cached between candidates: each one is routed afresh."""
