@@ -60,6 +60,9 @@ def search(zoo: Path, **changes) -> dict:
     ({"models": [{"model": "a", "parameters": {"wieght": 1.0}}]},
      r"field 'models.0.parameters.wieght': 'dare_ties' has no per-model parameter 'wieght'"),
     ({"baselines": [{"merge_method": "tiez"}]}, r"field 'baselines.0.merge_method': unknown method 'tiez'"),
+    ({"optimizer": {"name": "nsga2", "sigma0": 0.2}}, r"field 'optimizer': 'sigma0' is an option of cma; nsga2 takes only 'popsize'"),
+    ({"optimizer": {"name": "nsga2"}, "fitness": [{"task": "a"}, {"task": "b", "weight": 0}]},
+     r"optimizer 'nsga2' searches the Pareto front of two fitness terms or more \(with a non-zero weight\); this search has 1"),
 ])
 def test_a_bad_search_file_is_refused_naming_the_file_and_field(tmp_path, change, message):
     from mergeforge.evolve.config import load_search_config

@@ -4,6 +4,7 @@ report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -77,13 +78,13 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     config, folder = load_search_config(search)
     config = absolute_paths(config, folder)
     import cma  # noqa: F401 - missing optional package: fail before any model is read
+    if config.optimizer.name == "nsga2" and importlib.util.find_spec("pymoo") is None:
+        raise MergeforgeError("optimizer 'nsga2' needs pymoo: pip install 'mergeforge[evolve]'")
     out = Path(out_dir)
     if workers is not None and workers < 1:
         raise RecipeError(f"--workers {workers}: give 1 or more")
     pipelined = ray_address is not None or (workers or 1) > 1
     if ray_address is not None:
-        import importlib.util
-
         from mergeforge.evolve.ray_workers import INSTALL_HINT, check_reachable
 
         if importlib.util.find_spec("ray") is None:  # before any model is read
@@ -242,7 +243,7 @@ def summary(pool: Any, entries: list[dict[str, Any]], stopped: str) -> dict[str,
     seconds = sum(e["timing"]["seconds"] for e in entries)
     return {
         "method": config.method_name, "seed": config.seed, "dimensions": pool.space.dimensions, "groups": pool.space.labels,
-        "separable_cma": uses_diagonal(config, pool.space.dimensions),
+        "optimizer": config.optimizer.name, "separable_cma": config.optimizer.name == "cma" and uses_diagonal(config, pool.space.dimensions),
         "search_split": config.splits.search, "test_split": config.splits.test, "evaluations": len(entries), "stopped": stopped,
         "failed": sum(e["fitness"] is None for e in entries), "seconds": seconds,
         "candidates_per_minute": 60 * len(entries) / seconds if seconds > 0 else 0.0, "timing": mean_timing(entries),

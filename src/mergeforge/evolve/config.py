@@ -120,12 +120,22 @@ DIAGONAL_FROM = 1000
 
 
 class Optimizer(_Strict):
-    name: Literal["cma"] = "cma"
+    # cma: CMA-ES on the weighted sum of the fitness terms; nsga2: NSGA-II (pymoo) with every
+    # term an objective, searching their Pareto front (mergeforge.evolve.moo)
+    name: Literal["cma", "nsga2"] = "cma"
     sigma0: float = Field(default=1 / 6, gt=0, le=1)  # in the unit cube; Sakana's evolutionary merge used 1/6
-    popsize: int | None = Field(default=None, ge=2)  # default: cma's 4 + 3·ln(dimensions)
+    popsize: int | None = Field(default=None, ge=2)  # default: cma's 4 + 3·ln(dimensions) (nsga2: rounded up to even)
     # Separable CMA (a diagonal covariance: linear, not quadratic, state and time per generation);
     # default: on from DIAGONAL_FROM genes (a layer path over a deep model runs to thousands).
     diagonal: bool | None = None
+
+    @model_validator(mode="after")
+    def _options_of_the_optimizer(self) -> Optimizer:
+        if self.name == "nsga2":  # compared with the defaults: a dumped config (to a worker) sets every field
+            for option in ("sigma0", "diagonal"):
+                if getattr(self, option) != type(self).model_fields[option].default:
+                    raise ValueError(f"'{option}' is an option of cma; nsga2 takes only 'popsize'")
+        return self
 
 
 class Baseline(_Strict):
@@ -197,6 +207,14 @@ class SearchConfig(_Strict):
         for name in ("merge_method", "base_model", "models", "search"):
             if getattr(self, name) is None:
                 raise ValueError(f"missing '{name}' (or give 'layer_path' for a layer-path search)")
+        return self
+
+    @model_validator(mode="after")
+    def _objectives(self) -> SearchConfig:
+        objectives = sum(term.weight != 0 for term in self.fitness)
+        if self.optimizer.name == "nsga2" and objectives < 2:
+            raise ValueError(f"optimizer 'nsga2' searches the Pareto front of two fitness terms or more (with a non-zero "
+                             f"weight); this search has {objectives}: add terms, or use 'cma'")
         return self
 
     @property

@@ -41,10 +41,10 @@ from mergeforge.evolve.search import (
     failed_entry,
     generation_line,
     journal_entry,
-    loss_of,
     new_optimizer,
     rehash_archives,
     spent_seconds,
+    tell,
 )
 
 PIPELINE = "pipeline.pkl"
@@ -203,7 +203,7 @@ def pooled_loop(pool: Any, out_dir: Path, progress: Callable[[str], None], start
                     break
                 results = [done[(generation, i)] for i in range(len(points))]
                 if state["stopped"] is None:
-                    optimizer.tell(points, [loss_of(e) for e in results])
+                    tell(optimizer, points, results)
                     stop = optimizer.stop()
                     if stop:
                         state["stopped"] = "cma stopped: " + ", ".join(f"{key} {value}" for key, value in stop.items())

@@ -298,6 +298,9 @@ def genome_plot(pool: Any, values: list[float], path: Path) -> str | None:
     return None
 
 
+OPTIMIZER_NAMES = {"cma": "CMA-ES", "nsga2": "NSGA-II over the fitness terms"}
+
+
 def append_model_card(out_dir: Path, report: dict[str, Any], terms: list[str]) -> None:
     """The search's account in ``model/README.md`` (the engine's model card: front matter, the
     models merged, the recipe): how it was found, with what seed and budget, and its scores."""
@@ -307,7 +310,7 @@ def append_model_card(out_dir: Path, report: dict[str, Any], terms: list[str]) -
     best = report["best"]
     lines = [
         "", "## How it was found", "",
-        f"By `mergeforge evolve` (CMA-ES, Akiba et al., arXiv:2403.13187): method `{report['method']}`, "
+        f"By `mergeforge evolve` ({OPTIMIZER_NAMES[report['optimizer']]}, Akiba et al., arXiv:2403.13187): method `{report['method']}`, "
         f"{report['dimensions']} genes, seed {report['seed']}, budget {limits}; {report['evaluations']} candidates "
         f"evaluated ({report['failed']} failed), {report['stopped']}.",
         "",

@@ -50,6 +50,11 @@ class SeededNormal:
 
 
 def new_optimizer(config: SearchConfig, start: list[float]) -> Any:
+    """CMA-ES started at ``start`` (unit cube), or NSGA-II with ``start`` in its first population."""
+    if config.optimizer.name == "nsga2":
+        from mergeforge.evolve.moo import ParetoSearch
+
+        return ParetoSearch(config, start)
     import cma
 
     options: dict[str, Any] = {
@@ -152,6 +157,17 @@ def loss_of(entry: dict[str, Any]) -> float:
     return FAILED_LOSS if entry["fitness"] is None else -float(entry["fitness"])
 
 
+def tell(optimizer: Any, points: list[Any], entries: list[dict[str, Any]]) -> None:
+    """Tell the optimiser a generation's journal lines: CMA-ES their losses (the negated weighted
+    sum), NSGA-II the lines themselves (it reads one objective per fitness term)."""
+    from mergeforge.evolve.moo import ParetoSearch
+
+    if isinstance(optimizer, ParetoSearch):
+        optimizer.tell(points, entries)
+    else:
+        optimizer.tell(points, [loss_of(e) for e in entries])
+
+
 def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> tuple[list[dict[str, Any]], str]:
     """Run (or continue) the search in ``out_dir`` until the budget is spent or CMA-ES stops
     (converged, or flat fitness); returns the journal and why it stopped."""
@@ -182,7 +198,7 @@ def search_loop(pool: Any, out_dir: Path, progress: Callable[[str], None]) -> tu
                 entries.append(entry)
                 budget.evaluations += 1
             results.append(entry)
-        optimizer.tell(asked, [loss_of(e) for e in results])
+        tell(optimizer, asked, results)
         race_generation(pool, out_dir, results)  # before the save: a resume that re-tells also re-races
         save_optimizer(out_dir, optimizer)
         progress(generation_line(generation, results, entries, budget, out_dir))
