@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -135,6 +135,22 @@ def tiny_zoo_dir() -> Path:
 
     build_zoo(None, size="tiny", seed=0)
     return default_zoo_dir("tiny", 0)
+
+
+@pytest.fixture(scope="module")
+def private_hf_cache(tmp_path_factory) -> Iterator[Path]:
+    """Offline mode and a private `datasets` cache (lm-eval's tasks load their JSONL through it),
+    for this process and the CLI subprocesses (which inherit the environment). `datasets` reads
+    its cache path when first imported, so an earlier import is pointed there too."""
+    cache = tmp_path_factory.mktemp("hf-home")
+    patch = pytest.MonkeyPatch()
+    for name, value in {"HF_HOME": cache, "HF_DATASETS_CACHE": cache / "datasets", "HF_HUB_OFFLINE": "1",
+                        "HF_DATASETS_OFFLINE": "1"}.items():
+        patch.setenv(name, str(value))
+    if "datasets" in sys.modules:
+        patch.setattr(sys.modules["datasets"].config, "HF_DATASETS_CACHE", cache / "datasets")
+    yield cache
+    patch.undo()
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def search(zoo: Path, **changes) -> dict:
     ({"splits": {"search": "test"}}, r"field 'splits': the search split and the test split are both 'test'"),
     ({"budget": {}}, r"field 'budget': give 'evaluations' or 'seconds'"),
     ({"budget": {"evaluations": 0}}, r"field 'budget.evaluations': Input should be greater than 0"),
-    ({"fitness": [{"task": "t", "metric": "bleu"}]}, r"field 'fitness.0.metric'"),
+    ({"fitness": [{"task": "t", "metric": "bleu"}]}, r"field 'fitness.0': metric 'bleu' of task 't': use one of score, loss"),
     ({"merge_method": "tiez"}, r"field 'merge_method': unknown method 'tiez'. Did you mean 'ties'\?"),
     ({"parameters": {"lamda": 1.0}}, r"field 'parameters.lamda': 'dare_ties' has no parameter 'lamda'"),
     ({"models": [{"model": "a", "parameters": {"wieght": 1.0}}]},

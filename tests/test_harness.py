@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,19 +32,8 @@ needs_lm_eval = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline_cache(tmp_path_factory) -> Iterator[Path]:
-    """Offline mode and a private `datasets` cache, for this process and the CLI subprocesses
-    (which inherit the environment). `datasets` reads its cache path when first imported, so
-    an earlier import is pointed there too."""
-    cache = tmp_path_factory.mktemp("hf-home")
-    patch = pytest.MonkeyPatch()
-    for name, value in {"HF_HOME": cache, "HF_DATASETS_CACHE": cache / "datasets", "HF_HUB_OFFLINE": "1",
-                        "HF_DATASETS_OFFLINE": "1"}.items():
-        patch.setenv(name, str(value))
-    if "datasets" in sys.modules:
-        patch.setattr(sys.modules["datasets"].config, "HF_DATASETS_CACHE", cache / "datasets")
-    yield cache
-    patch.undo()
+def offline_cache(private_hf_cache) -> Path:
+    return private_hf_cache
 
 
 @pytest.fixture

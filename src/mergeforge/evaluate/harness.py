@@ -25,11 +25,13 @@ functions that run it; exporting needs only PyYAML.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -475,3 +477,99 @@ def format_harness_result(result: dict[str, Any]) -> str:
         lines.append(text)
     lines.append(f"  mean score {100 * result['mean_score']:.1f}%  ({result['seconds']:.1f} s)")
     return "\n".join(lines)
+
+
+# -- in-memory models (the fitness of `mergeforge evolve`) -------------------------------------
+
+# mergeforge's split names and the lm-eval task attribute that names each one's data.
+SPLIT_FIELDS = {"train": "training_split", "val": "validation_split", "test": "test_split"}
+
+
+class InMemoryHarness:
+    """lm-eval YAML tasks scored on models held in memory (``HFLM(pretrained=model)``), each on
+    mergeforge's split names: ``val`` is the task's ``validation_split``, ``test`` its
+    ``test_split``, ``train`` its ``training_split``. lm-eval scores a task's test split, so a
+    task is built once per split with its ``test_split`` pointed at that split's data; the built
+    tasks are kept, so a search of many candidates indexes and loads each one once."""
+
+    def __init__(self, include_paths: Sequence[str | Path]):
+        require_lm_eval()
+        from lm_eval.tasks import TaskManager
+
+        self.include_paths = _check_include_paths(list(include_paths))
+        self.manager = TaskManager(include_path=[str(p) for p in self.include_paths], include_defaults=False)
+        self.built: dict[tuple[str, str], Any] = {}
+        self.lm: Any = None  # HFLM over the last model scored
+
+    def metrics(self, name: str, split: str) -> list[str]:
+        """The metrics task ``name`` reports (its ``metric_list``); fails in one line if it is not a
+        task under the include paths or lacks ``split``."""
+        config = self._task(name, split).config
+        return [item["metric"] for item in config.metric_list or [] if isinstance(item, dict) and "metric" in item]
+
+    def _task(self, name: str, split: str) -> Any:
+        if (name, split) in self.built:
+            return self.built[(name, split)]
+        if name not in set(self.manager.all_tasks):
+            where = ", ".join(str(p) for p in self.include_paths)
+            known = ", ".join(sorted(self.manager.all_tasks)) or "none"
+            raise HarnessError(f"lm-eval task '{name}' is not defined under {where} (tasks there: {known})")
+        if split not in SPLIT_FIELDS:
+            raise HarnessError(f"lm-eval task '{name}': split '{split}' has no lm-eval counterpart "
+                               f"(use {', '.join(SPLIT_FIELDS)})")
+        plain = self.manager.load_task_or_group([name])[name]
+        data = getattr(plain.config, SPLIT_FIELDS[split], None)
+        if not data:
+            raise HarnessError(f"lm-eval task '{name}' has no {SPLIT_FIELDS[split]}, which the split '{split}' needs")
+        if data == plain.config.test_split:
+            task = plain
+        else:
+            from lm_eval.api.task import ConfigurableTask
+
+            task = ConfigurableTask(config={**plain.config.to_dict(keep_callable=True), "test_split": data})
+        self.built[(name, split)] = task
+        return task
+
+    def score(self, model: Any, tokenizer: Any, names: Sequence[str], split: str, limit: int | None,
+              batch_size: int) -> dict[str, dict[str, float]]:
+        """``{task: {metric: value}}`` for ``model`` on ``split`` (the first ``limit`` documents),
+        each task's primary metric also under ``"score"``."""
+        from lm_eval.evaluator import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        tasks = [self._task(name, split) for name in names]
+        if self.lm is None or self.lm.model is not model:  # a search scores one resident model again and again
+            device = str(next(model.parameters()).device)
+            with _quiet("lm_eval.models.huggingface"):  # its warnings about a model object, once per model
+                self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        lm = self.lm
+        # Quiet: lm-eval's progress bars (stderr) would bury the search's own; its errors still raise.
+        with _quiet("lm_eval"), open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+                raw = simple_evaluate(model=lm, tasks=tasks, task_manager=self.manager, limit=limit, log_samples=False,
+                                      verbosity="ERROR")  # its own manager would index every built-in task (seconds)
+        if raw is None:
+            raise HarnessError("lm-eval returned no result")
+        scores: dict[str, dict[str, float]] = {}
+        for name in names:
+            entry = raw["results"][name]
+            values = {key.split(",", 1)[0]: float(value) for key, value in entry.items()
+                      if key not in _RESULT_INFO_KEYS and "_stderr," not in key and "," in key
+                      and isinstance(value, (int, float)) and not isinstance(value, bool)}
+            primary = _primary_metric(entry, raw.get("configs", {}).get(name))
+            if primary is not None:
+                values["score"] = float(entry[primary[1]])
+            scores[name] = values
+        return scores
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """``logger`` at ERROR level for the block (lm-eval logs at INFO/WARNING per call)."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+

@@ -58,7 +58,6 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     Example:
         >>> run_search("search.yml", "runs/ties", progress=print)["best"]["fitness"]
     """
-    from mergeforge.evolve.candidates import term_key
     from mergeforge.evolve.fitness import race_all
     from mergeforge.evolve.report import (
         WINNER,
@@ -80,6 +79,10 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     import cma  # noqa: F401 - missing optional package: fail before any model is read
     if config.optimizer.name == "nsga2" and importlib.util.find_spec("pymoo") is None:
         raise MergeforgeError("optimizer 'nsga2' needs pymoo: pip install 'mergeforge[evolve]'")
+    if any(term.lm_eval is not None for term in config.fitness):
+        from mergeforge.evolve.candidates import check_lm_eval_terms
+
+        check_lm_eval_terms(config)
     out = Path(out_dir)
     if workers is not None and workers < 1:
         raise RecipeError(f"--workers {workers}: give 1 or more")
@@ -131,7 +134,7 @@ def run_search(search: SearchLike, out_dir: str | os.PathLike[str], *, resume: b
     say(f"search ended: {stopped}")
     races = race_all(pool, out, entries)
     best = winning_entry(config, entries, races)
-    terms = [term_key(t.task, t.metric) for t in config.fitness]
+    terms = [t.key for t in config.fitness]
     report = summary(pool, entries, stopped)
     report["executor"] = executor
     if config.splits.race_size:
@@ -216,7 +219,8 @@ def absolute_paths(config: SearchConfig, folder: Path) -> SearchConfig:
     """The search with its model and task paths resolved against the search file's folder, so the
     saved copy (and a resume) means the same from any working directory."""
     update: dict[str, Any] = {
-        "fitness": [t.model_copy(update={"task": str(resolve_path(t.task, folder))}) for t in config.fitness],
+        "fitness": [t.model_copy(update={name: str(resolve_path(getattr(t, name), folder)) for name in ("task", "include_path")
+                                         if getattr(t, name) is not None}) for t in config.fitness],
     }
     if config.base_model is not None:
         update["base_model"] = str(resolve_path(config.base_model, folder))

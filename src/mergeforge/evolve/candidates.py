@@ -43,37 +43,74 @@ class Scored:
 def fitness_of(config: SearchConfig, values: Mapping[str, float]) -> float:
     """Σ weight × metric over the fitness terms (higher is better; a negative weight turns a loss
     into something to maximise)."""
-    return sum(term.weight * values[term_key(term.task, term.metric)] for term in config.fitness)
+    return sum(term.weight * values[term.key] for term in config.fitness)
 
 
 def score_model(config: SearchConfig, evaluator: Any, model: Any, split: str, generation: int | None = None
                 ) -> dict[str, float]:
     """Each fitness term's metric for ``model`` on ``split`` (the search split's or the test
-    split's number of examples), by the evaluator's forced scoring. With ``generation`` and a
-    ``splits.minibatch``: on that generation's minibatch of the search split."""
+    split's number of examples), by the evaluator's forced scoring; lm-eval terms through
+    lm-evaluation-harness on the same model. With ``generation`` and a ``splits.minibatch``: on
+    that generation's minibatch of the search split."""
     from mergeforge.evaluate.api import evaluate_model
 
     limit = config.splits.search_examples if split == config.splits.search else config.splits.test_examples
-    names = list(dict.fromkeys(term_key(t.task, "score") for t in config.fitness))
-    tasks = [evaluator.tasks[name] for name in names]
-    if generation is not None and config.splits.minibatch is not None and split == config.splits.search:
-        from mergeforge.evolve.fitness import minibatch_tasks
-
-        tasks = minibatch_tasks(config, tasks, generation)
-    with_loss = any(term.metric != "score" for term in config.fitness)
-    result = evaluate_model(model, tasks, split=split, batch_size=config.batch_size, max_examples=limit,
-                            tokenizer=evaluator.tokenizer, with_loss=with_loss, scoring="forced")
+    local = [t for t in config.fitness if t.task is not None]
     values: dict[str, float] = {}
-    for term in config.fitness:
-        entry = result["tasks"][evaluator.tasks[term_key(term.task, "score")].name]
-        values[term_key(term.task, term.metric)] = float(entry[term.metric])
+    if local:
+        tasks = [evaluator.tasks[name] for name in dict.fromkeys(t.folder_name for t in local)]
+        if generation is not None and config.splits.minibatch is not None and split == config.splits.search:
+            from mergeforge.evolve.fitness import minibatch_tasks
+
+            tasks = minibatch_tasks(config, tasks, generation)
+        with_loss = any(term.metric != "score" for term in local)
+        result = evaluate_model(model, tasks, split=split, batch_size=config.batch_size, max_examples=limit,
+                                tokenizer=evaluator.tokenizer, with_loss=with_loss, scoring="forced")
+        for term in local:
+            values[term.key] = float(result["tasks"][evaluator.tasks[term.folder_name].name][term.metric])
+    harnessed = [t for t in config.fitness if t.lm_eval is not None]
+    if harnessed:
+        names = list(dict.fromkeys(t.lm_eval for t in harnessed))
+        scores = lm_eval_harness(config).score(model, evaluator.tokenizer, names, split, limit, config.batch_size)
+        for term in harnessed:
+            values[term.key] = scores[term.lm_eval][term.metric]  # the metric was checked before the search
     return values
 
 
-def term_key(task: str, metric: str) -> str:
-    """The journal key of one fitness term: the task folder's name, with the metric unless it is the score."""
-    name = Path(task).name
-    return name if metric == "score" else f"{name}:{metric}"
+def task_folders(config: SearchConfig, folder: Path) -> dict[str, Path]:
+    """The task folders of the fitness terms (lm-eval terms have none), by folder name."""
+    return {t.folder_name: resolve_path(t.task, folder) for t in config.fitness if t.task is not None}
+
+
+def check_lm_eval_terms(config: SearchConfig) -> None:
+    """Before any model is read: lm-eval is installed, and each lm-eval term's task exists under its
+    include path, has the search and the test split, and reports the term's metric."""
+    from mergeforge.evaluate.harness import HarnessError
+
+    harness = lm_eval_harness(config)
+    for term in config.fitness:
+        if term.lm_eval is None:
+            continue
+        for split in (config.splits.search, config.splits.test):
+            metrics = harness.metrics(term.lm_eval, split)
+            if term.metric != "score" and term.metric not in metrics:
+                raise HarnessError(f"fitness term '{term.key}': lm-eval task '{term.lm_eval}' reports no metric "
+                                   f"'{term.metric}' (its metrics: {', '.join(metrics) or 'none'})")
+
+
+_HARNESSES: dict[tuple[str, ...], Any] = {}
+
+
+def lm_eval_harness(config: SearchConfig) -> Any:
+    """The search's :class:`~mergeforge.evaluate.harness.InMemoryHarness` over the include paths
+    of its lm-eval terms (absolute by now: :func:`~mergeforge.evolve.api.absolute_paths`), made once
+    per process, so each task is indexed and loaded once."""
+    paths = tuple(dict.fromkeys(str(t.include_path) for t in config.fitness if t.include_path is not None))
+    if paths not in _HARNESSES:
+        from mergeforge.evaluate.harness import InMemoryHarness
+
+        _HARNESSES[paths] = InMemoryHarness(paths)
+    return _HARNESSES[paths]
 
 
 class CandidatePool:
@@ -85,7 +122,7 @@ class CandidatePool:
         assert config.merge_method is not None and config.models is not None and config.base_model is not None
         self.config = config
         self.method = get_method(config.merge_method)
-        self.task_dirs = {term_key(t.task, "score"): resolve_path(t.task, folder) for t in config.fitness}
+        self.task_dirs = task_folders(config, folder)
         self.base_dir = resolve_path(config.base_model, folder)
         self.model_dirs = [resolve_path(m.model, folder) for m in config.models]
         suite = BenchSuite(base=self.base_dir, experts={}, tasks=self.task_dirs)

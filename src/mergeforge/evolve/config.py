@@ -5,7 +5,7 @@ A parameter-space search names the models, the base and one merge method (as a r
 method parameters searched with their bounds, their granularity (one value per model, or per model
 and group of layers). A layer-path search names instead, under ``layer_path``, the models whose
 decoder layers a path may take, the repeats and the bounds of each step's scale. Both give the
-fitness (a weighted sum of task scores on local task folders; a negative
+fitness (a weighted sum of task scores on local task folders or lm-eval YAML tasks; a negative
 weight means lower is better, as for a loss), the budget, the seed and the splits. Every field is
 checked here, before any model is read, and an error names the file and the field.
 
@@ -56,11 +56,44 @@ class Bounds(_Strict):
 
 
 class FitnessTask(_Strict):
-    """One term of the fitness: ``weight`` × the task's ``metric`` on a split."""
+    """One term of the fitness: ``weight`` × the task's ``metric`` on a split. The task is a
+    mergeforge task folder (``task``), or an lm-eval YAML task (``lm_eval``, defined under
+    ``include_path``) scored through lm-evaluation-harness on the candidate in memory."""
 
-    task: str  # a task folder (spec.json + split JSONL), relative to the search file
+    task: str | None = None  # a task folder (spec.json + split JSONL), relative to the search file
+    lm_eval: str | None = None  # an lm-eval task name, defined by a YAML file under include_path
+    include_path: str | None = None  # the folder of lm-eval task YAML files, relative to the search file
     weight: float = 1.0  # negative: lower is better (loss, perplexity)
-    metric: Literal["score", "loss", "perplexity"] = "score"
+    # task: score (the spec's exact match or contains), loss or perplexity; lm_eval: score (the
+    # task's first metric) or any metric lm-eval reports for it (e.g. exact_match, acc_norm)
+    metric: str = "score"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FitnessTask:
+        if (self.task is None) == (self.lm_eval is None):
+            raise ValueError("give one of 'task' (a task folder) or 'lm_eval' (an lm-eval task name)")
+        if self.task is not None:
+            if self.include_path is not None:
+                raise ValueError("'include_path' belongs to an 'lm_eval' term")
+            if self.metric not in METRICS:
+                raise ValueError(f"metric '{self.metric}' of task '{self.task}': use one of {', '.join(METRICS)}")
+        elif self.include_path is None:
+            raise ValueError(f"lm_eval task '{self.lm_eval}' needs 'include_path', the folder of its YAML "
+                             "(lm-eval's built-in tasks download their data, so they are not offered)")
+        return self
+
+    @property
+    def folder_name(self) -> str:
+        """A task-folder term's task name (its folder's name)."""
+        assert self.task is not None, "an lm_eval term has no task folder"
+        return Path(self.task).name
+
+    @property
+    def key(self) -> str:
+        """The term's key in the journal and the reports: the task folder's name (``lm_eval:`` and
+        the task name for an lm-eval term), with the metric unless it is the score."""
+        name = self.folder_name if self.task is not None else f"lm_eval:{self.lm_eval}"
+        return name if self.metric == "score" else f"{name}:{self.metric}"
 
 
 # Candidates per generation re-scored on the whole search split when a minibatch is used: a few,
@@ -207,6 +240,16 @@ class SearchConfig(_Strict):
         for name in ("merge_method", "base_model", "models", "search"):
             if getattr(self, name) is None:
                 raise ValueError(f"missing '{name}' (or give 'layer_path' for a layer-path search)")
+        return self
+
+    @model_validator(mode="after")
+    def _lm_eval_terms(self) -> SearchConfig:
+        if self.splits.minibatch is not None and any(term.lm_eval is not None for term in self.fitness):
+            raise ValueError("'splits.minibatch' draws examples from task folders; an 'lm_eval' term is scored on "
+                             "the first 'search_examples' documents of its split instead: drop 'minibatch'")
+        keys = [term.key for term in self.fitness]
+        if len(set(keys)) < len(keys):
+            raise ValueError(f"two fitness terms are both '{next(k for k in keys if keys.count(k) > 1)}' (the same task and metric)")
         return self
 
     @model_validator(mode="after")

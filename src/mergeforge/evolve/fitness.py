@@ -122,13 +122,11 @@ def bootstrap_interval(terms: list[tuple[float, int, int]], seed: int, level: fl
 def row_intervals(config: Any, scores: dict[str, float], counts: dict[str, int]) -> dict[str, list[float]]:
     """95% intervals of each exact-match term of one test-table row and, when every term is one, of
     its fitness. ``counts``: the examples scored per term."""
-    from mergeforge.evolve.candidates import term_key
-
     intervals: dict[str, list[float]] = {}
     terms = []
     for term in config.fitness:
-        key = term_key(term.task, term.metric)
-        if term.metric != "score":
+        key = term.key
+        if term.metric != "score" or key not in counts:  # an lm-eval term's count is not known here
             continue
         n = counts[key]
         correct = round(scores[key] * n)

@@ -30,9 +30,7 @@ FAILED_OBJECTIVE = 1e30  # every objective of a failed candidate: worse than any
 
 def objective_terms(config: SearchConfig) -> list[tuple[str, float]]:
     """The fitness terms that are objectives: (journal key, +1 or -1 for higher or lower is better)."""
-    from mergeforge.evolve.candidates import term_key
-
-    return [(term_key(term.task, term.metric), math.copysign(1.0, term.weight)) for term in config.fitness if term.weight != 0]
+    return [(term.key, math.copysign(1.0, term.weight)) for term in config.fitness if term.weight != 0]
 
 
 def default_population(dimensions: int) -> int:

@@ -17,12 +17,10 @@ from typing import Any
 
 def objectives(config: Any, scores: dict[str, float]) -> tuple[float, ...]:
     """The candidate's terms, each signed so that higher is better."""
-    from mergeforge.evolve.candidates import term_key
-
     values = []
     for term in config.fitness:
         if term.weight != 0:
-            value = scores[term_key(term.task, term.metric)]
+            value = scores[term.key]
             values.append(value if term.weight > 0 else -value)
     return tuple(values)
 

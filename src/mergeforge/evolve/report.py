@@ -92,13 +92,10 @@ def baseline_rows(pool: Any, winner_values: list[float]) -> list[dict[str, Any]]
 
 
 def test_counts(pool: Any) -> dict[str, int]:
-    """The examples each fitness term is scored on in the test split."""
-    from mergeforge.evolve.candidates import term_key
-
+    """The examples each task-folder term is scored on in the test split (not lm-eval terms')."""
     config = pool.config
-    return {term_key(t.task, t.metric): len(pool.pool.tasks[term_key(t.task, "score")].examples(config.splits.test,
-                                                                                              config.splits.test_examples))
-            for t in config.fitness}
+    return {t.key: len(pool.pool.tasks[t.folder_name].examples(config.splits.test, config.splits.test_examples))
+            for t in config.fitness if t.task is not None}
 
 
 def default_baselines(config: Any) -> tuple[Any, ...]:

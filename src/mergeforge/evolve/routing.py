@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from torch import nn
 
 from mergeforge.errors import RecipeError
-from mergeforge.evolve.candidates import Scored, fitness_of, score_model, term_key
+from mergeforge.evolve.candidates import Scored, fitness_of, score_model, task_folders
 from mergeforge.evolve.config import SearchConfig, resolve_path
 from mergeforge.evolve.path_space import PathSpace, Step
 from mergeforge.methods.registry import BaseUse, get_method
@@ -138,7 +138,7 @@ class PathPool:
 
         assert config.layer_path is not None
         self.config = config
-        self.task_dirs = {term_key(t.task, "score"): resolve_path(t.task, folder) for t in config.fitness}
+        self.task_dirs = task_folders(config, folder)
         self.model_dirs = [source_folder(ref, folder, out_dir, config.seed, f"layer_path.models.{i}")
                            for i, ref in enumerate(config.layer_path.models)]
         self.base_dir = resolve_path(config.base_model, folder) if config.base_model is not None else None
