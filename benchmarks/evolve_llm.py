@@ -1,9 +1,14 @@
 """The searches of docs/evolve.md on the real-LLM zoo (SmolLM2-135M-Instruct experts).
 
-- **all**: task arithmetic over the ten experts, one weight per model (10 genes), starting from
-  the bench's hand-tuned weight 0.2; fitness the sum of the ten exact-match scores on the first
-  10 validation examples per skill (the bench's ``--val-examples 10``); test on the first 40 per
-  skill (the bench's ``--max-examples 40``), so the rows compare with docs/benchmark.md.
+- **all**: Iso-CTS (the bench's best hand-tuned method on this zoo) over the ten experts, its
+  scale λ searched per group of five layers (``layer_groups: 6``, plus the embeddings, final norm
+  and head: 7 genes in [0.5, 4]), starting from the bench's λ = 2; fitness the sum of the ten
+  exact-match scores on the first 10 validation examples per skill (the bench's
+  ``--val-examples 10``); test on the first 40 per skill (the bench's ``--max-examples 40``), so
+  the rows compare with docs/benchmark.md. λ only scales the merged task vector, so the search
+  runs Iso-CTS's SVDs once (at λ = 1) and every candidate is a rescaling.
+- **all_ta**: task arithmetic over the ten experts, one weight per model (10 genes), from the
+  bench's weight 0.2; same fitness and splits.
 - **the composition task** (``addition_fr``: a sum asked and answered in French words; Akiba et
   al., arXiv:2403.13187, in miniature) from the ``addition`` and ``translate`` experts, Sakana-style:
   ``ps`` (TIES weights, densities and λ: 5 genes), ``dfs`` (a layer path over the two experts'
@@ -13,7 +18,7 @@
 
 A search whose folder already has its report.json is read, not run again.
 
-    python benchmarks/evolve_llm.py ZOO OUT [--only all,ps,dfs,ps_dfs] [--evaluations 60] [--seed 0]
+    python benchmarks/evolve_llm.py ZOO OUT [--only all,ps,dfs,ps_dfs,all_ta] [--evaluations 60] [--seed 0]
 
 Writes OUT/NAME/ (each a full ``mergeforge evolve`` output folder, with its search file beside
 it as OUT/NAME.yml), OUT/summary.json, and prints one test table per experiment.
@@ -45,21 +50,27 @@ def searches(zoo: Path, evaluations: int, seed: int, out: Path) -> dict[str, dic
         "budget": {"evaluations": evaluations}, "seed": seed, "batch_size": 40,
     }
     pair = [expert(name) for name in COMPOSITION_EXPERTS]
+    every_skill = {
+        "base_model": base, "models": [expert(s) for s in SMOLLM2_SKILLS],
+        "fitness": [{"task": str(zoo / "tasks" / skill)} for skill in SMOLLM2_SKILLS],
+        "splits": {"search": "val", "test": "test", "search_examples": 10, "test_examples": 40},
+        "budget": {"evaluations": evaluations}, "seed": seed, "batch_size": 40,
+        "baselines": [  # the bench's hand-tuned settings (docs/benchmark.md), and the plain average
+            {"name": "bench-tuned iso_cts (λ 2)", "merge_method": "iso_cts", "parameters": {"lambda": 2.0}},
+            {"name": "bench-tuned iso_c (λ 2)", "merge_method": "iso_c", "parameters": {"lambda": 2.0}},
+            {"name": "bench-tuned tsv (λ 1.5)", "merge_method": "tsv", "parameters": {"lambda": 1.5}},
+            {"name": "bench-tuned task_arithmetic (weight 0.2)", "merge_method": "task_arithmetic",
+             "model_parameters": {"weight": 0.2}},
+            {"name": "bench-tuned ties (density 0.8, λ 0.7)", "merge_method": "ties",
+             "parameters": {"lambda": 0.7}, "model_parameters": {"weight": 1.0, "density": 0.8}},
+            {"name": "linear (equal weights)", "merge_method": "linear", "model_parameters": {"weight": 1.0}},
+        ],
+    }
     return {
-        "all": {
-            "merge_method": "task_arithmetic", "base_model": base, "models": [expert(s) for s in SMOLLM2_SKILLS],
-            "search": {"weight": {"low": 0.0, "high": 1.0, "start": 0.2}},
-            "fitness": [{"task": str(zoo / "tasks" / skill)} for skill in SMOLLM2_SKILLS],
-            "splits": {"search": "val", "test": "test", "search_examples": 10, "test_examples": 40},
-            "budget": {"evaluations": evaluations}, "seed": seed, "batch_size": 40,
-            "baselines": [  # the bench's hand-tuned settings (docs/benchmark.md), and the plain average
-                {"name": "bench-tuned task_arithmetic (weight 0.2)", "merge_method": "task_arithmetic",
-                 "model_parameters": {"weight": 0.2}},
-                {"name": "bench-tuned ties (density 0.8, λ 0.7)", "merge_method": "ties",
-                 "parameters": {"lambda": 0.7}, "model_parameters": {"weight": 1.0, "density": 0.8}},
-                {"name": "linear (equal weights)", "merge_method": "linear", "model_parameters": {"weight": 1.0}},
-            ],
-        },
+        "all": {**every_skill, "merge_method": "iso_cts", "layer_groups": 6,
+                "search": {"lambda": {"low": 0.5, "high": 4.0, "start": 2.0}}},
+        "all_ta": {**every_skill, "merge_method": "task_arithmetic",
+                   "search": {"weight": {"low": 0.0, "high": 1.0, "start": 0.2}}},
         "ps": {**composition, "merge_method": "ties", "models": pair, "search": {
             "weight": {"low": 0.0, "high": 2.0}, "density": {"low": 0.1, "high": 1.0}, "lambda": {"low": 0.5, "high": 2.5}}},
         "dfs": {**composition, "layer_path": {"models": pair, "repeats": 1}},

@@ -151,6 +151,39 @@ def test_the_partial_re_merge_gives_the_weights_of_a_full_one(grouped_pool):
     assert_same_weights(resident_weights(pool), engine_merge(pool, first))
 
 
+def test_a_searched_lambda_rescales_one_merge_at_lambda_1_and_matches_the_engine(tiny_zoo_dir, tmp_path):
+    """λ of TIES only scales the merged task vector (Param.scales_result): candidates that differ in
+    λ alone share one merge per group, and their weights are the engine's to float32 rounding."""
+    from mergeforge.evolve.api import run_search
+    from mergeforge.evolve.candidates import CandidatePool
+    from mergeforge.evolve.config import load_search_config
+
+    models = [{"model": str(tiny_zoo_dir / "models" / f"expert_{name}"), "parameters": {"weight": 1.0}} for name in ("shift", "reverse")]
+    changes = {"merge_method": "ties", "layer_groups": 2, "models": models,
+               "search": {"density": {"low": 0.2, "high": 1.0}, "lambda": {"low": 0.5, "high": 2.5}}}
+    config, folder = load_search_config(search(tiny_zoo_dir, **changes))
+    pool = CandidatePool(config, folder)
+    assert pool.rescaled == "lambda"
+    space = pool.space
+    first = space.values([0.3] * space.dimensions)
+    pool.load(first)
+    units = [id(unit[1]) for unit in pool.units]
+    for lambda_unit in (0.1, 0.9):
+        values = space.values([lambda_unit if gene.param == "lambda" else 0.3 for gene in space.genes])
+        assert pool.load(values) == 3  # every group's λ changed ...
+        assert [id(unit[1]) for unit in pool.units] == units  # ... and not one group was merged again
+        merged, expected = resident_weights(pool), engine_merge(pool, values)
+        for name in expected:
+            torch.testing.assert_close(merged[name], expected[name], rtol=1e-5, atol=1e-6)
+    denser = space.values([0.8 if gene.param == "density" and gene.group == 0 else 0.3 for gene in space.genes])
+    pool.load(denser)
+    assert [id(unit[1]) for unit in pool.units][1:] == units[1:] and id(pool.units[0][1]) != units[0]
+    torch.testing.assert_close(resident_weights(pool), engine_merge(pool, denser), rtol=1e-5, atol=1e-6)
+    # The exported recipe, merged on disk by the engine at its λ, scores the journalled fitness.
+    report = run_search(search(tiny_zoo_dir, **changes), tmp_path / "out")
+    assert report["reproduction"]["difference"] == 0.0
+
+
 # -- the search -----------------------------------------------------------------------------------
 
 

@@ -136,19 +136,46 @@ class CandidatePool:
         self.group_names = tensors_by_group(self.space, self.names)
         self.resident: list[tuple[float, ...] | None] = [None] * len(self.group_names)
         self.cache: list[OrderedDict[tuple[float, ...], dict[str, torch.Tensor]]] = [OrderedDict() for _ in self.group_names]
+        # The searched λ that only scales the merged task vector (see merge_group), if any, and
+        # per group its merge at λ = 1 keyed by the group's other genes.
+        self.rescaled = next((p.name for p in self.method.params if p.scales_result and not p.per_model
+                              and p.name in (config.search or {})), None)
+        self.units: list[tuple[tuple[float, ...], dict[str, torch.Tensor]] | None] = [None] * len(self.group_names)
+        self.base32 = {name: t.float() for name, t in self.base_state.items()} if self.rescaled else {}
 
     # -- merging ------------------------------------------------------------------------------
 
     def merge_group(self, values: Sequence[float], group: int) -> dict[str, torch.Tensor]:
-        """One group's tensors merged by the engine with that group's parameters."""
+        """One group's tensors merged by the engine with that group's parameters. When the searched
+        scale only multiplies the merged task vector (``Param.scales_result``: λ of task
+        arithmetic, TIES, TSV-M, Iso-C/CTS, ...), the group is merged once at λ = 1 (in float32)
+        for its other genes, and each λ is ``base + λ·(unit − base)``: an SVD method's merge is not
+        run again for every candidate."""
+        params = self.space.group_parameters(values, group)
+        if self.rescaled is None:
+            return self._merge(group, params.top, params.per_model)
+        others = tuple(v for v, gene in zip(values, self.space.genes, strict=True)
+                       if gene.group == group and gene.param != self.rescaled)
+        stored = self.units[group]
+        if stored is None or stored[0] != others:
+            self.units[group] = stored = None  # free the old one before the next merge
+            stored = self.units[group] = (others, self._merge(group, {**params.top, self.rescaled: 1.0}, params.per_model,
+                                                              out_dtype="float32"))
+        unit = stored[1]
+        scale = float(params.top[self.rescaled])
+        with torch.no_grad():
+            return {name: (self.base32[name] + scale * (tensor - self.base32[name])).to(self.base_state[name].dtype)
+                    if tensor.is_floating_point() else tensor for name, tensor in unit.items()}
+
+    def _merge(self, group: int, top: Mapping[str, Any], per_model: Sequence[Mapping[str, Any]],
+               out_dtype: str | None = None) -> dict[str, torch.Tensor]:
         from mergeforge.engine.api import merge_state_dicts
 
         names = self.group_names[group]
-        params = self.space.group_parameters(values, group)
         base = subset(self.base_state, names) if self.method.base != BaseUse.NONE else None
         return merge_state_dicts(self.method.name, [subset(state, names) for state in self.model_states], base,
-                                 parameters=params.top, model_parameters=params.per_model, seed=self.config.seed,
-                                 device=self.config.device, threads=2)
+                                 parameters=top, model_parameters=per_model, seed=self.config.seed,
+                                 device=self.config.device, threads=2, out_dtype=out_dtype)
 
     def load(self, values: Sequence[float]) -> int:
         """Put the candidate's weights into the resident model; returns how many groups were merged."""
