@@ -269,6 +269,7 @@ def test_the_exported_recipe_reproduces_the_fitness_through_the_cli(tiny_zoo_dir
     assert (tmp_path / "out" / "convergence.png").stat().st_size > 5_000
     winner = (tmp_path / "out" / "winner.yml").read_text()
     assert "seed: 3" in winner and "--seed 3" in winner
+    assert "dtype: float32" in winner  # what was evaluated: the sources read into float32
     merged = run_cli("merge", tmp_path / "out" / "winner.yml", tmp_path / "again", "--seed", "3", "--quiet")
     assert merged.returncode == 0, merged.stderr
     tasks = [tiny_zoo_dir / "tasks" / "shift", tiny_zoo_dir / "tasks" / "reverse"]

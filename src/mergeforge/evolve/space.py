@@ -119,7 +119,9 @@ class SearchSpace:
         for index, ref in enumerate(model_refs):
             params = {name: self._spread([g.per_model[index][name] for g in groups]) for name in groups[0].per_model[index]}
             models.append({"model": ref, **({"parameters": params} if params else {})})
-        recipe: dict[str, Any] = {"merge_method": self.method.name, "models": models}
+        # dtype float32: what was evaluated (the sources are read into float32 and merged there); a
+        # bf16 output would round the evaluated weights, and the re-merge would score another model.
+        recipe: dict[str, Any] = {"merge_method": self.method.name, "models": models, "dtype": "float32"}
         if base_ref is not None and self.method.base.value != "none":
             recipe["base_model"] = base_ref
         if top:
