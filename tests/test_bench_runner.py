@@ -130,3 +130,36 @@ def test_a_scale_marked_as_final_is_one(tmp_path):
                                        msg=lambda m, method=method.name: f"{method}: {m}")
         checked.append(method.name)
     assert {"task_arithmetic", "ties", "dare_ties", "tsv", "iso_cts", "magmax", "pcb"} <= set(checked)
+
+
+def test_the_ensembles_answer_logits_are_its_forward_pass_at_the_answer(tmp_path):
+    """The evaluator's fast path (each member's head at the answer positions only) gives the
+    ensemble's full forward pass's logits there: the same scores as the slow path."""
+    from transformers import AutoModelForCausalLM
+
+    from mergeforge.bench.ensemble import OutputEnsemble
+    from mergeforge.evaluate.scoring import answer_scores
+
+    base = build_model("llama", tmp_path / "base", seed=0)
+    members = [AutoModelForCausalLM.from_pretrained(build_model("llama", tmp_path / f"m{i}", seed=i, base=base, noise=0.3),
+                                                    dtype=torch.float32).eval() for i in (1, 2)]
+    ensemble = OutputEnsemble(members).eval()
+
+    class FullLogitsOnly(torch.nn.Module):  # the ensemble without its answer_logits: the full-logits path
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = ensemble, ensemble.config
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 90, (n,), generator=generator).tolist() for n in (3, 7, 5, 9)]
+    answers = [torch.randint(3, 90, (n,), generator=generator).tolist() for n in (2, 4, 1, 3)]
+    with torch.no_grad():
+        fast = answer_scores(ensemble, prompts, answers, pad_token_id=0, batch_size=3)
+        slow = answer_scores(FullLogitsOnly(), prompts, answers, pad_token_id=0, batch_size=3)
+    for a, b in zip(fast, slow, strict=True):
+        assert (a.tokens, a.first_miss, a.predicted) == (b.tokens, b.first_miss, b.predicted)
+        assert a.nll == pytest.approx(b.nll, rel=1e-5, abs=1e-5)
+    assert len({a.nll for a in fast}) == 4  # the examples differ

@@ -39,6 +39,20 @@ class OutputEnsemble(torch.nn.Module):
         assert mean_probs is not None
         return SimpleNamespace(logits=torch.log(mean_probs.div_(len(self.members)).clamp_(min=1e-30)))
 
+    def answer_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      positions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`forward`'s logits at ``positions[row]`` of each row (right-padded rows, as the
+        evaluator's teacher-forced pass gives them), each member running its output head at those
+        positions only: the evaluator's fast path, member by member."""
+        from mergeforge.evaluate.scoring import answer_logits
+
+        mean_probs: list[torch.Tensor] | None = None
+        for member in self.members:
+            probs = [torch.softmax(logits.float(), dim=-1) for logits in answer_logits(member, input_ids, attention_mask, positions)]
+            mean_probs = probs if mean_probs is None else [m.add_(p) for m, p in zip(mean_probs, probs, strict=True)]
+        assert mean_probs is not None
+        return [torch.log(m.div_(len(self.members)).clamp_(min=1e-30)) for m in mean_probs]
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config: Any, **_: Any) -> torch.Tensor:
         """Greedy decoding; rows that emitted end-of-sequence continue with padding."""

@@ -45,12 +45,15 @@ def _decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module] | N
     return None
 
 
-def _answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   positions: list[torch.Tensor], prefix: Any = None) -> list[torch.Tensor]:
+def answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  positions: list[torch.Tensor], prefix: Any = None) -> list[torch.Tensor]:
     """The logits at ``positions[row]`` of each row. A transformers causal LM runs its decoder,
     then its output head at those positions only (a 49k-token head over every prompt token is a
-    large share of the pass); other models give their full logits. ``prefix`` is the key/value
-    cache of tokens that precede every row (see :func:`_shared_prefix`)."""
+    large share of the pass); a model with its own ``answer_logits`` method (the bench's output
+    ensemble) is asked for them; other models give their full logits. ``prefix`` is the
+    key/value cache of tokens that precede every row (see :func:`_shared_prefix`)."""
+    if hasattr(model, "answer_logits"):
+        return model.answer_logits(input_ids, attention_mask, positions)
     parts = _decoder_and_head(model)
     if parts is not None:
         decoder, head = parts
@@ -146,7 +149,7 @@ def answer_scores(
             prompt_length = len(prompt_ids[index]) - shared
             positions.append(torch.arange(prompt_length - 1, prompt_length - 1 + len(answer_ids[index])))
         with torch.no_grad():
-            logits = _answer_logits(model, input_ids.to(device), attention_mask.to(device), [p.to(device) for p in positions],
+            logits = answer_logits(model, input_ids.to(device), attention_mask.to(device), [p.to(device) for p in positions],
                                     prefix)
         for row, index in enumerate(chunk):
             answer = answer_ids[index]
