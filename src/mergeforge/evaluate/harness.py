@@ -545,8 +545,8 @@ class InMemoryHarness:
         lm = self.lm
         # Quiet: lm-eval's progress bars (stderr) would bury the search's own; its errors still raise.
         with _quiet("lm_eval"), open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
-                raw = simple_evaluate(model=lm, tasks=tasks, task_manager=self.manager, limit=limit, log_samples=False,
-                                      verbosity="ERROR")  # its own manager would index every built-in task (seconds)
+            raw = simple_evaluate(model=lm, tasks=tasks, task_manager=self.manager, limit=limit, log_samples=False,
+                                  verbosity="ERROR")  # its own manager would index every built-in task (seconds)
         if raw is None:
             raise HarnessError("lm-eval returned no result")
         scores: dict[str, dict[str, float]] = {}
