@@ -46,6 +46,12 @@ def deterministic(entries: list[dict]) -> list[dict]:
     return [{key: value for key, value in entry.items() if key != "timing"} for entry in entries]
 
 
+def pooled_journal(folder: Path) -> list[dict]:
+    """A pooled search's journal without timings, in (generation, candidate) order: workers append
+    lines as candidates finish, so the order of the file is not part of the result."""
+    return sorted(deterministic(read_lines(folder / "journal.jsonl")), key=lambda e: (e["generation"], e["candidate"]))
+
+
 def assert_a_killed_run_resumes_to_the_uninterrupted_result(config: dict, folder: Path, after: int = 6) -> None:
     """Runs the search ``config`` whole, then again as a subprocess SIGKILLed once its journal has
     ``after`` lines and resumed with ``--resume``: the journals (timings aside) and winners must be equal."""

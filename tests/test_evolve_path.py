@@ -16,6 +16,7 @@ from conftest import run_cli
 from evolve_support import (
     assert_a_killed_run_resumes_to_the_uninterrupted_result,
     path_search,
+    pooled_journal,
     read_lines,
     write_search,
 )
@@ -324,17 +325,13 @@ def test_a_pooled_search_is_the_same_whatever_the_workers_and_resumes_exactly(ti
     from mergeforge.errors import OutputError
     from mergeforge.evolve.api import run_search
 
-    def journal(folder: Path) -> list[dict]:
-        lines = [{k: v for k, v in e.items() if k != "timing"} for e in read_lines(folder / "journal.jsonl")]
-        return sorted(lines, key=lambda e: (e["generation"], e["candidate"]))
-
     two = run_search(path_search(tiny_zoo_dir, budget={"evaluations": 14}), tmp_path / "two", workers=2)
     three = run_search(path_search(tiny_zoo_dir, budget={"evaluations": 14}), tmp_path / "three", workers=3)
-    assert journal(tmp_path / "two") == journal(tmp_path / "three") and len(journal(tmp_path / "two")) == 14
-    assert {e["generation"] for e in journal(tmp_path / "two")} == {0, 1, 2, 3}  # popsize 4: told generations 0-2
+    assert pooled_journal(tmp_path / "two") == pooled_journal(tmp_path / "three") and len(pooled_journal(tmp_path / "two")) == 14
+    assert {e["generation"] for e in pooled_journal(tmp_path / "two")} == {0, 1, 2, 3}  # popsize 4: told generations 0-2
     assert two["best"] == three["best"] and two["reproduction"]["difference"] == 0.0
     run_search(path_search(tiny_zoo_dir, budget={"evaluations": 6}), tmp_path / "resumed", workers=2)
     resumed = run_search(path_search(tiny_zoo_dir, budget={"evaluations": 14}), tmp_path / "resumed", workers=2, resume=True)
-    assert journal(tmp_path / "resumed") == journal(tmp_path / "two") and resumed["best"] == two["best"]
+    assert pooled_journal(tmp_path / "resumed") == pooled_journal(tmp_path / "two") and resumed["best"] == two["best"]
     with pytest.raises(OutputError, match="started with --workers or --ray-address; resume it with --workers 2 or more, or --ray-address"):
         run_search(path_search(tiny_zoo_dir, budget={"evaluations": 16}), tmp_path / "resumed", resume=True)

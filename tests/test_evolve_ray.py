@@ -16,19 +16,12 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from evolve_support import path_search, write_search
+from evolve_support import path_search, pooled_journal, write_search
 
 pytest.importorskip("cma")
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 RAY_BUDGET = {"evaluations": 14}
-
-
-def journal(folder: Path) -> list[dict]:
-    """The journal in generation order, without timings."""
-    lines = [json.loads(line) for line in (folder / "journal.jsonl").read_text().splitlines()]
-    lines = [{k: v for k, v in e.items() if k != "timing"} for e in lines]
-    return sorted(lines, key=lambda e: (e["generation"], e["candidate"]))
 
 
 def free_port() -> int:
@@ -108,14 +101,14 @@ def test_a_search_on_a_local_ray_cluster_is_the_pooled_search_and_resumes_exactl
     path = write_search(tmp_path / "search.yml", path_search(tiny_zoo_dir, budget={"evaluations": 6}))
     stopped = run_cli("evolve", path, tmp_path / "ray", "--ray-address", ray_cluster)
     assert stopped.returncode == 0, stopped.stderr
-    assert "scoring on 2 Ray actors at" in stopped.stderr and len(journal(tmp_path / "ray")) == 6
+    assert "scoring on 2 Ray actors at" in stopped.stderr and len(pooled_journal(tmp_path / "ray")) == 6
     refused = run_cli("evolve", path, tmp_path / "refused", "--ray-address", ray_cluster, "--workers", "3", "--quiet")
     assert refused.returncode == 2 and "--workers 3 needs one free CPU each, and the cluster has 2 free" in refused.stderr
     write_search(path, path_search(tiny_zoo_dir, budget=RAY_BUDGET))
     resumed = run_cli("evolve", path, tmp_path / "ray", "--ray-address", ray_cluster, "--workers", "1", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "scoring on 1 Ray actor at" in resumed.stderr
-    assert journal(tmp_path / "ray") == journal(tmp_path / "processes") and len(journal(tmp_path / "processes")) == 14
+    assert pooled_journal(tmp_path / "ray") == pooled_journal(tmp_path / "processes") and len(pooled_journal(tmp_path / "processes")) == 14
     report = json.loads((tmp_path / "ray" / "report.json").read_text())
     assert report["best"] == reference["best"] and report["reproduction"]["difference"] == 0.0
     assert report["executor"] == f"1 Ray actor at {ray_cluster}"
