@@ -243,7 +243,7 @@ class SearchConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _lm_eval_terms(self) -> SearchConfig:
+    def _terms(self) -> SearchConfig:
         if self.splits.minibatch is not None and any(term.lm_eval is not None for term in self.fitness):
             raise ValueError("'splits.minibatch' draws examples from task folders; an 'lm_eval' term is scored on "
                              "the first 'search_examples' documents of its split instead: drop 'minibatch'")
