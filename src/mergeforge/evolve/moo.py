@@ -28,11 +28,6 @@ from mergeforge.evolve.config import SearchConfig
 FAILED_OBJECTIVE = 1e30  # every objective of a failed candidate: worse than any real one, finite
 
 
-def objective_terms(config: SearchConfig) -> list[tuple[str, float]]:
-    """The fitness terms that are objectives: (journal key, +1 or -1 for higher or lower is better)."""
-    return [(term.key, math.copysign(1.0, term.weight)) for term in config.fitness if term.weight != 0]
-
-
 def default_population(dimensions: int) -> int:
     """cma's default population, 4 + 3 ln d, rounded up to an even number (NSGA-II mates in pairs)."""
     size = 4 + int(3 * math.log(dimensions))
@@ -47,7 +42,8 @@ class ParetoSearch:
         from pymoo.core.problem import Problem
         from pymoo.termination.max_gen import MaximumGenerationTermination
 
-        self.terms = objective_terms(config)
+        self.config = config  # its non-zero fitness terms are the objectives (mergeforge.evolve.pareto.objectives)
+        self.count = sum(term.weight != 0 for term in config.fitness)
         dimensions = len(start)
         size = config.optimizer.popsize or default_population(dimensions)
         # The first population: the search's start (as CMA-ES's mean), then uniform draws.
@@ -55,7 +51,7 @@ class ParetoSearch:
         first = self.draws.random((size, dimensions))
         first[0] = start
         self.algorithm = NSGA2(pop_size=size, sampling=first)
-        problem = Problem(n_var=dimensions, n_obj=len(self.terms), xl=0.0, xu=1.0)
+        problem = Problem(n_var=dimensions, n_obj=self.count, xl=0.0, xu=1.0)
         self.algorithm.setup(problem, termination=MaximumGenerationTermination(10**12), seed=config.seed, verbose=False)
         self.pending: list[Any] = []  # pymoo populations asked and not told yet, oldest first
         self.countiter = 0
@@ -71,10 +67,12 @@ class ParetoSearch:
         return [np.asarray(x, dtype=float) for x in population.get("X")]
 
     def objectives(self, entry: dict[str, Any]) -> list[float]:
-        """A journal line as the minimised objectives."""
+        """A journal line as the minimised objectives: the report's front's, negated."""
+        from mergeforge.evolve.pareto import objectives
+
         if entry["fitness"] is None:
-            return [FAILED_OBJECTIVE] * len(self.terms)
-        return [-sign * float(entry["scores"][key]) for key, sign in self.terms]
+            return [FAILED_OBJECTIVE] * self.count
+        return [-float(value) for value in objectives(self.config, entry["scores"])]
 
     def tell(self, points: list[np.ndarray], entries: list[dict[str, Any]]) -> None:
         population = self.pending.pop(0)
