@@ -2,7 +2,9 @@
 
 The models come from a merge recipe (its ``base_model`` and ``models``, or slice sources) or from
 a base and a list; the statistics are :mod:`mergeforge.analysis.stats`'s. The output folder holds
-``analysis.json`` and ``report.html`` (self-contained), written in a temporary folder and renamed.
+``analysis.json``, ``report.html`` (self-contained) and, when the predictor makes a
+recommendation (:mod:`mergeforge.analysis.recommend`), ``recommended.yml``, the recommended merge as
+a recipe; all are written in a temporary folder and renamed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from mergeforge.errors import RecipeError
 
 JSON_FILE = "analysis.json"
 HTML_FILE = "report.html"
+RECIPE_FILE = "recommended.yml"
 
 
 def models_of_recipe(path: Path) -> tuple[str, list[str]]:
@@ -60,11 +63,63 @@ def analyze(base: str | os.PathLike[str], models: Sequence[str | os.PathLike[str
             checkpoint.close()
     result["base"] = str(base)
     result["model_refs"] = [str(m) for m in models]
+    result["recommendation"] = recommendation(result["overall"], density)
     if out_dir is not None:
         with folder_files.atomic_output_folder(Path(out_dir)) as temp:
             (temp / JSON_FILE).write_text(json.dumps(result, indent=1) + "\n")
             (temp / HTML_FILE).write_text(render(result), encoding="utf-8")
+            if "skipped" not in result["recommendation"]:
+                refs = [_portable(ref, relative_to) for ref in (base, *models)]
+                (temp / RECIPE_FILE).write_text(recommended_recipe(result["recommendation"], refs[0], refs[1:]))
     return result
+
+
+def recommendation(overall: dict[str, Any], density: float) -> dict[str, Any]:
+    """The predicted best merge setting (:mod:`mergeforge.analysis.recommend`), or why there is none."""
+    from mergeforge.analysis.recommend import recommend
+
+    if len(overall["relative_norm"]) < 2:
+        return {"skipped": "one model: there is nothing to merge"}
+    return recommend(overall, density)
+
+
+def recommended_recipe(rec: dict[str, Any], base: str, models: Sequence[str]) -> str:
+    """The recommended setting as a merge recipe of ``models`` onto ``base``, for ``mergeforge merge``:
+    per-model parameters as the predictor's training merges had them (the bench's: weight 1 where
+    the method takes one), the setting's parameters global."""
+    import yaml
+
+    from mergeforge.bench.grids import plan_method
+    from mergeforge.methods.registry import get_method
+
+    fixed = plan_method(get_method(rec["method"]), len(models)).model_fixed
+    recipe: dict[str, Any] = {"merge_method": rec["method"], "base_model": base,
+                              "models": [{"model": ref, **({"parameters": dict(fixed)} if fixed else {})} for ref in models]}
+    if rec["parameters"]:
+        recipe["parameters"] = dict(rec["parameters"])
+    recipe["dtype"] = "bfloat16"
+    comment = (f"# recommended by mergeforge analyze: predicted normalised accuracy {100 * rec['predicted_normalised']:.0f}% "
+               f"({100 * rec['confidence']:.0f}% confident it beats {rec['runner_up']})\n")
+    return comment + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def _portable(ref: str | os.PathLike[str], relative_to: Path | None) -> str:
+    """A model reference that works from any folder: an existing path made absolute, else as given."""
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and relative_to is not None and (relative_to / path).exists():
+        path = relative_to / path
+    return str(path.absolute()) if path.exists() else str(ref)
+
+
+def describe_recommendation(rec: dict[str, Any]) -> str:
+    """One line for the terminal and the report."""
+    if "skipped" in rec:
+        return f"no recommendation: {rec['skipped']}"
+    line = (f"recommended: {rec['setting']} (predicted normalised accuracy {100 * rec['predicted_normalised']:.0f}% "
+            f"± {100 * rec['loo_rmse']:.0f}; {100 * rec['confidence']:.0f}% confident it beats {rec['runner_up']})")
+    if rec["extrapolating"]:
+        line += f"; outside the fitted range in {', '.join(rec['extrapolating'])}: treat it as a guess"
+    return line
 
 
 def _label(ref: str) -> str:
@@ -88,6 +143,7 @@ def render(result: dict[str, Any]) -> str:
                 f"<p>Mean pairwise cosine {_fmt(overall['mean_pairwise_cosine'])}; TIES sign-conflict rate "
                 f"{100 * overall['sign_conflict_rate']:.1f}% of the entries kept by two or more models "
                 f"({100 * overall['kept_by_two_share']:.1f}% of all entries).</p>",
+                "<h2>Recommendation</h2>", _recommendation_section(result["recommendation"]),
                 "<h3>Cosine between task vectors</h3>",
                 table(["", *names], [[names[i], *overall["cosine"][i]] for i in range(n)])]
 
@@ -132,6 +188,19 @@ def render(result: dict[str, Any]) -> str:
     if result["skipped"]:
         sections.append(f"<p>Skipped (not in every model with the base's shape): {', '.join(result['skipped'])}</p>")
     return page("Task-vector report", sections)
+
+
+def _recommendation_section(rec: dict[str, Any]) -> str:
+    import html
+
+    from mergeforge.analysis.report import table
+
+    text = f"<p>{html.escape(describe_recommendation(rec))}. How it is made, and its leave-one-out error: docs/foundations.md.</p>"
+    if "skipped" in rec:
+        return text
+    fitted = ", ".join(f"{zoo} zoo: {count} subsets" for zoo, count in rec["fitted_on"].get("zoos", {}).items())
+    return text + (f"<p>Fitted on {fitted}.</p>" if fitted else "") + table(
+        ["setting", "predicted normalised accuracy"], [[name, value] for name, value in rec["predicted"].items()])
 
 
 def _fmt(value: float | None) -> str:

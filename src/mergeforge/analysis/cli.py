@@ -11,7 +11,7 @@ import click
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--base", default=None, help="The base model; then INPUTS are the fine-tunes. Without it, INPUTS is one merge recipe.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for analysis.json and report.html.")
+              help="Folder for analysis.json, report.html and recommended.yml.")
 @click.option("--density", type=float, default=0.2, show_default=True, help="TIES' and DARE's kept share, for their statistics.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the measured DARE draw.")
 @click.option("--no-spectral", is_flag=True, help="Skip the singular spectra, effective ranks and SAR (the SVDs).")
@@ -23,7 +23,7 @@ def analyze_command(inputs: tuple[str, ...], base: str | None, out_dir: Path, de
                     threads: int | None, overwrite: bool, quiet: bool) -> None:
     """Task-vector statistics of fine-tunes of one base, before merging them: cosines, relative
     norms, TIES sign conflicts, DARE's noise, spectra and subspace alignment (RECIPE, or --base B MODELS...)."""
-    from mergeforge.analysis.analyze import analyze, models_of_recipe
+    from mergeforge.analysis.analyze import analyze, describe_recommendation, models_of_recipe
     from mergeforge.errors import RecipeError
 
     relative_to = None
@@ -45,7 +45,9 @@ def analyze_command(inputs: tuple[str, ...], base: str | None, out_dir: Path, de
                f"{'n/a' if cosine is None else f'{cosine:.4f}'}, relative norms "
                f"{', '.join(f'{v:.2e}' for v in overall['relative_norm'])}, TIES sign conflicts "
                f"{100 * overall['sign_conflict_rate']:.1f}% at density {density}")
-    click.echo(f"wrote {out_dir / 'report.html'}")
+    click.echo(describe_recommendation(result["recommendation"]))
+    click.echo(f"wrote {out_dir / 'report.html'}" + ("" if "skipped" in result["recommendation"]
+                                                     else f" and {out_dir / 'recommended.yml'}"))
 
 
 @click.command("lmc")
