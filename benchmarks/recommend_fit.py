@@ -32,7 +32,8 @@ def held_out(points: list[dict[str, Any]], folds: Sequence[tuple[str, list[int]]
     """Regret and hit rates of the predictor and the constant baseline on held-out ``folds``."""
     from mergeforge.analysis.recommend import fit, recommend
 
-    rows: dict[str, list[float]] = {"regret": [], "baseline_regret": [], "hit": [], "confidence": [], "beat_runner_up": []}
+    rows: dict[str, list[float]] = {"regret": [], "baseline_regret": [], "hit": [], "confidence": [], "beat_runner_up": [],
+                                     "extrapolating": []}
     for _, test in folds:
         train = [p for i, p in enumerate(points) if i not in test]
         model = fit(train)
@@ -45,7 +46,9 @@ def held_out(points: list[dict[str, Any]], folds: Sequence[tuple[str, list[int]]
             rows["regret"].append(100 * (best - scores[rec["setting"]]))
             rows["baseline_regret"].append(100 * (best - scores[constant]))
             rows["hit"].append(float(scores[rec["setting"]] >= best))
-            rows["confidence"].append(rec["confidence"])
+            rows["extrapolating"].append(float(bool(rec["extrapolating"])))
+            if rec["confidence"] is not None:
+                rows["confidence"].append(rec["confidence"])
             rows["beat_runner_up"].append(float(scores[rec["setting"]] >= scores[rec["runner_up"]]))
     return rows
 
@@ -62,8 +65,31 @@ def table(title: str, rows: dict[str, list[float]]) -> str:
         "| | regret, points (mean / median / max) | top-1 |", "|---|---|---:|",
         f"| predictor | {stats(rows['regret'])} | {share(rows['hit'])} |",
         f"| constant baseline (best mean on the training points) | {stats(rows['baseline_regret'])} | |", "",
-        f"Stated confidence {share(rows['confidence'])} on average; the recommendation scored at least as well as "
-        f"the runner-up on {share(rows['beat_runner_up'])} of the points.", ""])
+        f"Stated confidence {share(rows['confidence']) if rows['confidence'] else 'none'} on average "
+        f"({share(rows['extrapolating'])} of the points outside the fitted range, with no confidence); the "
+        f"recommendation scored at least as well as the runner-up on {share(rows['beat_runner_up'])} of the points.", ""])
+
+
+def common_settings(points: list[dict[str, Any]]) -> list[str]:
+    """The settings every point scored (a zoo's points may not have been scored on one added later)."""
+    from mergeforge.analysis.recommend import SETTINGS, label
+
+    return [label(m, p) for m, p in SETTINGS if all(label(m, p) in point["scores"] for point in points)]
+
+
+def settings_table(points: list[dict[str, Any]], zoos: list[str]) -> str:
+    """Each setting's mean normalised accuracy per zoo, and how often it was the best."""
+    names = common_settings(points)
+    lines = ["| setting | " + " | ".join(f"{zoo}: mean normalised | {zoo}: best on" for zoo in zoos) + " |",
+             "|---|" + "---:|---:|" * len(zoos)]
+    for name in names:
+        cells = []
+        for zoo in zoos:
+            rows = [p["scores"] for p in points if p["zoo"] == zoo]
+            wins = sum(row[name] >= max(row[n] for n in names) for row in rows)
+            cells += [f"{100 * statistics.fmean(row[name] for row in rows):.1f}", f"{wins}/{len(rows)}"]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -74,8 +100,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     points = [json.loads(line) for path in args.points for line in path.read_text().splitlines() if line.strip()]
+    names = common_settings(points)
+    # Held out, a point is judged on the settings the predictor chose among: those every point scored.
+    points = [{**p, "scores": {name: p["scores"][name] for name in names}} for p in points]
     zoos = sorted({p["zoo"] for p in points})
     print(f"{len(points)} points: " + ", ".join(f"{z} {sum(p['zoo'] == z for p in points)}" for z in zoos) + "\n")
+    print(settings_table(points, zoos))
     print(table("Leave one subset out", held_out(points, [(str(i), [i]) for i in range(len(points))])))
     for zoo in zoos if len(zoos) > 1 else []:
         rest = [p for p in points if p["zoo"] == zoo]

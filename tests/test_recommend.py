@@ -49,7 +49,8 @@ def test_the_fit_learns_a_rule_that_depends_on_the_number_of_experts():
     assert few["setting"] == "task_arithmetic lambda=1" and few["parameters"] == {"lambda": 1.0}
     assert many["setting"] == "linear" and many["parameters"] == {}
     assert few["confidence"] > 0.9 and many["confidence"] > 0.9 and not few["extrapolating"]
-    assert recommend(_overall(40, 0.1, 1e-3, 0.4), DENSITY, model)["extrapolating"] == ["experts"]
+    outside = recommend(_overall(40, 0.1, 1e-3, 0.4), DENSITY, model)
+    assert outside["extrapolating"] == ["experts"] and outside["confidence"] is None
 
 
 def test_leave_one_out_residuals_are_those_of_refits_without_the_point():
@@ -115,7 +116,8 @@ def test_a_recommended_recipe_merges_the_setting_the_predictor_scored(llama_fami
     from mergeforge.methods.registry import get_method
 
     models = [llama_family[f"ft{i}"] for i in (1, 2, 3)]
-    rec = {"method": method, "parameters": params, "predicted_normalised": 0.5, "confidence": 0.5, "runner_up": "linear"}
+    rec = {"method": method, "parameters": params, "setting": method, "predicted_normalised": 0.5, "loo_rmse": 0.1,
+           "confidence": 0.5, "runner_up": "linear", "extrapolating": []}
     (tmp_path / "recipe.yml").write_text(recommended_recipe(rec, str(llama_family["base"]), [str(m) for m in models]))
     assert run_cli("merge", tmp_path / "recipe.yml", tmp_path / "merged").returncode == 0
     fixed = plan_method(get_method(method), len(models)).model_fixed

@@ -40,9 +40,12 @@ def models_of_recipe(path: Path) -> tuple[str, list[str]]:
 
 def analyze(base: str | os.PathLike[str], models: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None,
             *, density: float = 0.2, seed: int = 0, spectral: bool = True, threads: int | None = None, overwrite: bool = False,
-            relative_to: Path | None = None, progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+            relative_to: Path | None = None, progress: Callable[[str], None] = lambda line: None,
+            recommend: bool = True) -> dict[str, Any]:
     """Compute the report of ``models`` against ``base`` (see :mod:`mergeforge.analysis.stats`) and,
-    with ``out_dir``, write ``analysis.json`` and ``report.html`` there. Returns the report."""
+    with ``out_dir``, write ``analysis.json``, ``report.html`` and the recommended recipe there.
+    Returns the report. ``recommend=False`` leaves the recommendation out (the predictor's own
+    training data is made so)."""
     from mergeforge.analysis.stats import analyze_checkpoints
     from mergeforge.checkpoint import folder as folder_files
     from mergeforge.checkpoint.reader import open_checkpoint
@@ -63,7 +66,8 @@ def analyze(base: str | os.PathLike[str], models: Sequence[str | os.PathLike[str
             checkpoint.close()
     result["base"] = str(base)
     result["model_refs"] = [str(m) for m in models]
-    result["recommendation"] = recommendation(result["overall"], density)
+    result["recommendation"] = (recommendation(result["overall"], density) if recommend
+                                else {"skipped": "not asked for"})
     if out_dir is not None:
         with folder_files.atomic_output_folder(Path(out_dir)) as temp:
             (temp / JSON_FILE).write_text(json.dumps(result, indent=1) + "\n")
@@ -98,9 +102,7 @@ def recommended_recipe(rec: dict[str, Any], base: str, models: Sequence[str]) ->
     if rec["parameters"]:
         recipe["parameters"] = dict(rec["parameters"])
     recipe["dtype"] = "bfloat16"
-    comment = (f"# recommended by mergeforge analyze: predicted normalised accuracy {100 * rec['predicted_normalised']:.0f}% "
-               f"({100 * rec['confidence']:.0f}% confident it beats {rec['runner_up']})\n")
-    return comment + yaml.safe_dump(recipe, sort_keys=False)
+    return f"# {describe_recommendation(rec)}\n" + yaml.safe_dump(recipe, sort_keys=False)
 
 
 def _portable(ref: str | os.PathLike[str], relative_to: Path | None) -> str:
@@ -116,10 +118,10 @@ def describe_recommendation(rec: dict[str, Any]) -> str:
     if "skipped" in rec:
         return f"no recommendation: {rec['skipped']}"
     line = (f"recommended: {rec['setting']} (predicted normalised accuracy {100 * rec['predicted_normalised']:.0f}% "
-            f"± {100 * rec['loo_rmse']:.0f}; {100 * rec['confidence']:.0f}% confident it beats {rec['runner_up']})")
+            f"± {100 * rec['loo_rmse']:.0f}; ")
     if rec["extrapolating"]:
-        line += f"; outside the fitted range in {', '.join(rec['extrapolating'])}: treat it as a guess"
-    return line
+        return line + f"no confidence: {', '.join(rec['extrapolating'])} outside the range the predictor was fitted on)"
+    return line + f"{100 * rec['confidence']:.0f}% confident it beats {rec['runner_up']})"
 
 
 def _label(ref: str) -> str:

@@ -32,7 +32,7 @@ SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
     *(("task_arithmetic", {"lambda": v}) for v in (0.3, 0.5, 0.8, 1.0)),
     *(("ties", {"density": d, "lambda": v}) for d in (0.2, 0.8) for v in (0.7, 1.0, 1.5)),
     *(("dare_ties", {"density": 0.5, "lambda": v}) for v in (1.0, 1.5)),
-    *(("iso_c", {"lambda": v}) for v in (1.0, 1.5)),
+    *(("iso_c", {"lambda": v}) for v in (1.0, 1.5, 2.0)),
 )
 
 FEATURES = ("experts", "mean_pairwise_cosine", "log10_relative_norm", "sign_conflict_rate")
@@ -109,8 +109,8 @@ def recommend(overall: dict[str, Any], density: float, model: dict[str, Any] | N
     """The recommended setting for models with ``overall`` statistics (``analyze``'s), its predicted
     normalised accuracy, the confidence that it beats the runner-up, and every setting's prediction.
 
-    The predictor knows only the regime it was fitted on: the report says so when the features
-    fall outside the fitted range (``extrapolating``)."""
+    The predictor knows only the regime it was fitted on: when a feature falls outside the fitted
+    range, ``extrapolating`` names it and the confidence is None."""
     model = model or load_model()
     if abs(density - model["density"]) > 1e-9:
         return {"skipped": f"the predictor's sign-conflict feature is measured at density {model['density']:g}; "
@@ -129,7 +129,8 @@ def recommend(overall: dict[str, Any], density: float, model: dict[str, Any] | N
     x = np.array([row[name] for name in model["features"]])
     low, high = np.array(model["range"][0]), np.array(model["range"][1])
     outside = [name for name, v, lo, hi in zip(model["features"], x, low, high, strict=True) if not lo <= v <= hi]
+    # Outside the fitted range the regressions extrapolate and their residuals say nothing: no confidence.
     return {"method": method, "parameters": params, "setting": best, "predicted_normalised": predicted[best],
-            "runner_up": runner_up, "confidence": confidence, "loo_rmse": model["settings"][best]["loo_rmse"],
+            "runner_up": runner_up, "confidence": None if outside else confidence, "loo_rmse": model["settings"][best]["loo_rmse"],
             "features": row, "extrapolating": outside,
             "predicted": {name: predicted[name] for name in ranking}, "fitted_on": model.get("fitted_on", {})}
