@@ -83,7 +83,8 @@ def test_the_shipped_predictor_names_settings_the_bench_runs():
     for method, params in SETTINGS:
         plan = plan_method(get_method(method), 4)
         assert plan.skip_reason is None and set(params) <= {p.name for p in get_method(method).params}, method
-        assert model["settings"][label(method, params)]["loo_rmse"] > 0
+        entry = model["settings"][label(method, params)]
+        assert entry["loo_rmse"] > 0 and len(entry["loo_residuals"]) == model["points"]
 
 
 def test_the_report_carries_the_recommendation(llama_family, tmp_path):
