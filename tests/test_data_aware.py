@@ -216,6 +216,28 @@ def test_linear_input_grams_sum_over_real_tokens_only():
     torch.testing.assert_close(grams["proj.weight"], rows.T @ rows)
 
 
+def test_linear_input_grams_share_one_matrix_between_layers_fed_the_same_input():
+    model = tiny_llama(seed=7)
+    batches = make_batches([_encoded([1, 2, 3, 4]), _encoded([5, 6]), _encoded([7, 8, 9])], batch_size=2, pad_id=0)
+    grams = linear_input_grams(model, batches)
+    layer = "model.layers.1"
+    q, k, v = (grams[f"{layer}.self_attn.{p}_proj.weight"] for p in "qkv")
+    assert q is k is v and grams[f"{layer}.mlp.gate_proj.weight"] is grams[f"{layer}.mlp.up_proj.weight"]
+    assert grams[f"{layer}.self_attn.o_proj.weight"] is not q and grams[f"{layer}.mlp.down_proj.weight"] is not q
+    # Each shared matrix is the Gram of that layer's own inputs, checked against a hook of our own.
+    inputs: dict[str, list[torch.Tensor]] = {"v": [], "up": []}
+    handles = [model.model.layers[1].self_attn.v_proj.register_forward_pre_hook(lambda m, a: inputs["v"].append(a[0])),
+               model.model.layers[1].mlp.up_proj.register_forward_pre_hook(lambda m, a: inputs["up"].append(a[0]))]
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for handle in handles:
+        handle.remove()
+    for key, name in (("v", f"{layer}.self_attn.v_proj.weight"), ("up", f"{layer}.mlp.up_proj.weight")):
+        rows = torch.cat([x.reshape(-1, x.shape[-1])[b.attention_mask.bool().reshape(-1)] for x, b in zip(inputs[key], batches, strict=True)])
+        torch.testing.assert_close(grams[name], rows.double().T @ rows.double())
+
+
 def _encoded(ids: list[int]):
     from mergeforge.calibration.data import EncodedExample
 

@@ -34,13 +34,28 @@ def linear_input_grams(
     """``{"<linear module>.weight": Σ_tokens x xᵀ}`` (float64, on the CPU) for every linear layer.
 
     The sum runs over every non-padding token of every batch (RegMean's XᵀX, unnormalised).
+    Layers fed the very same input tensor (a decoder's q/k/v projections, its gate and up
+    projections) share one Gram matrix object: computed once, held once. At ten SmolLM2-135M
+    models that is 8.1 GB of float64 instead of 10.5.
     ``progress`` is an optional tqdm bar advanced once per batch.
     """
     grams: dict[str, torch.Tensor] = {}
     current_mask: list[torch.Tensor] = []  # the token mask of the batch being run, for the hooks
+    # This batch's inputs so far, as (tensor, layer that owns its Gram); the tensors are held so
+    # that identity (``is``) cannot be confused by a freed tensor's reused id.
+    seen: list[tuple[torch.Tensor, str]] = []
+    shares: dict[str, str] = {}  # layer -> the layer whose Gram it shares (same input every batch)
 
     def hook_for(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
         def record_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            owner = next((layer for tensor, layer in seen if tensor is args[0]), None)
+            first_batch = name not in grams and name not in shares
+            if owner is not None and owner != name and (first_batch or shares.get(name) == owner):
+                shares[name] = owner
+                return
+            if name in shares:
+                raise RuntimeError(f"linear_input_grams: {name} shared {shares[name]}'s input on one batch and not on another")
+            seen.append((args[0], name))
             inputs = args[0].detach()
             rows = inputs.reshape(-1, inputs.shape[-1])
             mask = current_mask[0].reshape(-1)
@@ -60,10 +75,13 @@ def linear_input_grams(
         with torch.no_grad():
             for batch in batches:
                 current_mask[:] = [batch.attention_mask.bool()]
+                seen.clear()
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 if progress is not None:
                     progress.update(1)  # type: ignore[attr-defined]
     finally:
         for handle in handles:
             handle.remove()
-    return {name: gram.cpu() for name, gram in grams.items()}
+    seen.clear()
+    owned = {name: gram.cpu() for name, gram in grams.items()}
+    return {name: owned[shares.get(name, name)] for name in linear_layers(model) if shares.get(name, name) in owned}
