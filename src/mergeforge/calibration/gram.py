@@ -34,15 +34,16 @@ def linear_input_grams(
     """``{"<linear module>.weight": Σ_tokens x xᵀ}`` (float64, on the CPU) for every linear layer.
 
     The sum runs over every non-padding token of every batch (RegMean's XᵀX, unnormalised).
-    Layers fed the very same input tensor (a decoder's q/k/v projections, its gate and up
-    projections) share one Gram matrix object: computed once, held once. At ten SmolLM2-135M
+    Consecutive layers fed the very same input tensor (a decoder's q/k/v projections, its gate and
+    up projections) share one Gram matrix object: computed once, held once. At ten SmolLM2-135M
     models that is 8.1 GB of float64 instead of 10.5.
     ``progress`` is an optional tqdm bar advanced once per batch.
     """
     grams: dict[str, torch.Tensor] = {}
     current_mask: list[torch.Tensor] = []  # the token mask of the batch being run, for the hooks
-    # This batch's inputs so far, as (tensor, layer that owns its Gram); the tensors are held so
-    # that identity (``is``) cannot be confused by a freed tensor's reused id.
+    # The last input seen, as (tensor, layer that owns its Gram): layers that share an input run
+    # one after the other. The tensor is held so that identity (``is``) cannot be confused by a
+    # freed tensor's reused id; holding only the last one keeps a single activation alive.
     seen: list[tuple[torch.Tensor, str]] = []
     shares: dict[str, str] = {}  # layer -> the layer whose Gram it shares (same input every batch)
 
@@ -55,7 +56,7 @@ def linear_input_grams(
                 return
             if name in shares:
                 raise RuntimeError(f"linear_input_grams: {name} shared {shares[name]}'s input on one batch and not on another")
-            seen.append((args[0], name))
+            seen[:] = [(args[0], name)]
             inputs = args[0].detach()
             rows = inputs.reshape(-1, inputs.shape[-1])
             mask = current_mask[0].reshape(-1)
