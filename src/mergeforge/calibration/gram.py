@@ -44,19 +44,19 @@ def linear_input_grams(
     # The last input seen, as (tensor, layer that owns its Gram): layers that share an input run
     # one after the other. The tensor is held so that identity (``is``) cannot be confused by a
     # freed tensor's reused id; holding only the last one keeps a single activation alive.
-    seen: list[tuple[torch.Tensor, str]] = []
+    last: list[tuple[torch.Tensor, str]] = []
     shares: dict[str, str] = {}  # layer -> the layer whose Gram it shares (same input every batch)
 
     def hook_for(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
         def record_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            owner = next((layer for tensor, layer in seen if tensor is args[0]), None)
+            owner = last[0][1] if last and last[0][0] is args[0] else None
             first_batch = name not in grams and name not in shares
             if owner is not None and owner != name and (first_batch or shares.get(name) == owner):
                 shares[name] = owner
                 return
             if name in shares:
                 raise RuntimeError(f"linear_input_grams: {name} shared {shares[name]}'s input on one batch and not on another")
-            seen[:] = [(args[0], name)]
+            last[:] = [(args[0], name)]
             inputs = args[0].detach()
             rows = inputs.reshape(-1, inputs.shape[-1])
             mask = current_mask[0].reshape(-1)
@@ -76,13 +76,12 @@ def linear_input_grams(
         with torch.no_grad():
             for batch in batches:
                 current_mask[:] = [batch.attention_mask.bool()]
-                seen.clear()
+                last.clear()
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 if progress is not None:
                     progress.update(1)  # type: ignore[attr-defined]
     finally:
         for handle in handles:
             handle.remove()
-    seen.clear()
     owned = {name: gram.cpu() for name, gram in grams.items()}
     return {name: owned[shares.get(name, name)] for name in linear_layers(model) if shares.get(name, name) in owned}
