@@ -11,8 +11,8 @@ starting from the task-arithmetic sum Σᵢ τᵢ and running Adam (lr 1e-5, 300
 and the model is θ_base + τ (no scaling coefficient). Tensors that are not matrices get the mean
 task vector, as in the paper's implementation.
 
-The gradient 2 Σᵢ (τ − τᵢ)τᵢᵀτᵢ / ‖τᵢ‖² is computed directly (no autograd), so each Adam step
-costs two matrix products per task instead of a forward and a backward pass.
+The gradient 2 Σᵢ (τ − τᵢ)τᵢᵀτᵢ / ‖τᵢ‖² is computed directly (no autograd) and expanded, so each
+Adam step costs one matrix product instead of two per task (see :class:`InterferenceGradient`).
 """
 
 from __future__ import annotations
@@ -27,33 +27,43 @@ ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 
 
 class InterferenceGradient:
-    """∇L(τ) = 2 Σᵢ wᵢ (τ − τᵢ) τᵢᵀ τᵢ with wᵢ = 1/‖τᵢ‖².
+    """∇L(τ) = 2 Σᵢ wᵢ (τ − τᵢ) τᵢᵀ τᵢ with wᵢ = 1/‖τᵢ‖², expanded as τ·A − B:
+    A = Σᵢ 2wᵢ τᵢᵀτᵢ and B = Σᵢ 2wᵢ τᵢτᵢᵀτᵢ are fixed, so a step costs one product, not one per task.
 
-    The difference τ − τᵢ is formed first, as the paper's loss does: expanding the sum into
-    τA − B cancels catastrophically near the optimum, and Adam turns that rounding noise into full
-    learning-rate steps. Each task's product is associated the cheaper way: with the cached
-    cols x cols Gram matrix τᵢᵀτᵢ when the matrix is tall enough for it to be small.
+    Near the optimum τ·A and B nearly cancel, and Adam turns rounding noise in their difference
+    into full learning-rate steps; in float64 that noise (about 1e-16 of τ·A) stays far below
+    what forming each τ − τᵢ in float32 left (about 1e-7 of each term). τ·A is associated the
+    cheaper way: with A itself (cols x cols: rows·cols² per step), or as (τ·Sᵀ)·S with S the
+    stacked √(2wᵢ)·τᵢ (2·k·rows²·cols) when the matrix is much wider than tall.
     """
 
     def __init__(self, task_vectors: list[torch.Tensor]):
-        self.task_vectors = [t for t in task_vectors if bool(t.any())]  # a zero task vector has no inputs
-        self.weights = [2.0 / float(t.square().sum()) for t in self.task_vectors]
-        rows, cols = task_vectors[0].shape
-        # (τ − τᵢ)·Gᵢ costs rows·cols² per step; ((τ − τᵢ)τᵢᵀ)τᵢ costs 2·rows²·cols.
-        use_gram = cols < 2 * rows
-        self.grams = [t.mT @ t if use_gram else None for t in self.task_vectors]
-
-    @property
-    def empty(self) -> bool:
-        return not self.task_vectors
+        scaled = [t.double() * (2.0 / float(t.double().square().sum())) ** 0.5 for t in task_vectors if bool(t.any())]
+        self.empty = not scaled  # a zero task vector has no inputs
+        self.gram: torch.Tensor | None = None
+        self.stacked: torch.Tensor | None = None
+        if self.empty:
+            return
+        rows, cols = scaled[0].shape
+        if cols <= 2 * len(scaled) * rows:
+            self.gram = sum((s.mT @ s for s in scaled), torch.zeros(cols, cols, dtype=torch.float64, device=scaled[0].device))
+        else:
+            self.stacked = torch.cat(scaled)
+        # B = Σᵢ τᵢ·(√(2wᵢ)τᵢ)ᵀ(√(2wᵢ)τᵢ), each term associated the same cheaper way.
+        self.offset = torch.zeros_like(scaled[0])
+        for task_vector, s in zip((t for t in task_vectors if bool(t.any())), scaled):
+            vector = task_vector.double()
+            self.offset.add_(vector @ (s.mT @ s) if self.gram is not None else (vector @ s.mT) @ s)
 
     def __call__(self, merged: torch.Tensor) -> torch.Tensor:
-        gradient = torch.zeros_like(merged)
-        for task_vector, weight, gram in zip(self.task_vectors, self.weights, self.grams):
-            difference = merged - task_vector
-            product = difference @ gram if gram is not None else (difference @ task_vector.mT) @ task_vector
-            gradient.add_(product, alpha=weight)
-        return gradient
+        """The gradient at ``merged``, formed in float64 and returned in ``merged``'s dtype."""
+        wide = merged.double()
+        if self.gram is not None:
+            product = wide @ self.gram
+        else:
+            assert self.stacked is not None
+            product = (wide @ self.stacked.mT) @ self.stacked
+        return product.sub_(self.offset).to(merged.dtype)
 
 
 def wudi_matrix(task_vectors: list[torch.Tensor], iterations: int, lr: float) -> torch.Tensor:
@@ -89,7 +99,8 @@ def wudi_matrix(task_vectors: list[torch.Tensor], iterations: int, lr: float) ->
     citation="Cheng et al. 2025, Whoever Started the Interference Should End It (WUDI-merging, ICML 2025, arXiv:2503.08099)",
     aliases=("wudi_merging",),
     notes=(
-        "Non-matrix tensors: mean task vector. Each step costs matrix products per task: cheap on a GPU "
+        "Non-matrix tensors: mean task vector. Each Adam step costs one float64 product of the matrix with a "
+        "cols x cols one (rows·cols², or 2·k·rows²·cols when much wider than tall): cheap on a GPU "
         "(--device cuda), slow for 7B-scale matrices on a CPU (see docs/methods.md)."
     ),
 )
