@@ -238,6 +238,58 @@ def test_linear_input_grams_share_one_matrix_between_layers_fed_the_same_input()
         torch.testing.assert_close(grams[name], rows.double().T @ rows.double())
 
 
+def _regmean_context(tokenizer, count: int):
+    """A calibration context over ``count`` tiny Llamas, each with its own two texts."""
+    from mergeforge.calibration.context import CalibrationContext, state_dict_loader
+
+    template = tiny_llama(seed=0)
+    states = {f"m{i}": tiny_llama(seed=20 + i).state_dict() for i in range(count)}
+    texts = ["merge models", "abc def", "hello world", "streaming", "least squares", "gram", "regress", "xyz"]
+    examples = {ref: [CalibrationExample(texts[(2 * i) % 8]), CalibrationExample(texts[(2 * i + 1) % 8])] for i, ref in enumerate(states)}
+    names = [name for name, tensor in template.state_dict().items() if tensor.is_floating_point()]
+    context = CalibrationContext(input_refs=list(states), base_ref=None, examples=examples, params={}, tensor_names=names,
+                                 config=CalibrationConfig(data="unused", batch_size=2), tokenizer=tokenizer,
+                                 device=torch.device("cpu"), progress=False, loader=state_dict_loader(template, states))
+    return context, states
+
+
+def test_regmean_statistics_hold_sums_where_smaller_and_give_the_merge_of_every_models_grams(tokenizer):
+    from mergeforge.methods.regmean import InputGrams, RegressionSums, collect_grams
+
+    context, states = _regmean_context(tokenizer, count=4)
+    statistics = collect_grams(context)
+    # Four models of hidden 32, intermediate 64: o_proj (32 -> 32) and down_proj (64 -> 32) keep sums,
+    # the q/k/v and gate/up groups (one shared Gram, 64 and 128 outputs) keep each model's Gram.
+    layer = "model.layers.2"
+    kinds = {name.removeprefix(layer + ".").removesuffix(".weight"): type(stat) for name, stat in statistics.items()
+             if name.startswith(layer + ".")}
+    assert kinds == {"self_attn.q_proj": InputGrams, "self_attn.k_proj": InputGrams, "self_attn.v_proj": InputGrams,
+                     "self_attn.o_proj": RegressionSums, "mlp.gate_proj": InputGrams, "mlp.up_proj": InputGrams,
+                     "mlp.down_proj": RegressionSums}
+    assert "model.embed_tokens.weight" not in statistics
+    # Against the regression from every model's own Grams, computed apart.
+    grams = [linear_input_grams(context.load_model(ref), context.batches(ref)) for ref in context.input_refs]
+    regmean = get_method("regmean")
+    for name in statistics:
+        tensors = [state[name] for state in states.values()]
+        for alpha in (0.5, 0.9):
+            expected = regmean.run(tensors, None, {"alpha": alpha, "statistics": [g[name] for g in grams]})
+            out = regmean.run(tensors, None, {"alpha": alpha, "statistics": statistics[name]})
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # Sums keep no model's weights: given other weights, the merge refuses rather than mixing them.
+    name = f"{layer}.mlp.down_proj.weight"
+    others = [state[name] + 0.01 for state in states.values()]
+    with pytest.raises(MergeforgeError, match="regmean: input 0's weight of shape \\[32, 64\\] is not the one its calibration ran"):
+        regmean.run(others, None, {"alpha": 0.9, "statistics": statistics[name]})
+
+
+def test_regmean_with_two_models_keeps_every_models_grams(tokenizer):
+    from mergeforge.methods.regmean import InputGrams, collect_grams
+
+    context, _ = _regmean_context(tokenizer, count=2)
+    assert {type(stat) for stat in collect_grams(context).values()} == {InputGrams}
+
+
 def _encoded(ids: list[int]):
     from mergeforge.calibration.data import EncodedExample
 

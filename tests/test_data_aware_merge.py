@@ -127,6 +127,27 @@ def test_merge_state_dicts_gives_the_same_tensors_as_the_disk_merge(
         torch.testing.assert_close(in_memory[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_a_calibration_cache_serves_every_regmean_alpha_and_is_refused_where_statistics_depend_on_parameters(
+    llama_family: dict[str, Path], calibration_files: dict[str, Path]
+):
+    from transformers import AutoModelForCausalLM
+
+    states = [load_state(llama_family["ft1"]), load_state(llama_family["ft2"])]
+    data = recipe_for("regmean", llama_family, calibration_files)["calibration"]["data"]
+    common = {"calibration": {"data": list(data.values())}, "calibration_model": AutoModelForCausalLM.from_config(tiny_config("llama")),
+              "tokenizer": llama_family["base"]}
+    cache: dict = {}
+    first = api.merge_state_dicts("regmean", states, parameters={"alpha": 0.9}, calibration_cache=cache, **common)
+    assert "model.layers.1.mlp.down_proj.weight" in cache
+    reused = api.merge_state_dicts("regmean", states, parameters={"alpha": 0.5}, calibration_cache=cache, **common)
+    fresh = api.merge_state_dicts("regmean", states, parameters={"alpha": 0.5}, **common)
+    name = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(reused[name], fresh[name], rtol=0, atol=0)
+    assert not torch.equal(reused[name], first[name])
+    with pytest.raises(RecipeError, match="'adamerging''s calibration depends on its parameters; it takes no calibration_cache"):
+        api.merge_state_dicts("adamerging", states, base=load_state(llama_family["base"]), calibration_cache={}, **common)
+
+
 def test_data_aware_method_without_calibration_is_a_one_line_recipe_error(llama_family: dict[str, Path], tmp_path: Path):
     recipe = {"merge_method": "regmean", "models": [{"model": str(llama_family["ft1"])}, {"model": str(llama_family["ft2"])}]}
     with pytest.raises(RecipeError, match="calibration: merge_method 'regmean' is data-aware and needs calibration data"):

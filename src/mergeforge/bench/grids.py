@@ -72,6 +72,7 @@ class MethodPlan:
     method: str
     uses_base: bool = True
     data_aware: bool = False  # runs the method's calibration stage on each expert's training prompts
+    calibrates_once: bool = False  # data-aware, and one calibration serves every grid point
     fixed: dict[str, Any] = field(default_factory=dict)
     model_fixed: dict[str, Any] = field(default_factory=dict)
     grid: list[dict[str, Any]] = field(default_factory=lambda: [{}])
@@ -96,6 +97,7 @@ def plan_method(method: MethodSpec, n_experts: int, protocol: str | None = None)
         plan.skip_reason = NOT_BENCHMARKED[method.name]
         return plan
     plan.data_aware = method.calibrate is not None
+    plan.calibrates_once = plan.data_aware and method.statistics_ignore_params
     if protocol is None:
         protocol = PER_TASK if method.extra_outputs is not None else MULTITASK
         if method.max_models is not None and method.max_models < n_experts and method.max_models <= 2 and n_experts >= 2:

@@ -173,6 +173,9 @@ class _Merger:
                  expert_states: list[dict[str, torch.Tensor]], seed: int):
         self.evaluator, self.base_state, self.expert_states, self.seed = evaluator, base_state, expert_states, seed
         self.task_dirs = [str(suite.tasks[task]) for task in suite.experts]
+        # The last calibration whose statistics serve every setting of its method (RegMean's α
+        # grid calibrates once), keyed by method and experts; one is held at a time.
+        self._calibration: tuple[tuple[str, tuple[int, ...]], dict[str, Any]] | None = None
 
     def __call__(self, plan: MethodPlan, params: dict[str, Any], experts: Sequence[int],
                  side_outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -187,6 +190,12 @@ class _Merger:
             extra = {"calibration": {"data": [self.task_dirs[i] for i in experts], "split": "train",
                                      "samples": self.CALIBRATION_SAMPLES},
                      "calibration_model": self.evaluator.skeleton, "tokenizer": self.evaluator.tokenizer}
+            if plan.calibrates_once:
+                key = (plan.method, tuple(experts))
+                if self._calibration is None or self._calibration[0] != key:
+                    self._calibration = None  # free the last one before calibrating again
+                    self._calibration = (key, {})
+                extra["calibration_cache"] = self._calibration[1]
         with _threads_for(self.evaluator.skeleton) if plan.data_aware else contextlib.nullcontext():
             return merge_state_dicts(
                 plan.method, models, base, parameters=params, model_parameters=[dict(plan.model_fixed)] * len(models),

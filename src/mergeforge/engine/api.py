@@ -230,6 +230,7 @@ def merge_state_dicts(
     calibration_model: torch.nn.Module | None = None,
     tokenizer: Any = None,
     side_outputs: dict[str, torch.Tensor] | None = None,
+    calibration_cache: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with any registered method, without touching disk.
 
@@ -247,6 +248,10 @@ def merge_state_dicts(
         tokenizer: for data-aware methods, a tokenizer or its folder.
         side_outputs: a dict that receives the per-task side tensors of ``emr`` and ``tall_mask``,
             keyed ``<tensor>::<suffix>`` as in a merge's ``mergeforge_side/``.
+        calibration_cache: for data-aware methods whose statistics do not depend on their
+            parameters (fisher_merging, regmean), a dict that keeps the calibration's statistics:
+            an empty one is filled, a filled one is used instead of calibrating again. Give each
+            set of models and calibration data its own dict.
 
     Returns:
         The merged state dict, in the inputs' tensor order.
@@ -289,9 +294,16 @@ def merge_state_dicts(
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        states = {ref: checkpoint.state for ref, checkpoint in checkpoints.items()}
-        statistics = run_calibration(plan, device=device, progress=False, loader=state_dict_loader(calibration_model, states),
-                                     tokenizer=tokenizer)
+        if calibration_cache is not None and not plan.method.statistics_ignore_params:
+            raise RecipeError(f"merge_state_dicts: '{method}''s calibration depends on its parameters; it takes no calibration_cache")
+        if calibration_cache:
+            statistics = calibration_cache
+        else:
+            states = {ref: checkpoint.state for ref, checkpoint in checkpoints.items()}
+            statistics = run_calibration(plan, device=device, progress=False, loader=state_dict_loader(calibration_model, states),
+                                         tokenizer=tokenizer)
+            if calibration_cache is not None:
+                calibration_cache.update(statistics)
         plan = plan.with_statistics(statistics)
     from mergeforge.engine.torch_executor import TorchExecutor
 

@@ -49,6 +49,7 @@ def collect_fishers(context: CalibrationContext) -> dict[str, list[torch.Tensor]
     citation="Fisher merging, Matena & Raffel 2022 (arXiv:2111.09832)",
     aliases=("fisher",),
     calibrate=collect_fishers,
+    statistics_ignore_params=True,
     notes="Data-aware: needs a top-level 'calibration:' field; each model's Fisher comes from one backward pass per "
     "calibration example on the whole model. A per-model mapping in 'calibration.data' gives each model its own task data.",
 )

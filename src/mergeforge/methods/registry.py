@@ -94,6 +94,8 @@ class MethodSpec:
     plugin: str | None = None
     notes: str = ""
     calibrate: Callable[..., dict[str, Any]] | None = None  # data-aware methods: (context) -> {tensor: statistics}
+    # The calibrate hook reads none of the method's parameters, so its statistics serve every setting.
+    statistics_ignore_params: bool = False
     kernel: Kernel | None = None
     # Computes in float32 even under --math-dtype recipe with a 16-bit recipe dtype: mergekit's
     # own implementation widens (linear, slerp), torch has no 16-bit kernel for its math
@@ -244,6 +246,7 @@ def register_method(
     aliases: Iterable[str] = (),
     notes: str = "",
     calibrate: Callable[..., dict[str, Any]] | None = None,
+    statistics_ignore_params: bool = False,
     kernel: Kernel | None = None,
     float32_math: bool = False,
     replace: bool = False,
@@ -264,6 +267,8 @@ def register_method(
         notes: when to prefer it, and how it treats non-matrix tensors.
         calibrate: for data-aware methods, ``(CalibrationContext) -> {tensor name: statistics}``,
             run once on whole models before the merge (see :mod:`mergeforge.calibration`).
+        statistics_ignore_params: ``calibrate`` reads none of the method's parameters, so one
+            calibration serves every setting (``merge_state_dicts``' ``calibration_cache``).
         kernel: the NumPy implementation (see :mod:`mergeforge.methods.kernels`), if any.
         float32_math: compute in float32 even when ``--math-dtype recipe`` asks for a 16-bit
             dtype (mergekit's implementation widens too, torch has no 16-bit kernel for the math,
@@ -298,6 +303,7 @@ def register_method(
             plugin=None if module.startswith("mergeforge.") else module,
             notes=notes,
             calibrate=calibrate,
+            statistics_ignore_params=statistics_ignore_params,
             kernel=kernel,
             float32_math=float32_math,
         )
