@@ -19,6 +19,7 @@ from mergeforge.calibration.adamerging import (
     learn_coefficients,
     merged_parameters,
     prediction_entropy,
+    stack_task_vectors,
 )
 from mergeforge.calibration.config import CalibrationConfig
 from mergeforge.calibration.data import (
@@ -323,7 +324,8 @@ def test_adamerging_lowers_the_entropy_and_keeps_lambda_in_the_unit_interval(tok
     module = tiny_llama(seed=3)
     base = {name: p.detach().clone() for name, p in module.named_parameters()}
     generator = torch.Generator().manual_seed(4)
-    task_vectors = [{name: torch.randn(p.shape, generator=generator) * 0.5 for name, p in base.items()} for _ in range(2)]
+    task_vectors = stack_task_vectors([{name: torch.randn(p.shape, generator=generator) * 0.5 for name, p in base.items()}
+                                       for _ in range(2)])
     prompts = [CalibrationExample(p) for p in ("rev:abc=", "sort:cab=", "add:12+5=", "hello there", "kv:a1b2;a=")]
     batches = make_batches(encode_examples(tokenizer, prompts, max_length=16), batch_size=5, pad_id=0)
     start = torch.full((len(base) if layer_wise else 1, 2), 0.3)
@@ -342,7 +344,7 @@ def test_adamerging_clamps_lambda_at_the_bounds(tokenizer):
     module = tiny_llama(seed=5)
     base = {name: p.detach().clone() for name, p in module.named_parameters()}
     generator = torch.Generator().manual_seed(6)
-    task_vectors = [{name: torch.randn(p.shape, generator=generator) for name, p in base.items()}]
+    task_vectors = stack_task_vectors([{name: torch.randn(p.shape, generator=generator) for name, p in base.items()}])
     batches = make_batches(encode_examples(tokenizer, [CalibrationExample("abcabc")], max_length=16), batch_size=1, pad_id=0)
     learned = learn_coefficients(module, base, task_vectors, batches, layer_wise=True, steps=15, lr=0.5)
     values = learned.coefficients.flatten()

@@ -38,14 +38,17 @@ def learn_lambdas(context: CalibrationContext) -> dict[str, list[float]]:
     assert context.base_ref is not None
     module = context.load_model(context.base_ref)
     base = {name: p.detach() for name, p in module.named_parameters() if p.is_floating_point()}
-    task_vectors: list[dict[str, torch.Tensor]] = []
-    for ref in context.input_refs:
+    # Every model's task vector of a tensor in one [n_models, *shape] block, filled model by model.
+    task_vectors = {name: value.new_empty((len(context.input_refs), *value.shape)) for name, value in base.items()}
+    for index, ref in enumerate(context.input_refs):
         model = context.load_model(ref)
         parameters = dict(model.named_parameters())
         missing = [name for name in base if name not in parameters or parameters[name].shape != base[name].shape]
         if missing:
             raise CalibrationError(f"model '{ref}': parameter '{missing[0]}' is missing or differs in shape from the base's")
-        task_vectors.append({name: parameters[name].detach() - base[name] for name in base})
+        with torch.no_grad():
+            for name, value in base.items():
+                torch.sub(parameters[name], value, out=task_vectors[name][index])
         del model, parameters
     batches = context.union_batches(prompts_only=True)
     with context.progress_bar(params["steps"], "adamerging") as bar:
