@@ -134,6 +134,31 @@ def test_diagonal_fisher_scores_only_the_answer(tokenizer):
         torch.testing.assert_close(fisher[name], parameter.grad.square(), rtol=1e-4, atol=1e-10)
 
 
+class FullLogitsOnly(torch.nn.Module):
+    """A causal LM whose forward takes no ``logits_to_keep``."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_sequence_log_likelihood_runs_the_head_at_the_answer_and_equals_the_full_logits_one(tokenizer):
+    from mergeforge.calibration.fisher import sequence_log_likelihood
+
+    model = tiny_llama(seed=3)
+    encoded = encode_examples(tokenizer, [CalibrationExample("rev:abc=", "cba")], max_length=32)[0]
+    ids, scored = torch.tensor([encoded.input_ids]), torch.tensor([encoded.scored])
+    kept = sequence_log_likelihood(model, ids, scored)
+    torch.testing.assert_close(kept, sequence_log_likelihood(FullLogitsOnly(model), ids, scored))
+    labels = ids.clone()
+    labels[0, : encoded.prompt_length] = -100
+    answer_tokens = int((labels[0, 1:] != -100).sum())
+    torch.testing.assert_close(kept, -model(input_ids=ids, labels=labels).loss.reshape(1) * answer_tokens)
+
+
 # ---------------------------------------------------------------- RegMean
 
 

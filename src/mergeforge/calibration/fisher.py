@@ -13,6 +13,7 @@ example gets its own backward pass (the square of a batch gradient would be a di
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -22,12 +23,23 @@ from mergeforge.calibration.data import EncodedExample
 
 def sequence_log_likelihood(model: torch.nn.Module, input_ids: torch.Tensor, scored_mask: torch.Tensor,
                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ over scored tokens t ≥ 1 of log p(token_t | tokens before t), one value per row."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-    targets = input_ids[:, 1:]
+    """Σ over scored tokens t ≥ 1 of log p(token_t | tokens before t), one value per row.
+
+    The output head runs only at the positions that predict a scored token (transformers'
+    ``logits_to_keep``, where the model's forward takes it): the answer's few tokens, not the
+    prompt's, for a vocabulary-sized head and its softmax. The value and its gradient are the
+    same as from the full logits, since the other positions' terms are zero.
+    """
+    predicting = scored_mask[:, 1:].any(0).nonzero().flatten()  # position t - 1 predicts token t
+    keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": predicting} if keeps else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+    if not keeps:
+        logits = logits[:, predicting]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    targets = input_ids[:, predicting + 1]
     token_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (token_log_probs * scored_mask[:, 1:].to(token_log_probs.dtype)).sum(-1)
+    return (token_log_probs * scored_mask[:, predicting + 1].to(token_log_probs.dtype)).sum(-1)
 
 
 def diagonal_fisher(
