@@ -46,7 +46,7 @@ def main() -> None:
     from mergeforge.analysis.analyze import analyze
     from mergeforge.analysis.recommend import DENSITY, SETTINGS, features, label
     from mergeforge.bench.grids import plan_method
-    from mergeforge.bench.runner import ModelPool, _Merger, _Setting
+    from mergeforge.bench.runner import ExpertMerger, ModelPool, SettingRun
     from mergeforge.bench.suite import suite_from_zoo
     from mergeforge.methods.registry import get_method
     from mergeforge.zoo import load_zoo
@@ -90,13 +90,13 @@ def main() -> None:
                                                                "kept_by_two_share")},
                      "own": {t: own[t] for t in subset}, "scores": {}, "raw": {},
                      "seconds": {"analyze": round(time.perf_counter() - started, 1), "merges_and_scores": 0.0}}
-        merger = _Merger(pool, dataclasses.replace(suite, experts={t: suite.experts[t] for t in subset}), base_state,
+        merger = ExpertMerger(pool, dataclasses.replace(suite, experts={t: suite.experts[t] for t in subset}), base_state,
                          [states[t] for t in subset], args.seed)
-        runs: dict[str, _Setting] = {}
+        runs: dict[str, SettingRun] = {}
         merging = time.perf_counter()
         for method, params in missing:
             if method not in runs:
-                runs[method] = _Setting(plan_method(get_method(method), len(subset)), pool, merger, subset)
+                runs[method] = SettingRun(plan_method(get_method(method), len(subset)), pool, merger, subset)
             merged, _ = runs[method].merge(params)
             measured = runs[method].score(merged, "val")
             name = label(method, params)

@@ -163,7 +163,7 @@ def _threads_for(model: torch.nn.Module) -> contextlib.AbstractContextManager[No
 SMALL_MODEL_PARAMS = 50_000_000
 
 
-class _Merger:
+class ExpertMerger:
     """Merges chosen experts in memory with one method setting (data-aware methods calibrate on
     each expert's own training prompts, as Fisher merging and RegMean do)."""
 
@@ -212,10 +212,10 @@ def _pairs(n_tasks: int) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
     return pairs
 
 
-class _Setting:
+class SettingRun:
     """Merges one method setting and scores the result, under the plan's protocol."""
 
-    def __init__(self, plan: MethodPlan, evaluator: ModelPool, merger: _Merger, task_names: list[str]):
+    def __init__(self, plan: MethodPlan, evaluator: ModelPool, merger: ExpertMerger, task_names: list[str]):
         self.plan, self.evaluator, self.merger, self.task_names = plan, evaluator, merger, task_names
         self._unit: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None  # the last merge at scale 1
 
@@ -259,11 +259,11 @@ class _Setting:
         return self.evaluator.score_state(merged, split, names)
 
 
-def _tune_and_test(plan: MethodPlan, evaluator: ModelPool, merger: _Merger, task_names: list[str],
+def _tune_and_test(plan: MethodPlan, evaluator: ModelPool, merger: ExpertMerger, task_names: list[str],
                    progress: Callable[[str], None]) -> MethodResult:
     from mergeforge.errors import MergeforgeError
 
-    setting = _Setting(plan, evaluator, merger, task_names)
+    setting = SettingRun(plan, evaluator, merger, task_names)
     result = MethodResult(plan.method, "ok", protocol=plan.protocol)
     best: tuple[float, dict[str, Any], Any] | None = None
     started = time.perf_counter()
@@ -353,7 +353,7 @@ def negation_expert_counts(experts: int) -> list[int]:
 COMPOSITION_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 
 
-def _composition(suite: BenchSuite, evaluator: ModelPool, merger: _Merger, task_names: list[str],
+def _composition(suite: BenchSuite, evaluator: ModelPool, merger: ExpertMerger, task_names: list[str],
                  progress: Callable[[str], None]) -> dict[str, Any] | None:
     """The composition case (Akiba et al., "Evolutionary Optimization of Model Merging Recipes",
     arXiv:2403.13187, in miniature): a task that needs two experts' skills at once. Scored: the
@@ -384,7 +384,7 @@ def _composition(suite: BenchSuite, evaluator: ModelPool, merger: _Merger, task_
     return {"task": task.name, "experts": list(suite.composition_experts), "rows": rows}
 
 
-def _curve(chosen: dict[str, MethodResult], evaluator: ModelPool, merger: _Merger, task_names: list[str], experts: Scores,
+def _curve(chosen: dict[str, MethodResult], evaluator: ModelPool, merger: ExpertMerger, task_names: list[str], experts: Scores,
            methods: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """Normalised test accuracy on the first k tasks when merging the first k experts, k = 2..N,
     each method at the setting chosen for all N experts."""
@@ -465,7 +465,7 @@ def run_bench(
         del members
     progress(f"baselines done ({time.perf_counter() - started:.0f} s): individual experts mean {_mean(list(experts.values())):.3f}")
 
-    merger = _Merger(evaluator, suite, base_state, expert_states, seed)
+    merger = ExpertMerger(evaluator, suite, base_state, expert_states, seed)
     chosen_methods = [get_method(name) for name in methods] if methods else all_methods()
     results: list[MethodResult] = []
     for method in chosen_methods:
