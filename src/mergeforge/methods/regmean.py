@@ -99,8 +99,6 @@ def collect_grams(context: CalibrationContext) -> dict[str, InputGrams | Regress
     """
     from mergeforge.calibration.gram import linear_input_grams, linear_layers
 
-    wanted = set(context.tensor_names)
-    count = len(context.input_refs)
     kept: dict[str, list[torch.Tensor]] = {}  # group owner -> each model's Gram
     sums: dict[str, RegressionSums] = {}  # layer -> its sums
     owners: dict[str, str] = {}  # layer -> the first layer of its group
@@ -114,23 +112,11 @@ def collect_grams(context: CalibrationContext) -> dict[str, InputGrams | Regress
             grams = linear_input_grams(model, batches[ref], bar)
             if index == 0:
                 input_dims = {name: dim for name, (_, dim) in layers.items()}
-                first: dict[int, str] = {}
-                owners = {name: first.setdefault(id(gram), name) for name, gram in grams.items() if name in wanted}
-                groups: dict[str, list[str]] = {}
-                for name, owner in owners.items():
-                    groups.setdefault(owner, []).append(name)
-                for owner, members in groups.items():
-                    size = grams[owner].shape[0]
-                    outputs = sum(weights[name].numel() // size for name in members)
-                    if size * size + 2 * size * outputs < count * size * size:
-                        gram_sum = torch.zeros_like(grams[owner])
-                        for name in members:
-                            sums[name] = RegressionSums.empty(gram_sum, weights[name], input_dims[name])
-            for name, owner in owners.items():
-                if name not in grams or grams[name] is not grams[owner]:  # models of one architecture share alike
-                    raise MethodError(f"regmean: model '{ref}' does not run layer '{name}' as the first model does")
+                owners, sums = _choose_forms(grams, weights, input_dims, set(context.tensor_names), len(context.input_refs))
             with torch.no_grad():
                 for name, owner in owners.items():
+                    if name not in grams or grams[name] is not grams[owner]:  # models of one architecture share alike
+                        raise MethodError(f"regmean: model '{ref}' does not run layer '{name}' as the first model does")
                     if name in sums:
                         if name == owner:
                             sums[name].gram_sum.add_(grams[name])
@@ -143,6 +129,26 @@ def collect_grams(context: CalibrationContext) -> dict[str, InputGrams | Regress
         if name not in sums:
             statistics[name] = InputGrams(kept[owner], input_dims[name])
     return statistics
+
+
+def _choose_forms(grams: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], input_dims: dict[str, int],
+                  wanted: set[str], count: int) -> tuple[dict[str, str], dict[str, RegressionSums]]:
+    """From the first model: each merged layer's group owner (the first layer sharing its Gram),
+    and empty sums for the layers of every group where sums take less room than ``count`` Grams."""
+    first: dict[int, str] = {}
+    owners = {name: first.setdefault(id(gram), name) for name, gram in grams.items() if name in wanted}
+    groups: dict[str, list[str]] = {}
+    for name, owner in owners.items():
+        groups.setdefault(owner, []).append(name)
+    sums: dict[str, RegressionSums] = {}
+    for owner, members in groups.items():
+        size = grams[owner].shape[0]
+        outputs = sum(weights[name].numel() // size for name in members)
+        if size * size + 2 * size * outputs < count * size * size:
+            gram_sum = torch.zeros_like(grams[owner])
+            for name in members:
+                sums[name] = RegressionSums.empty(gram_sum, weights[name], input_dims[name])
+    return owners, sums
 
 
 @register_method(
