@@ -18,7 +18,7 @@ active (it changes nothing measurable elsewhere).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -131,7 +131,7 @@ def collect_grams(context: CalibrationContext) -> dict[str, InputGrams | Regress
     return statistics
 
 
-def _choose_forms(grams: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], input_dims: dict[str, int],
+def _choose_forms(grams: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], input_dims: Mapping[str, int],
                   wanted: set[str], count: int) -> tuple[dict[str, str], dict[str, RegressionSums]]:
     """From the first model: each merged layer's group owner (the first layer sharing its Gram),
     and empty sums for the layers of every group where sums take less room than ``count`` Grams."""
